@@ -1,0 +1,83 @@
+"""Every config field loom knows, with its default. Other configs start from here.
+
+A field that is not in this file is an error, so a typo in a config or an
+override fails loudly before anything runs.
+"""
+from ml_collections import ConfigDict
+
+
+def get_config() -> ConfigDict:
+  config = ConfigDict()
+  config.seed = 0
+
+  config.model = ConfigDict(dict(
+      vocab_size=0,            # 0: the tokenizer's vocabulary size.
+      num_layers=4,
+      embed_dim=128,
+      num_heads=4,
+      num_kv_heads=0,          # 0: num_heads (no grouped-query attention).
+      head_dim=0,              # 0: embed_dim // num_heads.
+      mlp_dim=512,
+      max_seq_len=128,
+      norm="layernorm",        # layernorm | rmsnorm
+      norm_eps=1e-5,
+      position="learned",      # learned | rope
+      rope_theta=10000.0,
+      mlp="gelu",              # gelu | swiglu
+      gelu_approximate=False,  # tanh GELU (GPT-2) instead of exact erf GELU.
+      tie_embeddings=True,
+      use_bias=False,
+      dtype="float32",         # compute dtype: float32 | bfloat16 (parameters stay float32)
+      scan_layers=True,        # lax.scan over layers: compile time independent of depth.
+      remat="none",            # none | full | dots: what a block keeps for the backward pass.
+      dropout_rate=0.0,
+      init_std=0.02,
+  ))
+
+  config.data = ConfigDict(dict(
+      paths="",                # comma-separated globs of text files; "": Python's standard library source.
+      max_files=0,             # 0: every matched file.
+      seq_len=128,
+      tokenizer="sentencepiece",  # sentencepiece | byte | char
+      tokenizer_path="",       # a sentencepiece .model; "": train one on the corpus (cached in the workdir).
+      tokenizer_vocab_size=4096,
+      tokenizer_model_type="bpe",  # bpe | unigram
+      validation_fraction=0.1,
+      shuffle=True,
+  ))
+
+  # Device mesh; one axis may be -1 (all remaining devices).
+  config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  config.optimizer = ConfigDict(dict(
+      name="adamw",            # adamw | sgd | adafactor
+      learning_rate=1e-3,      # peak
+      b1=0.9,
+      b2=0.95,
+      eps=1e-8,
+      weight_decay=0.1,
+      decay_embeddings=False,  # norms and biases are never decayed.
+      momentum=0.9,            # sgd
+      nesterov=False,          # sgd
+      grad_clip_norm=1.0,      # 0: no clipping.
+      schedule="warmup_cosine",  # warmup_cosine | warmup_linear | constant | wsd | rsqrt
+      warmup_steps=100,
+      min_lr_ratio=0.1,        # final learning rate / peak (cosine, linear, wsd).
+      decay_fraction=0.2,      # wsd: share of the steps spent decaying.
+  ))
+
+  config.train = ConfigDict(dict(
+      num_steps=1000,
+      global_batch_size=32,
+      microbatches=1,          # gradient accumulation: the batch is split into this many.
+      log_every=50,
+      eval_every=200,          # 0: only at the end.
+      eval_batches=20,         # 0: the whole validation split.
+      checkpoint_every=500,
+      keep_checkpoints=3,
+      num_samples=3,           # text samples printed at the end.
+      sample_length=200,
+      sample_temperature=0.8,
+      sample_prompt="",
+  ))
+  return config

@@ -1,0 +1,21 @@
+"""GPT-2 small (124M) at 1024 tokens, for an 8-chip slice (v5e-8 or 8 GPUs), pure data parallel.
+
+Give a corpus and a 50k sentencepiece model (or let one train) with
+--config.data.paths=... --config.data.tokenizer_path=...
+"""
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.model.update(vocab_size=50304, num_layers=12, embed_dim=768, num_heads=12, mlp_dim=3072,
+                      max_seq_len=1024, norm="layernorm", position="learned", mlp="gelu",
+                      gelu_approximate=True, tie_embeddings=True, use_bias=True, dtype="bfloat16",
+                      remat="none")
+  config.data.update(seq_len=1024, tokenizer="sentencepiece", tokenizer_vocab_size=50304)
+  config.optimizer.update(learning_rate=6e-4, b2=0.95, weight_decay=0.1, warmup_steps=2000,
+                          min_lr_ratio=0.1)
+  config.train.update(num_steps=600_000, global_batch_size=512, log_every=100, eval_every=2000,
+                      eval_batches=100, checkpoint_every=2000, keep_checkpoints=3)
+  config.mesh.update(data=-1, fsdp=1, tensor=1)
+  return config

@@ -1,0 +1,17 @@
+"""Llama 3.2 1B shapes (tied embeddings, GQA 32/8, RoPE theta 5e5) for a v5e-16 slice, fully sharded."""
+from configs import base
+
+
+def get_config():
+  config = base.get_config()
+  config.model.update(vocab_size=128256, num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8,
+                      head_dim=64, mlp_dim=8192, max_seq_len=4096, norm="rmsnorm", norm_eps=1e-5,
+                      position="rope", rope_theta=500000.0, mlp="swiglu", tie_embeddings=True,
+                      use_bias=False, dtype="bfloat16", remat="dots")
+  config.data.update(seq_len=4096, tokenizer="sentencepiece", tokenizer_vocab_size=128256)
+  config.optimizer.update(learning_rate=3e-4, b2=0.95, weight_decay=0.1, warmup_steps=2000,
+                          min_lr_ratio=0.1)
+  config.train.update(num_steps=100_000, global_batch_size=256, log_every=100, eval_every=2000,
+                      eval_batches=50, checkpoint_every=1000)
+  config.mesh.update(data=1, fsdp=-1, tensor=1)
+  return config

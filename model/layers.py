@@ -1,0 +1,63 @@
+"""Parameter creation, matmuls and norms shared by the attention and MLP blocks."""
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float | None,
+          dtype=jnp.float32) -> nnx.Param:
+  """A parameter with logical axis names; normal(0, std) or, with std=None, zeros.
+
+  eager_sharding=False: placement is decided once for the whole state from
+  these names (sharding/rules.py), not per variable at creation time.
+  """
+  if std is None:
+    value = jnp.zeros(shape, dtype)
+  else:
+    value = std * jax.random.normal(rngs.params(), shape, dtype)
+  return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def ones_param(shape: Sequence[int], axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
+  return nnx.Param(jnp.ones(shape, dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def matmul(spec: str, x: jax.Array, kernel: jax.Array, dtype) -> jax.Array:
+  """einsum in the compute dtype with float32 accumulation, returned in `dtype`.
+
+  preferred_element_type=float32 keeps bfloat16 products accurate and is what
+  makes bfloat16 matmuls fast on CPUs (XLA otherwise rounds per partial sum).
+  """
+  out = jnp.einsum(spec, x.astype(dtype), kernel.astype(dtype),
+                   preferred_element_type=jnp.float32)
+  return out.astype(dtype)
+
+
+class Norm(nnx.Module):
+  """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32."""
+
+  def __init__(self, dim: int, kind: str, eps: float, use_bias: bool):
+    self.kind = kind
+    self.eps = eps
+    self.scale = ones_param((dim,), ("embed",))
+    self.bias = nnx.Param(jnp.zeros((dim,)), out_sharding=("embed",), eager_sharding=False) \
+        if (use_bias and kind == "layernorm") else None
+
+  def __call__(self, x_BLD: jax.Array) -> jax.Array:
+    x = x_BLD.astype(jnp.float32)
+    if self.kind == "layernorm":
+      x = x - jnp.mean(x, axis=-1, keepdims=True)
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+    y = y * self.scale[...]
+    if self.bias is not None:
+      y = y + self.bias[...]
+    return y.astype(x_BLD.dtype)
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+  if rate == 0.0 or key is None:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

@@ -1,0 +1,148 @@
+"""The decoder: embeddings, a stack of pre-norm blocks, and the output head.
+
+One config covers GPT-2 (LayerNorm, learned positions, GELU, tied embeddings,
+biases) and Llama 3 (RMSNorm, RoPE, SwiGLU, grouped-query attention, untied
+head). The blocks' parameters are stacked along a leading "layers" axis whether
+or not the forward pass scans over them, so a checkpoint does not depend on
+`scan_layers` or `remat`.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.attention import Attention
+from model.layers import Norm, dropout, matmul, param
+from sharding import constrain
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# What a rematerialised block keeps for the backward pass.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, cfg, rngs: nnx.Rngs, out_std: float):
+    d, f = cfg.embed_dim, cfg.mlp_dim
+    self.cfg = cfg
+    self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
+    if cfg.mlp == "swiglu":
+      self.w_gate = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
+    self.w_down = param(rngs, (f, d), ("mlp", "embed"), out_std)
+    if cfg.use_bias:
+      self.b_up = param(rngs, (f,), ("mlp",), None)
+      self.b_down = param(rngs, (d,), ("embed",), None)
+
+  def __call__(self, x_BLD):
+    cfg, dtype = self.cfg, x_BLD.dtype
+    h_BLF = matmul("bld,df->blf", x_BLD, self.w_up[...], dtype)
+    if cfg.use_bias:
+      h_BLF = h_BLF + self.b_up[...].astype(dtype)
+    if cfg.mlp == "swiglu":
+      gate_BLF = matmul("bld,df->blf", x_BLD, self.w_gate[...], dtype)
+      h_BLF = jax.nn.silu(gate_BLF) * h_BLF
+    else:
+      h_BLF = jax.nn.gelu(h_BLF, approximate=cfg.gelu_approximate)
+    h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
+    y_BLD = matmul("blf,fd->bld", h_BLF, self.w_down[...], dtype)
+    if cfg.use_bias:
+      y_BLD = y_BLD + self.b_down[...].astype(dtype)
+    return constrain(y_BLD, ("act_batch", "act_length", "act_embed"))
+
+
+class Block(nnx.Module):
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    # GPT-2's scaling of the residual projections keeps the residual stream's
+    # variance independent of depth.
+    out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    self.cfg = cfg
+    self.attn_norm = Norm(cfg.embed_dim, cfg.norm, cfg.norm_eps, cfg.use_bias)
+    self.attn = Attention(cfg, rngs, out_std)
+    self.mlp_norm = Norm(cfg.embed_dim, cfg.norm, cfg.norm_eps, cfg.use_bias)
+    self.mlp = Mlp(cfg, rngs, out_std)
+
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, dropout_key=None):
+    rate = self.cfg.dropout_rate
+    attn_key, mlp_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
+    x_BLD = x_BLD + dropout(self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL), rate, attn_key)
+    x_BLD = x_BLD + dropout(self.mlp(self.mlp_norm(x_BLD)), rate, mlp_key)
+    return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+
+
+class Transformer(nnx.Module):
+  """tokens [B, L] -> logits [B, L, V] (float32)."""
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = COMPUTE_DTYPES[cfg.dtype]
+    self.embed = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.init_std)
+    if cfg.position == "learned":
+      self.pos_embed = param(rngs, (cfg.max_seq_len, cfg.embed_dim), ("position", "embed"), cfg.init_std)
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.final_norm = Norm(cfg.embed_dim, cfg.norm, cfg.norm_eps, cfg.use_bias)
+    if not cfg.tie_embeddings:
+      self.head = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
+
+  def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, dropout_key=None):
+    cfg = self.cfg
+    if segment_ids_BL is None:
+      segment_ids_BL = jnp.ones_like(tokens_BL)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    # The lookup reads whole rows: gather the fsdp-sharded feature dimension first
+    # (as ZeRO-3 does for every weight), which the partitioner cannot do inside a gather.
+    embed_VD = constrain(self.embed[...], ("vocab", "act_embed"))
+    x_BLD = jnp.take(embed_VD, tokens_BL, axis=0)
+    if cfg.position == "learned":
+      pos_embed_LD = constrain(self.pos_embed[...], ("position", "act_embed"))
+      x_BLD = x_BLD + jnp.take(pos_embed_LD, positions_BL, axis=0)
+    x_BLD = x_BLD.astype(self.dtype)
+    if dropout_key is not None:
+      embed_key, dropout_key = jax.random.split(dropout_key)
+      x_BLD = dropout(x_BLD, cfg.dropout_rate, embed_key)
+    x_BLD = constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
+    x_BLD = self._run_blocks(x_BLD, segment_ids_BL, positions_BL, dropout_key)
+    x_BLD = self.final_norm(x_BLD)
+    if cfg.tie_embeddings:
+      logits_BLV = matmul("bld,vd->blv", x_BLD, self.embed[...], self.dtype)
+    else:
+      logits_BLV = matmul("bld,dv->blv", x_BLD, self.head[...], self.dtype)
+    return constrain(logits_BLV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+  def _run_blocks(self, x_BLD, segment_ids_BL, positions_BL, dropout_key):
+    cfg = self.cfg
+    graphdef, stacked_state = nnx.split(self.blocks)
+    layer_keys = (jax.random.split(dropout_key, cfg.num_layers) if dropout_key is not None
+                  else [None] * cfg.num_layers)
+
+    def apply_block(x, layer_state, key):
+      return nnx.merge(graphdef, layer_state)(x, segment_ids_BL, positions_BL, key)
+
+    if cfg.remat != "none":
+      apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[cfg.remat])
+
+    if cfg.scan_layers:
+      keys = None if dropout_key is None else layer_keys
+
+      def body(x, layer):
+        layer_state, key = layer
+        return apply_block(x, layer_state, key), None
+
+      x_BLD, _ = jax.lax.scan(body, x_BLD, (stacked_state, keys))
+      return x_BLD
+    for i in range(cfg.num_layers):
+      layer_state = jax.tree.map(lambda a: a[i], stacked_state)
+      x_BLD = apply_block(x_BLD, layer_state, layer_keys[i])
+    return x_BLD

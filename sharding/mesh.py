@@ -1,0 +1,58 @@
+"""Named device meshes built from a config's `mesh` section."""
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh
+
+# Outer to inner: data parallelism crosses the slowest links, tensor parallelism
+# the fastest, so `tensor` is the minor axis of the device order.
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
+  """Returns {axis: size} with at most one -1 ("the rest") filled in.
+
+  Raises ValueError naming the `mesh.<axis>` field when the shape cannot cover
+  exactly `num_devices` devices.
+  """
+  unknown = sorted(set(mesh_config) - set(MESH_AXES))
+  if unknown:
+    raise ValueError(f"mesh: unknown axis {unknown}; allowed axes are {list(MESH_AXES)}")
+  sizes = {axis: int(mesh_config.get(axis, 1)) for axis in MESH_AXES}
+  for axis, size in sizes.items():
+    if size == 0 or size < -1:
+      raise ValueError(f"mesh.{axis}={size}: an axis size must be a positive integer or -1 (the rest)")
+  free = [axis for axis, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError(f"mesh: only one axis may be -1, got {free}")
+  fixed = int(np.prod([size for size in sizes.values() if size != -1]))
+  if free:
+    if num_devices % fixed:
+      raise ValueError(
+          f"mesh: the fixed axes {sizes} multiply to {fixed}, which does not divide the "
+          f"{num_devices} available devices, so mesh.{free[0]}=-1 cannot be filled in")
+    sizes[free[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(
+        f"mesh: data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = {fixed}, "
+        f"but there are {num_devices} devices; set the axes to multiply to {num_devices} "
+        f"(or set one of them to -1)")
+  return sizes
+
+
+def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (default: all) with the axes of MESH_AXES.
+
+  Axis types are Auto: the compiler propagates shardings from the annotated
+  parameters, batches and activations, so no op needs an explicit annotation.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_mesh_shape(mesh_config, len(devices))
+  shape = tuple(sizes[axis] for axis in MESH_AXES)
+  try:
+    # Topology-aware device order on real TPU/GPU slices.
+    device_grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # Forced host devices and odd counts have no topology to follow.
+    device_grid = np.asarray(devices).reshape(shape)
+  return Mesh(device_grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))

@@ -1,0 +1,1 @@
+"""Composes model/, data/ and sharding/ into training: state, step, optimizer, checkpoints, hooks."""

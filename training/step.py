@@ -1,0 +1,87 @@
+"""The jitted train and eval steps: loss, gradient accumulation, metrics."""
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+import sharding
+from training.state import TrainState
+
+Batch = dict[str, jax.Array]
+
+
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key=None):
+  """Summed cross-entropy over weighted target tokens, and the weight total."""
+  model = nnx.merge(graphdef, params)
+  logits_BLV = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
+  losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
+  weights_BL = batch["weights"]
+  return jnp.sum(losses_BL * weights_BL), jnp.sum(weights_BL)
+
+
+def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
+  """[B, ...] -> [k, B/k, ...], taking strided rows so every microbatch keeps the batch sharding."""
+  def split(x):
+    return x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, mesh: Mesh,
+                    state_shardings: TrainState, microbatches: int = 1, dropout: bool = False,
+                    rules=sharding.DEFAULT_RULES):
+  """A jitted `step(state, batch) -> (state, metrics)` with the state donated.
+
+  The loss is the mean over all weighted tokens of the global batch; with
+  microbatches, summed losses and gradients are accumulated and divided once
+  by the total weight, so k microbatches equal one step on the whole batch.
+  """
+
+  def grads_and_loss(params, batch, dropout_key):
+    (loss_sum, weight), grads = jax.value_and_grad(
+        lambda p: token_losses(graphdef, p, batch, dropout_key), has_aux=True)(params)
+    return grads, loss_sum, weight
+
+  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+    with sharding.activation_rules(mesh, rules):
+      dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
+      if microbatches == 1:
+        grads, loss_sum, weight = grads_and_loss(state.params, batch, dropout_key)
+      else:
+        def accumulate(carry, micro):
+          index, micro_batch = micro
+          key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+          grads, loss_sum, weight = grads_and_loss(state.params, micro_batch, key)
+          return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight)), None
+
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+        micro = (jnp.arange(microbatches), _split_microbatches(batch, microbatches))
+        (grads, loss_sum, weight), _ = jax.lax.scan(accumulate, zeros, micro)
+      weight = jnp.maximum(weight, 1.0)
+      grads = jax.tree.map(lambda g: g / weight, grads)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+    loss = loss_sum / weight
+    metrics = {
+        "loss": loss,
+        "learning_rate": schedule(state.step),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+        "tokens": weight,
+    }
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(graphdef, mesh: Mesh, params_shardings, rules=sharding.DEFAULT_RULES):
+  """A jitted `eval(params, batch) -> (loss_sum, weight)`, summed so batches can be pooled."""
+
+  def evaluate(params, batch):
+    with sharding.activation_rules(mesh, rules):
+      return token_losses(graphdef, params, batch)
+
+  return jax.jit(evaluate, in_shardings=(params_shardings, None))

@@ -1,0 +1,130 @@
+"""Checks a config against loom's schema and the devices at hand before anything compiles.
+
+Each problem is one ValueError naming the config field, what it was and what is allowed.
+"""
+import copy
+
+from ml_collections import ConfigDict
+
+from configs import base
+from sharding import resolve_mesh_shape
+
+CHOICES = {
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.position": ("learned", "rope"),
+    "model.mlp": ("gelu", "swiglu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
+    "data.tokenizer": ("sentencepiece", "byte", "char"),
+    "data.tokenizer_model_type": ("bpe", "unigram"),
+    "optimizer.name": ("adamw", "sgd", "adafactor"),
+    "optimizer.schedule": ("warmup_cosine", "warmup_linear", "constant", "wsd", "rsqrt"),
+}
+
+
+class ConfigError(ValueError):
+  """A config field has a value loom cannot run with."""
+
+
+def _check_schema(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> None:
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    if key not in schema:
+      known = ", ".join(sorted(schema.keys()))
+      raise ConfigError(f"unknown config field '{name}'; fields here are: {known}")
+    expected = schema[key]
+    if isinstance(expected, ConfigDict):
+      if not isinstance(value, ConfigDict):
+        raise ConfigError(f"config field '{name}' must be a section, got {value!r}")
+      _check_schema(value, expected, name + ".")
+    elif isinstance(expected, bool) != isinstance(value, bool) or (
+        isinstance(expected, (int, float)) and not isinstance(value, (int, float))) or (
+        isinstance(expected, str) and not isinstance(value, str)):
+      raise ConfigError(f"config field '{name}'={value!r} must be a {type(expected).__name__}")
+    elif isinstance(expected, int) and not isinstance(expected, bool) and isinstance(value, float):
+      raise ConfigError(f"config field '{name}'={value!r} must be an integer")
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | None = None) -> ConfigDict:
+  """Returns a copy with derived fields filled in (head_dim, num_kv_heads, vocab_size).
+
+  `tokenizer_vocab_size` fills in model.vocab_size=0 and is checked against a
+  fixed model.vocab_size; without it, a vocab_size of 0 stays 0.
+  """
+  _check_schema(config, base.get_config())
+  config = copy.deepcopy(config)
+  m, d, o, t = config.model, config.data, config.optimizer, config.train
+
+  for field, allowed in CHOICES.items():
+    section, key = field.split(".")
+    value = config[section][key]
+    _require(value in allowed, f"config field '{field}'={value!r}; allowed: {', '.join(allowed)}")
+
+  for field in ("num_layers", "embed_dim", "num_heads", "mlp_dim", "max_seq_len"):
+    _require(m[field] > 0, f"config field 'model.{field}'={m[field]} must be positive")
+  if m.num_kv_heads == 0:
+    m.num_kv_heads = m.num_heads
+  if m.head_dim == 0:
+    _require(m.embed_dim % m.num_heads == 0,
+             f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}; "
+             "set model.head_dim explicitly or change one of them")
+    m.head_dim = m.embed_dim // m.num_heads
+  _require(m.num_heads % m.num_kv_heads == 0,
+           f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
+  _require(m.position != "rope" or m.head_dim % 2 == 0,
+           f"model.head_dim={m.head_dim} must be even for rope positions")
+  _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
+  if tokenizer_vocab_size is not None:
+    if m.vocab_size == 0:
+      m.vocab_size = tokenizer_vocab_size
+    _require(tokenizer_vocab_size <= m.vocab_size,
+             f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+             f"({tokenizer_vocab_size}); raise it or set it to 0 to use the tokenizer's size")
+
+  _require(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")
+  _require(d.seq_len <= m.max_seq_len,
+           f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+  _require(0.0 < d.validation_fraction < 1.0,
+           f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
+
+  mesh = _mesh_sizes(config, num_devices)
+  batch_shards = mesh["data"] * mesh["fsdp"]
+  _require(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1")
+  _require(t.global_batch_size % t.microbatches == 0,
+           f"train.global_batch_size={t.global_batch_size} is not divisible by "
+           f"train.microbatches={t.microbatches}")
+  micro = t.global_batch_size // t.microbatches
+  _require(micro % batch_shards == 0,
+           f"train.global_batch_size={t.global_batch_size} (per microbatch {micro}) is not divisible "
+           f"by the data-parallel size mesh.data*mesh.fsdp = {mesh['data']}*{mesh['fsdp']} = {batch_shards}")
+  tensor = mesh["tensor"]
+  _require(m.num_heads % tensor == 0,
+           f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}")
+  _require(m.mlp_dim % tensor == 0, f"model.mlp_dim={m.mlp_dim} is not divisible by mesh.tensor={tensor}")
+  _require(m.embed_dim % mesh["fsdp"] == 0,
+           f"model.embed_dim={m.embed_dim} is not divisible by mesh.fsdp={mesh['fsdp']}")
+
+  _require(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
+  _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
+  _require(0.0 <= o.min_lr_ratio <= 1.0, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+  _require(0.0 < o.decay_fraction <= 1.0, f"optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]")
+  _require(o.grad_clip_norm >= 0, f"optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0")
+
+  _require(t.num_steps > 0, f"train.num_steps={t.num_steps} must be positive")
+  for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
+    _require(t[field] > 0, f"train.{field}={t[field]} must be positive")
+  for field in ("eval_every", "eval_batches", "num_samples"):
+    _require(t[field] >= 0, f"train.{field}={t[field]} must be >= 0")
+  return config
+
+
+def _mesh_sizes(config: ConfigDict, num_devices: int) -> dict[str, int]:
+  try:
+    return resolve_mesh_shape(dict(config.mesh), num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
