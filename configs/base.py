@@ -67,7 +67,8 @@ def get_config() -> ConfigDict:
   ))
 
   config.train = ConfigDict(dict(
-      num_steps=1000,
+      num_steps=1000,          # the length of the run (and of the learning-rate schedule).
+      stop_at_step=0,          # stop here with a checkpoint, as a preemption would; 0: run to num_steps.
       global_batch_size=32,
       microbatches=1,          # gradient accumulation: the batch is split into this many.
       log_every=50,

@@ -1,6 +1,4 @@
 """The train state: parameters, optimizer state, step and RNG, created sharded on the mesh."""
-from typing import Any
-
 import flax
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,7 @@ class TrainState:
   step: jax.Array
   params: nnx.State
   opt_state: optax.OptState
-  rng: jax.Array
+  rng: jax.Array  # uint32 key data; jax.random.wrap_key_data gives the key.
 
 
 def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
@@ -26,24 +24,30 @@ def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(model)
 
 
-def init_train_state(model_cfg, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
-                     rules=sharding.DEFAULT_RULES) -> tuple[nnx.GraphDef, TrainState, Any]:
-  """Creates the state directly in its sharded layout; returns (graphdef, state, shardings).
+def new_train_state(model_cfg, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """A freshly initialised state (traceable: jit it, or eval_shape it for shapes alone)."""
+  params_key, rng = jax.random.split(jax.random.key(seed))
+  rng = jax.random.key_data(rng)  # Raw uint32 key data: checkpoints as a plain array.
+  params = nnx.state(Transformer(model_cfg, nnx.Rngs(params=params_key)))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+
+def init_train_state(model_cfg, tx: optax.GradientTransformation, seed: int,
+                     shardings: TrainState) -> TrainState:
+  """Creates the state directly in its sharded layout.
 
   The initialiser is jitted with out_shardings, so with fsdp no device ever
   holds more than its shard of any parameter or moment.
   """
-  graphdef, abstract_params = abstract_model(model_cfg)
-  shardings = state_shardings(abstract_params, tx, mesh, rules)
+  init = jax.jit(lambda: new_train_state(model_cfg, tx, seed), out_shardings=shardings)
+  return init()
 
-  @jax.jit
-  def init(seed):
-    params_key, rng = jax.random.split(jax.random.key(seed))
-    params = nnx.state(Transformer(model_cfg, nnx.Rngs(params=params_key)))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
-  init = jax.jit(init.__wrapped__, out_shardings=shardings)
-  return graphdef, init(seed), shardings
+def abstract_train_state(model_cfg, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+  """ShapeDtypeStructs with shardings: the target a checkpoint is restored into."""
+  shapes = jax.eval_shape(lambda: new_train_state(model_cfg, tx, 0))
+  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                      shapes, shardings)
 
 
 def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,

@@ -46,7 +46,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, mesh: 
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
     with sharding.activation_rules(mesh, rules):
-      dropout_key = jax.random.fold_in(state.rng, state.step) if dropout else None
+      dropout_key = (jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+                     if dropout else None)
       if microbatches == 1:
         grads, loss_sum, weight = grads_and_loss(state.params, batch, dropout_key)
       else:
@@ -67,8 +68,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, mesh: 
     metrics = {
         "loss": loss,
         "learning_rate": schedule(state.step),
-        "grad_norm": optax.global_norm(grads),
-        "param_norm": optax.global_norm(params),
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
         "tokens": weight,
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics

@@ -116,6 +116,8 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
   _require(o.grad_clip_norm >= 0, f"optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0")
 
   _require(t.num_steps > 0, f"train.num_steps={t.num_steps} must be positive")
+  _require(0 <= t.stop_at_step <= t.num_steps,
+           f"train.stop_at_step={t.stop_at_step} must be in [0, train.num_steps={t.num_steps}]")
   for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
     _require(t[field] > 0, f"train.{field}={t[field]} must be positive")
   for field in ("eval_every", "eval_batches", "num_samples"):

@@ -1,0 +1,373 @@
+"""Tests for data/: tokenizers, packing, batching and build_datasets."""
+import os
+
+import ml_collections
+import numpy as np
+import pytest
+
+from data import build_datasets
+from data import corpus
+from data import packing
+from data import pipeline
+from data.tokenizers import build_tokenizer
+from data.tokenizers import ByteTokenizer
+from data.tokenizers import CharTokenizer
+from data.tokenizers import SentencePieceTokenizer
+from data.tokenizers import train_sentencepiece
+
+SHAKESPEARE = '/work/shared/data/tinyshakespeare/input.txt'
+
+
+def make_config(**overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(dict(
+      paths='', max_files=0, seq_len=16, tokenizer='byte', tokenizer_path='',
+      tokenizer_vocab_size=300, tokenizer_model_type='bpe',
+      validation_fraction=0.1, shuffle=True))
+  config.update(overrides)
+  return config
+
+
+def write_corpus(directory, num_files: int = 6, words: int = 120) -> str:
+  rng = np.random.default_rng(0)
+  vocabulary = ['the', 'cat', 'sat', 'on', 'a', 'mat', 'and', 'dog', 'ran',
+                'café', 'x=1', '\n']
+  for i in range(num_files):
+    text = ' '.join(rng.choice(vocabulary, size=words + 10 * i))
+    (directory / f'doc{i:02d}.txt').write_text(text, encoding='utf-8')
+  return str(directory / '*.txt')
+
+
+def pack(documents, seq_len, eos_id=None):
+  stream = packing.concatenate_documents(
+      [np.array(d, np.int32) for d in documents], eos_id)
+  return packing.pack_rows(stream, seq_len)
+
+
+# ---- packing -------------------------------------------------------------
+
+
+def test_pack_hand_made_example():
+  rows = pack([[10, 11, 12], [20, 21], [30, 31, 32, 33]], seq_len=4, eos_id=2)
+  # stream: 10 11 12 2 | 20 21 2 | 30 31 32 33 2  (12 tokens, 11 targets)
+  np.testing.assert_array_equal(rows.tokens, [
+      [10, 11, 12, 2, 20],
+      [20, 21, 2, 30, 31],
+      [31, 32, 33, 2, 0],
+  ])
+  np.testing.assert_array_equal(rows.segment_ids, [
+      [1, 1, 1, 1, 2],
+      [1, 1, 1, 2, 2],
+      [1, 1, 1, 1, 0],
+  ])
+  np.testing.assert_array_equal(rows.positions, [
+      [0, 1, 2, 3, 0],
+      [0, 1, 2, 0, 1],
+      [0, 1, 2, 3, 0],
+  ])
+  batch = next(pipeline.eval_batches(rows, global_batch_size=4))
+  np.testing.assert_array_equal(batch['inputs'][:3], rows.tokens[:, :4])
+  np.testing.assert_array_equal(batch['targets'][:3], rows.tokens[:, 1:])
+  np.testing.assert_array_equal(batch['weights'], [
+      [1, 1, 1, 0],
+      [1, 1, 0, 1],
+      [1, 1, 1, 0],
+      [0, 0, 0, 0],  # Padding row filling the last eval batch.
+  ])
+  assert batch['inputs'].dtype == np.int32
+  assert batch['weights'].dtype == np.float32
+
+
+def test_split_by_position_is_90_10():
+  stream = packing.concatenate_documents([np.arange(100, dtype=np.int32)],
+                                         eos_id=None)
+  train, val = packing.split_by_position(stream, 0.1)
+  np.testing.assert_array_equal(train.tokens, np.arange(90))
+  np.testing.assert_array_equal(val.tokens, np.arange(90, 100))
+
+
+def _rows_fixture(num_docs=40, seq_len=8, seed=0) -> packing.PackedRows:
+  rng = np.random.default_rng(seed)
+  documents = [rng.integers(3, 50, size=rng.integers(1, 20))
+               for _ in range(num_docs)]
+  return pack(documents, seq_len, eos_id=2)
+
+
+def test_no_token_lost_or_duplicated_over_an_epoch():
+  rng = np.random.default_rng(1)
+  documents = [rng.integers(3, 50, size=rng.integers(1, 20)).astype(np.int32)
+               for _ in range(50)]
+  stream = packing.concatenate_documents(documents, eos_id=2)
+  rows = packing.pack_rows(stream, seq_len=8)
+  # One epoch with 3 processes x 1 row: every row exactly once, shuffled.
+  num_rows = rows.num_rows - rows.num_rows % 3
+  rows = packing.PackedRows(rows.tokens[:num_rows],
+                            rows.segment_ids[:num_rows],
+                            rows.positions[:num_rows])
+  by_first_input = {}
+  for process in range(3):
+    for batch in pipeline.train_batches(
+        rows, global_batch_size=3, seed=3, stop_step=num_rows // 3,
+        process_index=process, process_count=3):
+      key = batch['inputs'][0].tobytes()
+      assert key not in by_first_input  # No row twice.
+      by_first_input[key] = batch
+  assert len(by_first_input) == num_rows
+  row_of = {rows.tokens[i, :-1].tobytes(): i for i in range(num_rows)}
+  in_order = sorted(by_first_input.values(),
+                    key=lambda b: row_of[b['inputs'][0].tobytes()])
+  # Real tokens are >= 2 and pad is 0: the first input plus every non-pad
+  # target, row after row, is the token stream exactly.
+  targets = np.concatenate([b['targets'][0] for b in in_order])
+  rebuilt = np.concatenate([in_order[0]['inputs'][0, :1],
+                            targets[targets != packing.PAD_ID]])
+  expected_length = num_rows * 8 + 1
+  np.testing.assert_array_equal(rebuilt,
+                                stream.tokens[:min(expected_length,
+                                                   len(stream.tokens))])
+
+
+def test_one_epoch_of_shuffled_train_rows_is_a_permutation():
+  rows = _rows_fixture()
+  n = rows.num_rows
+  batches = list(pipeline.train_batches(rows, global_batch_size=1, seed=5,
+                                        stop_step=n))
+  row_ids = [int(np.where((rows.tokens[:, :-1] == b['inputs'][0])
+                          .all(axis=1))[0][0]) for b in batches]
+  assert sorted(row_ids) == list(range(n))
+  assert row_ids != list(range(n))
+
+
+def test_no_weighted_target_crosses_a_document_boundary():
+  rng = np.random.default_rng(2)
+  documents = [rng.integers(3, 50, size=rng.integers(1, 12)).astype(np.int32)
+               for _ in range(60)]
+  stream = packing.concatenate_documents(documents, eos_id=2)
+  rows = packing.pack_rows(stream, seq_len=8)
+  index = (np.arange(rows.num_rows)[:, None] * 8 + np.arange(8)[None, :])
+  for batch in pipeline.eval_batches(rows, global_batch_size=rows.num_rows):
+    weighted = batch['weights'] == 1
+    in_stream = index < len(stream.tokens) - 1
+    doc = stream.document_ids
+    same_doc = np.zeros_like(weighted)
+    same_doc[in_stream] = (doc[index[in_stream]] == doc[index[in_stream] + 1])
+    assert not (weighted & ~same_doc).any()
+    assert (weighted == same_doc).all()  # And every in-document target counts.
+
+
+# ---- batching -------------------------------------------------------------
+
+
+def _batches(rows, **kwargs):
+  kwargs.setdefault('global_batch_size', 8)
+  kwargs.setdefault('seed', 0)
+  return list(pipeline.train_batches(rows, **kwargs))
+
+
+def test_same_seed_same_batches_and_different_seed_different():
+  rows = _rows_fixture()
+  first = _batches(rows, seed=1, stop_step=10)
+  again = _batches(rows, seed=1, stop_step=10)
+  other = _batches(rows, seed=2, stop_step=10)
+  for a, b in zip(first, again):
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name])
+  assert any((a['inputs'] != c['inputs']).any() for a, c in zip(first, other))
+
+
+def test_resume_at_step_equals_run_from_zero():
+  rows = _rows_fixture()
+  full = _batches(rows, stop_step=20)  # Several epochs of a small corpus.
+  resumed = _batches(rows, start_step=13, stop_step=20)
+  for a, b in zip(full[13:], resumed):
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_process_slices_concatenate_to_global_batch():
+  rows = _rows_fixture()
+  whole = _batches(rows, stop_step=5)
+  part0 = _batches(rows, stop_step=5, process_index=0, process_count=2)
+  part1 = _batches(rows, stop_step=5, process_index=1, process_count=2)
+  for w, p0, p1 in zip(whole, part0, part1):
+    assert p0['inputs'].shape == (4, 8)
+    for name in w:
+      np.testing.assert_array_equal(
+          np.concatenate([p0[name], p1[name]]), w[name])
+
+
+def test_eval_batches_in_order_capped_and_reiterable():
+  rows = _rows_fixture()
+  batches = list(pipeline.eval_batches(rows, global_batch_size=4))
+  assert len(batches) == -(-rows.num_rows // 4)
+  np.testing.assert_array_equal(batches[0]['inputs'], rows.tokens[:4, :-1])
+  assert len(list(pipeline.eval_batches(rows, global_batch_size=4,
+                                        max_batches=2))) == 2
+  empty = packing.PackedRows(*(np.zeros((0, 9), np.int32),) * 3)
+  assert not list(pipeline.eval_batches(empty, global_batch_size=4))
+
+
+def test_too_few_rows_for_a_batch():
+  rows = _rows_fixture(num_docs=2)
+  with pytest.raises(ValueError, match='fewer than one global batch'):
+    pipeline.train_batches(rows, global_batch_size=1000, seed=0)
+
+
+# ---- tokenizers -----------------------------------------------------------
+
+
+def test_byte_tokenizer_round_trip():
+  tokenizer = ByteTokenizer()
+  text = 'héllo\n\twörld ✓'
+  (ids,) = tokenizer.encode_batch([text])
+  assert tokenizer.vocab_size == 259
+  assert ids[0] == ord('h') + 3 and ids.dtype == np.int32
+  assert tokenizer.decode(ids) == text
+
+
+def test_char_tokenizer_round_trip_save_load(tmp_path):
+  tokenizer = CharTokenizer.from_texts(['hello', 'world!'])
+  assert tokenizer.vocab_size == len(set('helloworld!'))
+  assert tokenizer.eos_id is None and tokenizer.pad_id is None
+  (ids,) = tokenizer.encode_batch(['low!'])
+  assert tokenizer.decode(ids) == 'low!'
+  tokenizer.save(str(tmp_path / 'v.json'))
+  loaded = CharTokenizer.load(str(tmp_path / 'v.json'))
+  np.testing.assert_array_equal(loaded.encode_batch(['low!'])[0], ids)
+  with pytest.raises(ValueError, match=r"not in the 8-character"):
+    tokenizer.encode_batch(['xyz'])
+
+
+@pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='no corpus')
+def test_char_tokenizer_on_shakespeare_has_65_chars(tmp_path):
+  config = make_config(tokenizer='char', paths=SHAKESPEARE)
+  tokenizer = build_tokenizer(config, [SHAKESPEARE], str(tmp_path))
+  assert tokenizer.vocab_size == 65
+  assert os.path.exists(tmp_path / 'tokenizer' / 'char_vocab.json')
+
+
+def test_sentencepiece_trains_and_round_trips(tmp_path):
+  corpus_dir = tmp_path / 'corpus'
+  corpus_dir.mkdir()
+  rng = np.random.default_rng(0)
+  words = ['def', 'return', 'self', 'import', 'class', '    ', 'x', 'y',
+           '(', ')', ':', '=', '+', 'value', 'name']
+  for i in range(4):  # ~ 4 x 60 KB
+    lines = [' '.join(rng.choice(words, size=12)) for _ in range(1000)]
+    (corpus_dir / f'f{i}.py').write_text('\n'.join(lines), encoding='utf-8')
+  paths = sorted(str(p) for p in corpus_dir.iterdir())
+  model = train_sentencepiece(paths, str(tmp_path / 'sp.model'),
+                              vocab_size=300, model_type='bpe')
+  tokenizer = SentencePieceTokenizer(model)
+  assert tokenizer.vocab_size == 300
+  assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
+  text = 'def  value(self):\n    return x + y  # ünïcode ✓\n'
+  (ids,) = tokenizer.encode_batch([text])
+  assert tokenizer.decode(ids) == text
+  # Trained again with the same inputs: the same model (deterministic).
+  again = train_sentencepiece(paths, str(tmp_path / 'sp2.model'),
+                              vocab_size=300, model_type='bpe')
+  assert SentencePieceTokenizer(again).identity() == tokenizer.identity()
+
+
+def test_unknown_tokenizer_name(tmp_path):
+  with pytest.raises(ValueError, match="data.tokenizer: unknown tokenizer 'wp'"):
+    build_tokenizer(make_config(tokenizer='wp'), [], str(tmp_path))
+
+
+def test_missing_tokenizer_path(tmp_path):
+  config = make_config(tokenizer='sentencepiece', tokenizer_path='/x/y.model')
+  with pytest.raises(ValueError, match=(
+      'data.tokenizer_path: file /x/y.model does not exist')):
+    build_tokenizer(config, [], str(tmp_path))
+
+
+# ---- corpus and build_datasets --------------------------------------------
+
+
+def test_glob_matching_nothing(tmp_path):
+  pattern = str(tmp_path / 'nope' / '*.txt')
+  with pytest.raises(ValueError, match=r'data.paths: pattern .*nope.* matches'):
+    corpus.resolve_paths(pattern)
+
+
+def test_all_files_empty(tmp_path):
+  (tmp_path / 'a.txt').write_text('')
+  with pytest.raises(ValueError, match='data.paths: all 1 files .* are empty'):
+    corpus.resolve_paths(str(tmp_path / '*.txt'))
+
+
+def test_stdlib_default_paths_are_sorted_and_filtered():
+  paths = corpus.resolve_paths('', max_files=30)
+  assert len(paths) == 30 and paths == sorted(paths)
+  for path in paths:
+    assert path.endswith('.py')
+    parts = path.split(os.sep)
+    assert not {'test', 'tests', 'idlelib', 'site-packages'} & set(parts)
+
+
+def test_read_documents_in_order(tmp_path):
+  pattern = write_corpus(tmp_path)
+  paths = corpus.resolve_paths(pattern)
+  tokenizer = ByteTokenizer()
+  documents = corpus.read_documents(paths, tokenizer)
+  assert len(documents) == len(paths)
+  for path, ids in zip(paths, documents):
+    with open(path, encoding='utf-8') as f:
+      assert tokenizer.decode(ids) == f.read()
+
+
+def test_build_datasets_end_to_end_and_cache(tmp_path):
+  (tmp_path / 'corpus').mkdir()
+  pattern = write_corpus(tmp_path / 'corpus')
+  config = make_config(paths=pattern, tokenizer='char')
+  workdir = str(tmp_path / 'work')
+  datasets = build_datasets(config, global_batch_size=4, seed=0,
+                            workdir=workdir)
+  batch = next(datasets.train_batches(0, 1))
+  assert batch['inputs'].shape == (4, 16)
+  assert set(batch) == {'inputs', 'targets', 'segment_ids', 'positions',
+                        'weights'}
+  num_chars = sum(len(open(p, encoding='utf-8').read())
+                  for p in corpus.resolve_paths(pattern))
+  assert datasets.num_train_tokens == int(num_chars * 0.9)
+  assert len(list(datasets.eval_batches())) == len(
+      list(datasets.eval_batches()))
+  cache_files = os.listdir(os.path.join(workdir, 'data_cache'))
+  assert len(cache_files) == 1
+  again = build_datasets(config, global_batch_size=4, seed=0, workdir=workdir)
+  np.testing.assert_array_equal(again.train_rows.tokens,
+                                datasets.train_rows.tokens)
+  second = next(again.train_batches(0, 1))
+  np.testing.assert_array_equal(second['inputs'], batch['inputs'])
+
+
+def test_build_datasets_trains_and_caches_sentencepiece(tmp_path):
+  (tmp_path / 'corpus').mkdir()
+  pattern = write_corpus(tmp_path / 'corpus', num_files=20, words=400)
+  config = make_config(paths=pattern, tokenizer='sentencepiece',
+                       tokenizer_vocab_size=300)
+  workdir = str(tmp_path / 'work')
+  datasets = build_datasets(config, global_batch_size=8, seed=0,
+                            workdir=workdir)
+  assert datasets.tokenizer.vocab_size == 300
+  model_path = os.path.join(workdir, 'tokenizer', 'sp.model')
+  assert os.path.exists(model_path)
+  # eos ends every document, so the stream holds one eos per file.
+  stream_eos = (datasets.train_rows.tokens[:, :-1] == 2).sum() + (
+      datasets.val_rows.tokens[:, :-1] == 2).sum()
+  assert stream_eos in (19, 20)  # The very last eos may be a row's last token.
+  mtime = os.path.getmtime(model_path)
+  build_datasets(config, global_batch_size=8, seed=0, workdir=workdir)
+  assert os.path.getmtime(model_path) == mtime  # Reused, not retrained.
+  with pytest.raises(ValueError, match='data.tokenizer_vocab_size=512'):
+    build_datasets(make_config(paths=pattern, tokenizer='sentencepiece',
+                               tokenizer_vocab_size=512),
+                   global_batch_size=8, seed=0, workdir=workdir)
+
+
+def test_build_datasets_too_few_rows(tmp_path):
+  pattern = write_corpus(tmp_path, num_files=1, words=10)
+  config = make_config(paths=pattern, seq_len=64)
+  with pytest.raises(ValueError, match='fewer than one global batch.*data.seq_len'):
+    build_datasets(config, global_batch_size=64, seed=0,
+                   workdir=str(tmp_path / 'work'))

@@ -1,0 +1,97 @@
+"""Sharded steps equal the single-device step, and fsdp really divides the memory."""
+import jax
+import numpy as np
+import pytest
+
+import sharding
+from tests import synthetic
+from training import optimizer, state as state_lib, step as step_lib
+
+MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
+
+
+def _loss_and_grads(config, mesh, params_host, batch_host):
+  graphdef, abstract_params = state_lib.abstract_model(config.model)
+  param_shardings = sharding.tree_shardings(abstract_params, mesh)
+  params = jax.device_put(params_host, param_shardings)
+  batch = sharding.global_batch_from_local(batch_host, mesh)
+
+  @jax.jit
+  def loss_and_grads(params, batch):
+    with sharding.activation_rules(mesh):
+      def mean_loss(p):
+        loss_sum, weight = step_lib.token_losses(graphdef, p, batch)
+        return loss_sum / weight
+      return jax.value_and_grad(mean_loss)(params)
+
+  loss, grads = loss_and_grads(params, batch)
+  return float(loss), jax.device_get(grads)
+
+
+@pytest.fixture(scope="module")
+def reference():
+  config = synthetic.validated(synthetic.tiny_config(), 1)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  graphdef, abstract_params = state_lib.abstract_model(config.model)
+  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
+  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
+  params = jax.device_get(state_lib.init_train_state(config.model, tx, 0, shardings).params)
+  batch = synthetic.batch(16, config.data.seq_len, config.model.vocab_size)
+  loss, grads = _loss_and_grads(config, mesh, params, batch)
+  return params, batch, loss, grads
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_loss_and_grads_match_single_device(reference, mesh_shape):
+  params, batch, loss_1, grads_1 = reference
+  data, fsdp, tensor = mesh_shape
+  config = synthetic.validated(synthetic.tiny_config(data=data, fsdp=fsdp, tensor=tensor), 8)
+  mesh = sharding.make_mesh(config.mesh)
+  loss_8, grads_8 = _loss_and_grads(config, mesh, params, batch)
+  assert abs(loss_8 - loss_1) <= 1e-5 * abs(loss_1)
+  for (path, g1), g8 in zip(jax.tree_util.tree_flatten_with_path(grads_1)[0], jax.tree.leaves(grads_8)):
+    rel = np.linalg.norm(g8 - g1) / max(np.linalg.norm(g1), 1e-12)
+    assert rel <= 1e-5, f"{jax.tree_util.keystr(path)}: relative difference {rel:.2e}"
+
+
+def test_fsdp_shards_params_and_optimizer_state():
+  config = synthetic.tiny_config(fsdp=8)
+  config.model.update(embed_dim=64, mlp_dim=128)
+  config = synthetic.validated(config, 8)
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, abstract_params = state_lib.abstract_model(config.model)
+  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
+  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
+  state = state_lib.init_train_state(config.model, tx, 0, shardings)
+  for tree in (state.params, state.opt_state):
+    arrays = [x for x in jax.tree.leaves(tree) if x.size > 1]
+    total = sum(x.nbytes for x in arrays)
+    per_device = {}
+    for x in arrays:
+      for shard in x.addressable_shards:
+        per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    assert len(per_device) == 8
+    for device, nbytes in per_device.items():
+      assert nbytes == pytest.approx(total / 8, rel=0.02), (device, nbytes, total)
+
+
+def test_rules_map_logical_names_to_mesh_axes():
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  spec = sharding.logical_to_spec(("layers", "embed", "mlp"), shape=(2, 64, 128), mesh=mesh)
+  assert tuple(spec) == (None, "fsdp", "tensor")
+  assert tuple(sharding.logical_to_spec(("act_batch", "act_length"))) == (("data", "fsdp"), None)
+  # A dimension the mesh axis does not divide is replicated rather than failing.
+  assert tuple(sharding.logical_to_spec(("vocab", "embed"), shape=(259, 64), mesh=mesh)) == (None, "fsdp")
+  with pytest.raises(ValueError, match="twice"):
+    sharding.logical_to_spec(("act_batch", "embed"))
+
+
+@pytest.mark.parametrize("mesh_config, message", [
+    ({"data": 3, "fsdp": 1, "tensor": 1}, "there are 8 devices"),
+    ({"data": -1, "fsdp": -1}, "only one axis may be -1"),
+    ({"data": -1, "fsdp": 3}, "does not divide"),
+    ({"pipeline": 2}, "unknown axis"),
+])
+def test_bad_mesh_is_rejected(mesh_config, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.make_mesh(mesh_config)

@@ -1,0 +1,35 @@
+"""Train a loom model.
+
+  python train.py --config=configs/quickstart.py --workdir=workdirs/quickstart
+  python train.py --config=configs/shakespeare_char.py --workdir=/tmp/sc --config.train.num_steps=500
+
+Running the same command again with the same workdir resumes from its latest checkpoint.
+"""
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from training.run import train  # noqa: E402
+from training.validation import ConfigError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (get_config()).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  try:
+    train(_CONFIG.value, _WORKDIR.value)
+  except ConfigError as e:
+    raise SystemExit(f"config error ({flags.FLAGS['config'].config_filename}): {e}") from None
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)

@@ -1,0 +1,45 @@
+"""The FLOP/s that MFU is measured against."""
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak per chip, from the vendors' data sheets.
+ACCELERATOR_PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100": 312e12,
+}
+
+
+def measured_matmul_flops(dtype=jnp.float32, size: int = 1024, repeats: int = 5) -> float:
+  """Median FLOP/s of a square matmul on the default device: the CPU's practical peak."""
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  matmul(a, a).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, a).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size**3 / float(np.median(times))
+
+
+def peak_flops(compute_dtype) -> tuple[float, str]:
+  """Total peak FLOP/s of all devices, and where the figure comes from."""
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    # Forced host devices share the same cores, so the CPU is measured once.
+    return measured_matmul_flops(compute_dtype), "measured CPU matmul"
+  for name, flops in ACCELERATOR_PEAK_FLOPS.items():
+    if device.device_kind.startswith(name):
+      return flops * jax.device_count(), f"{device.device_kind} data sheet"
+  return float("nan"), f"unknown peak for {device.device_kind}"

@@ -1,0 +1,146 @@
+"""`train(config, workdir)`: the whole run, top to bottom.
+
+config -> mesh -> data -> model and optimizer -> sharded state (fresh or
+restored) -> jitted steps -> hooks -> loop -> samples.
+"""
+import dataclasses
+import itertools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+from ml_collections import ConfigDict
+
+import data
+import model as model_lib
+import sharding
+from model.sampling import sample
+from model.transformer import COMPUTE_DTYPES
+from training import hooks as hooks_lib
+from training.checkpointing import Checkpointer
+from training.metric_writers import MetricWriter, StepTimer
+from training.optimizer import build_optimizer
+from training.peak_flops import peak_flops
+from training.state import abstract_model, abstract_train_state, init_train_state, state_shardings
+from training.step import make_eval_step, make_train_step
+from training.validation import validate
+
+
+@dataclasses.dataclass
+class RunResult:
+  config: ConfigDict
+  state: Any
+  graphdef: Any
+  tokenizer: Any
+  last_metrics: dict[str, float]
+  eval_history: list[tuple[int, float]]
+  samples: list[str]
+  resumed_from: int | None
+
+
+def train(config: ConfigDict, workdir: str) -> RunResult:
+  # --- Config: everything that can be checked without data, before anything is built.
+  validate(config, jax.device_count())
+  os.makedirs(workdir, exist_ok=True)
+
+  # --- Mesh.
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+
+  # --- Input.
+  datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,
+                                 seed=config.seed, workdir=workdir,
+                                 process_index=jax.process_index(), process_count=jax.process_count())
+  config = validate(config, jax.device_count(), tokenizer_vocab_size=datasets.tokenizer.vocab_size)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
+  train_cfg = config.train
+
+  # --- Model, optimizer and their shardings.
+  graphdef, abstract_params = abstract_model(config.model)
+  tx, schedule = build_optimizer(config.optimizer, train_cfg.num_steps, abstract_params)
+  shardings = state_shardings(abstract_params, tx, mesh)
+  logging.info("model: %.2fM parameters", model_lib.num_params(config.model) / 1e6)
+
+  # --- Checkpoint: resume from the latest one in the workdir, or start fresh.
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
+  resumed_from = checkpointer.latest_step()
+  if resumed_from is None:
+    state = init_train_state(config.model, tx, config.seed, shardings)
+  else:
+    abstract_state = abstract_train_state(config.model, tx, shardings)
+    state, record = checkpointer.restore(resumed_from, abstract_state)
+    logging.info("resumed from step %d (data position %s)", resumed_from, record.get("data"))
+  start_step = int(jax.device_get(state.step))
+
+  # --- Steps.
+  train_step = make_train_step(graphdef, tx, schedule, mesh, shardings, train_cfg.microbatches,
+                               dropout=config.model.dropout_rate > 0)
+  eval_step = make_eval_step(graphdef, mesh, shardings.params)
+
+  def eval_batches():
+    for local in datasets.eval_batches(train_cfg.eval_batches):
+      yield sharding.global_batch_from_local(local, mesh)
+
+  # --- Hooks: logging, evaluation, checkpoints.
+  writer = MetricWriter(workdir, train_cfg.num_steps, resume_step=start_step)
+  tokens_per_step = train_cfg.global_batch_size * config.data.seq_len
+  peak, peak_source = peak_flops(COMPUTE_DTYPES[config.model.dtype])
+  flops_per_token = model_lib.flops_per_token(config.model, config.data.seq_len)
+  writer.text(f"loom: {model_lib.num_params(config.model) / 1e6:.2f}M parameters, "
+              f"{flops_per_token / 1e6:.1f} MFLOPs/token, peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), "
+              f"mesh {dict(mesh.shape)}, " + (f"resumed at step {start_step}" if resumed_from is not None
+                                             else "fresh start"))
+  logging_hook = hooks_lib.LoggingHook(train_cfg.log_every, writer, start_step, tokens_per_step,
+                                       flops_per_token, peak)
+  eval_hook = hooks_lib.EvalHook(train_cfg.eval_every, eval_step, eval_batches, writer)
+  checkpoint_hook = hooks_lib.CheckpointHook(
+      train_cfg.checkpoint_every, checkpointer,
+      lambda step: {"step": step, "data": {"seed": config.seed, "next_step": step},
+                    "config": json.loads(config.to_json())})
+  hooks = [logging_hook, eval_hook, checkpoint_hook]
+
+  # --- Loop. The step is compiled ahead of time so that no logged step time includes compiling.
+  metrics: dict[str, Any] = {}
+  step = start_step
+  stop_step = train_cfg.stop_at_step or train_cfg.num_steps
+  batches = (sharding.global_batch_from_local(local, mesh)
+             for local in datasets.train_batches(start_step, stop_step))
+  first_batch = next(batches, None)
+  compile_start = time.perf_counter()
+  compiled_step = train_step.lower(state, first_batch).compile() if first_batch is not None else None
+  writer.text(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
+  logging_hook.timer = StepTimer(start_step)
+  for batch in itertools.chain([first_batch], batches) if first_batch is not None else ():
+    state, metrics = compiled_step(state, batch)
+    step += 1
+    hooks_lib.run_hooks(hooks, step, state, metrics)
+  if step > start_step:
+    hooks_lib.run_hooks(hooks, step, state, metrics, final=True)
+  checkpointer.close()
+
+  # --- Samples.
+  samples = _samples(config, graphdef, state, datasets.tokenizer) if step == train_cfg.num_steps else []
+  for text in samples:
+    writer.text("--- sample ---\n" + text)
+  writer.close()
+  return RunResult(config=config, state=state, graphdef=graphdef, tokenizer=datasets.tokenizer,
+                   last_metrics=logging_hook.last_logged, eval_history=eval_hook.history,
+                   samples=samples, resumed_from=resumed_from)
+
+
+def _samples(config, graphdef, state, tokenizer) -> list[str]:
+  train_cfg = config.train
+  if train_cfg.num_samples == 0:
+    return []
+  prompt = tokenizer.encode_batch([train_cfg.sample_prompt])[0].tolist() if train_cfg.sample_prompt else []
+  if not prompt:
+    prompt = [tokenizer.bos_id if tokenizer.bos_id is not None else 0]
+  outputs = sample(graphdef, state.params, [prompt] * train_cfg.num_samples, train_cfg.sample_length,
+                   window=config.data.seq_len, temperature=train_cfg.sample_temperature, seed=config.seed)
+  return [tokenizer.decode(np.asarray(tokens)) for tokens in outputs]
