@@ -14,7 +14,8 @@ from data.tf_cpu import tf
 from data.tokenizers import Tokenizer
 
 # Test suites and the IDLE GUI are large and unrepresentative of library code.
-_STDLIB_SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idlelib'})
+# encodings/ is mostly generated code-page tables: noise for a language model.
+_STDLIB_SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idlelib', 'encodings'})
 _READ_BATCH_SIZE = 64
 
 

@@ -49,8 +49,9 @@ class LoggingHook(Hook):
     self.last_logged: dict[str, float] = {}
 
   def run(self, step, state, metrics):
-    seconds_per_step = self.timer.read(step)
+    # Reading the metrics waits for the step to finish, so the timer is read after it.
     values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
+    seconds_per_step = self.timer.read(step)
     values["perplexity"] = math.exp(min(values["loss"], 50.0))
     if seconds_per_step:
       tokens_per_second = self.tokens_per_step / seconds_per_step

@@ -1,0 +1,143 @@
+"""loom against nanoGPT's PyTorch code on the shakespeare_char "baby GPT", in one interleaved run.
+
+  pip install -r benchmarks/requirements.txt   # torch 2.13 CPU, the peer
+  python benchmarks/shakespeare_char.py        # 2000 iterations each, about 5 minutes
+
+Both models see the same batches (loom's pipeline) in the same order. Steps run
+in alternating rounds (loom, then torch), so both meet the same machine load;
+the table reports medians over rounds. Validation loss is over the whole
+validation split (last 10% of the text by position), at the same iterations.
+MFU divides model FLOPs (6N + 12 L H Q T per token, nanoGPT's formula, N
+without position embeddings) by one measured matmul peak, the same for both.
+"""
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+import data  # noqa: E402
+import model as model_lib  # noqa: E402
+import sharding  # noqa: E402
+from benchmarks.torch_peer import TorchPeer  # noqa: E402
+from training.optimizer import build_optimizer  # noqa: E402
+from training.peak_flops import measured_matmul_flops  # noqa: E402
+from training.state import abstract_model, init_train_state, state_shardings  # noqa: E402
+from training.step import make_eval_step, make_train_step  # noqa: E402
+from training.validation import validate  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "loom config.")
+_ROUND = flags.DEFINE_integer("round_steps", 50, "Steps per timed round of each side.")
+_EVAL_AT = flags.DEFINE_list("eval_at", ["250", "500", "1000", "2000"], "Iterations with a validation loss.")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/loom_bench_shakespeare", "Data cache and char vocabulary.")
+
+
+def main(argv):
+  del argv
+  config = validate(_CONFIG.value, jax.device_count())
+  num_steps = config.train.num_steps
+  datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,
+                                 seed=config.seed, workdir=_WORKDIR.value)
+  config = validate(config, jax.device_count(), tokenizer_vocab_size=datasets.tokenizer.vocab_size)
+  m = config.model
+
+  # loom.
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, abstract_params = abstract_model(m)
+  tx, schedule = build_optimizer(config.optimizer, num_steps, abstract_params)
+  shardings = state_shardings(abstract_params, tx, mesh)
+  state = init_train_state(m, tx, config.seed, shardings)
+  train_step = make_train_step(graphdef, tx, schedule, mesh, shardings)
+  eval_step = make_eval_step(graphdef, mesh, shardings.params)
+
+  # The peer, with nanoGPT's hyperparameters from the same config.
+  o = config.optimizer
+  peer = TorchPeer(vocab_size=m.vocab_size, n_layer=m.num_layers, n_head=m.num_heads, n_embd=m.embed_dim,
+                   block_size=config.data.seq_len, bias=m.use_bias, learning_rate=o.learning_rate,
+                   min_lr=o.learning_rate * o.min_lr_ratio, warmup_iters=o.warmup_steps,
+                   lr_decay_iters=num_steps, weight_decay=o.weight_decay, beta1=o.b1, beta2=o.b2,
+                   grad_clip=o.grad_clip_norm, seed=config.seed)
+
+  eval_batches = list(datasets.eval_batches(config.train.eval_batches))
+
+  def loom_eval(params):
+    total, weight = 0.0, 0.0
+    for batch in eval_batches:
+      loss_sum, w = eval_step(params, sharding.global_batch_from_local(batch, mesh))
+      total, weight = total + float(loss_sum), weight + float(w)
+    return total / weight
+
+  def torch_eval():
+    # Padding rows of the last batch have weight 0: drop them so both average the same tokens.
+    pairs = []
+    for batch in eval_batches:
+      keep = batch["weights"].sum(axis=1) > 0
+      pairs.append((batch["inputs"][keep], batch["targets"][keep]))
+    return peer.eval_loss(pairs)
+
+  peak = measured_matmul_flops()
+  tokens_per_step = config.train.global_batch_size * config.data.seq_len
+  eval_at = sorted(int(s) for s in _EVAL_AT.value)
+  results = {"loom": {"round_ms": [], "eval": {}, "loss": {}}, "torch": {"round_ms": [], "eval": {}, "loss": {}}}
+  results["loom"]["eval"][0] = loom_eval(state.params)
+  results["torch"]["eval"][0] = torch_eval()
+
+  batches = datasets.train_batches(0, num_steps)
+  compile_start = time.perf_counter()
+  first = next(batches)
+  compiled = train_step.lower(state, sharding.global_batch_from_local(first, mesh)).compile()
+  print(f"loom compile: {time.perf_counter() - compile_start:.1f}s", flush=True)
+  pending = [first]
+  step = 0
+  while step < num_steps:
+    size = min(_ROUND.value, num_steps - step)
+    while len(pending) < size:
+      pending.append(next(batches))
+    round_batches, pending = pending[:size], pending[size:]
+    device_batches = [sharding.global_batch_from_local(b, mesh) for b in round_batches]
+
+    start = time.perf_counter()
+    for batch in device_batches:
+      state, metrics = compiled(state, batch)
+    loom_loss = float(metrics["loss"])  # waits for the round's last step
+    results["loom"]["round_ms"].append(1000 * (time.perf_counter() - start) / size)
+
+    start = time.perf_counter()
+    for batch in round_batches:
+      torch_loss = peer.train_step(batch["inputs"], batch["targets"])
+    results["torch"]["round_ms"].append(1000 * (time.perf_counter() - start) / size)
+
+    step += size
+    results["loom"]["loss"][step], results["torch"]["loss"][step] = loom_loss, torch_loss
+    if step in eval_at:
+      results["loom"]["eval"][step] = loom_eval(state.params)
+      results["torch"]["eval"][step] = torch_eval()
+      print(f"iter {step}: val loss loom {results['loom']['eval'][step]:.4f} "
+            f"torch {results['torch']['eval'][step]:.4f}", flush=True)
+
+  flops = {"loom": model_lib.flops_per_token(m, config.data.seq_len), "torch": peer.flops_per_token()}
+  print()
+  print(f"shakespeare_char: {m.num_layers} layers, {m.embed_dim} wide, block {config.data.seq_len}, "
+        f"batch {config.train.global_batch_size}, {num_steps} iterations, compute {m.dtype}; "
+        f"matmul peak {peak / 1e9:.0f} GFLOP/s (float32, measured)")
+  print("| | ms/step (median of rounds) | tokens/s | MFU | " +
+        " | ".join(f"val loss @{s}" for s in eval_at) + " |")
+  print("|---|---|---|---|" + "---|" * len(eval_at))
+  for name in ("loom", "torch"):
+    ms = float(np.median(results[name]["round_ms"]))
+    tps = tokens_per_step / (ms / 1000)
+    evals = " | ".join(f"{results[name]['eval'].get(s, float('nan')):.4f}" for s in eval_at)
+    print(f"| {name} | {ms:.1f} | {tps:,.0f} | {tps * flops[name] / peak:.0%} | {evals} |")
+  ratios = np.array(results["torch"]["round_ms"]) / np.array(results["loom"]["round_ms"])
+  print(f"\nloom speed / torch speed: median over rounds {np.median(ratios):.2f}x "
+        f"(interquartile {np.percentile(ratios, 25):.2f}x to {np.percentile(ratios, 75):.2f}x)")
+
+
+if __name__ == "__main__":
+  app.run(main)

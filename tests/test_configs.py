@@ -1,0 +1,175 @@
+"""Every shipped config validates and builds (shapes only); every bad config names its field."""
+import importlib
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+import model as model_lib
+from configs import tiny
+from training import optimizer, state as state_lib
+from training.validation import ConfigError, validate
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_NAMES = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py")
+                      if p.name not in ("base.py", "__init__.py"))
+CHAR_VOCAB = 65  # tiny Shakespeare's characters: what a vocab_size=0 config gets here.
+
+# Exact parameter counts (embeddings and positions included).
+KNOWN_PARAMS = {
+    "gpt2_124m": 124_475_904,      # nanoGPT's GPT-2 with vocab 50304 and biases: 123.69M + 0.79M positions
+    "llama3_1b": 1_235_814_400,    # Llama 3.2 1B
+    "llama3_8b": 8_030_261_248,    # Llama 3 8B
+    "shakespeare_char": 804_096,   # 795,904 without positions: nanoGPT's "0.80M"
+}
+
+
+def _load(name):
+  return importlib.import_module(f"configs.{name}").get_config()
+
+
+def _num_devices(config):
+  """8 where an axis is -1; a fully fixed mesh gets exactly its own device count."""
+  sizes = dict(config.mesh)
+  return 8 if -1 in sizes.values() else math.prod(sizes.values())
+
+
+def test_configs_are_discovered():
+  assert {"gpt2_124m", "llama3_1b", "llama3_8b", "shakespeare_char", "tiny", "quickstart"} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_validates_and_builds_abstractly(name):
+  config = _load(name)
+  vocab = config.model.vocab_size or CHAR_VOCAB
+  config = validate(config, num_devices=_num_devices(config), tokenizer_vocab_size=vocab)
+  m = config.model
+  assert m.vocab_size == vocab
+  assert m.head_dim > 0 and m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads == 0
+
+  _, abstract_params = state_lib.abstract_model(m)
+  leaves = jax.tree.leaves(abstract_params)
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+  tree_size = sum(math.prod(leaf.shape) for leaf in leaves)
+  assert tree_size == model_lib.num_params(m)
+  if name in KNOWN_PARAMS:
+    assert tree_size == KNOWN_PARAMS[name]
+
+  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
+  state = jax.eval_shape(lambda: state_lib.new_train_state(m, tx, 0))
+  param_leaves = jax.tree.leaves(state.params)
+  assert sum(math.prod(leaf.shape) for leaf in param_leaves) == tree_size
+  assert all(leaf.dtype == jax.numpy.float32 for leaf in param_leaves)
+  assert state.step.shape == ()
+  if config.optimizer.name == "adamw":  # two moments per parameter
+    opt_size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state.opt_state))
+    assert opt_size >= 2 * tree_size
+
+
+def test_shakespeare_char_matches_nanogpt():
+  m = validate(_load("shakespeare_char"), num_devices=1, tokenizer_vocab_size=CHAR_VOCAB).model
+  without_positions = model_lib.num_params(m) - m.max_seq_len * m.embed_dim
+  assert without_positions == 795_904
+  assert f"{without_positions / 1e6:.2f}M" == "0.80M"
+
+
+def _tiny():
+  """A valid config for 8 devices: every axis in use, 12 rows = 3 per data-parallel shard."""
+  config = tiny.get_config()
+  config.mesh.update(data=2, fsdp=2, tensor=2)
+  config.train.global_batch_size = 12
+  return config
+
+
+def _set_unknown_field(c):
+  c.model.foo = 1
+
+
+def _set_wrong_type(c):
+  with c.ignore_type():
+    c.model.num_layers = "4"
+
+
+def _set_float_for_int(c):
+  with c.ignore_type():
+    c.train.num_steps = 1.5
+
+
+def _set(section, **values):
+  return lambda c: c[section].update(**values)
+
+
+BAD_CONFIGS = {
+    "unknown_field": (_set_unknown_field, 8, None, r"unknown config field 'model\.foo'"),
+    "wrong_type": (_set_wrong_type, 8, None, r"'model\.num_layers'='4' must be a int"),
+    "float_for_int": (_set_float_for_int, 8, None, r"'train\.num_steps'=1\.5 must be an integer"),
+    "bad_choice": (_set("model", norm="batchnorm"), 8, None,
+                   r"'model\.norm'='batchnorm'; allowed: layernorm, rmsnorm"),
+    "mesh_product": (_set("mesh", tensor=1), 8, None, r"2\*2\*1 = 4, but there are 8 devices"),
+    "two_free_axes": (_set("mesh", data=-1, fsdp=-1, tensor=2), 8, None, r"only one axis may be -1"),
+    "batch_vs_data_parallel": (_set("mesh", data=8, fsdp=1, tensor=1), 8, None,
+                               r"global_batch_size=12 .*not divisible by the data-parallel size"),
+    "batch_vs_microbatches": (_set("train", microbatches=5), 8, None,
+                              r"global_batch_size=12 is not divisible by train\.microbatches=5"),
+    "heads_vs_tensor": (_set("mesh", data=1, fsdp=1, tensor=8), 8, None,
+                        r"model\.num_heads=4 is not divisible by mesh\.tensor=8"),
+    "mlp_vs_tensor": (lambda c: (c.mesh.update(data=1, fsdp=1, tensor=8), c.model.update(num_heads=8, mlp_dim=60)), 8,
+                      None, r"model\.mlp_dim=60 is not divisible by mesh\.tensor=8"),
+    "seq_len_vs_max": (_set("data", seq_len=64), 8, None, r"data\.seq_len=64 exceeds model\.max_seq_len=32"),
+    "tokenizer_vocab": (_set("model", vocab_size=256), 8, 300,
+                        r"model\.vocab_size=256 is smaller than the tokenizer's vocabulary \(300\)"),
+    "stop_after_end": (_set("train", stop_at_step=41), 8, None,
+                       r"train\.stop_at_step=41 must be in \[0, train\.num_steps=40\]"),
+    "embed_vs_heads": (_set("model", num_heads=3), 8, None,
+                       r"model\.embed_dim=32 is not divisible by model\.num_heads=3"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_bad_config_is_rejected(case):
+  mutate, num_devices, tokenizer_vocab, pattern = BAD_CONFIGS[case]
+  config = _tiny()
+  # The unmodified config is fine: the error below comes from the one change.
+  validate(config, num_devices, tokenizer_vocab_size=tokenizer_vocab)
+  mutate(config)
+  with pytest.raises(ConfigError, match=pattern):
+    validate(config, num_devices, tokenizer_vocab_size=tokenizer_vocab)
+
+
+def test_validate_does_not_modify_its_argument():
+  config = _tiny()
+  validated = validate(config, 8, tokenizer_vocab_size=256)
+  assert config.model.vocab_size == 0 and config.model.head_dim == 0 and config.model.num_kv_heads == 0
+  assert (validated.model.vocab_size, validated.model.head_dim, validated.model.num_kv_heads) == (256, 8, 4)
+
+
+def _run_train(tmp_path, *overrides):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.run(
+      [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", *overrides],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_train_py_reports_config_errors(tmp_path):
+  bad_heads = _run_train(tmp_path, "--config.model.num_heads=3")
+  assert bad_heads.returncode != 0
+  lines = bad_heads.stderr.strip().splitlines()
+  assert len(lines) == 1, bad_heads.stderr
+  assert lines[0].startswith("config error (configs/tiny.py): model.embed_dim=32 is not divisible by "
+                             "model.num_heads=3")
+  assert "Traceback" not in bad_heads.stderr
+  assert not (tmp_path / "run").exists()  # stopped before anything was written
+
+  # An unknown override is refused by ml_collections while parsing flags, before main() runs.
+  # Its message is its own (an AttributeError naming the field, after a traceback).
+  unknown = _run_train(tmp_path, "--config.model.nonexistent=1")
+  assert unknown.returncode != 0
+  last_line = unknown.stderr.strip().splitlines()[-1]
+  assert "nonexistent" in last_line and "Error" in last_line, unknown.stderr
+  assert "config error" not in unknown.stderr
+  assert not (tmp_path / "run").exists()

@@ -1,0 +1,164 @@
+"""Learning-rate schedules, the weight-decay mask, and that every optimizer learns."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import ConfigDict
+
+import sharding
+from configs import base
+from tests import synthetic
+from training import optimizer, state as state_lib, step as step_lib
+
+
+def optimizer_config(**overrides) -> ConfigDict:
+  config = base.get_config().optimizer
+  config.update(**overrides)
+  return config
+
+
+def lr_at(config, num_steps, steps):
+  schedule = optimizer.learning_rate_schedule(config, num_steps)
+  return [float(schedule(jnp.asarray(s, jnp.int32))) for s in steps]
+
+
+def nanogpt_get_lr(it, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, lr_decay_iters=2000):
+  """nanoGPT's train.py get_lr, verbatim."""
+  if it < warmup_iters:
+    return learning_rate * (it + 1) / (warmup_iters + 1)
+  if it > lr_decay_iters:
+    return min_lr
+  decay_ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+  assert 0 <= decay_ratio <= 1
+  coeff = 0.5 * (1.0 + math.cos(math.pi * decay_ratio))
+  return min_lr + coeff * (learning_rate - min_lr)
+
+
+def test_warmup_cosine_matches_nanogpt():
+  config = optimizer_config(schedule="warmup_cosine", learning_rate=1e-3, min_lr_ratio=0.1, warmup_steps=100)
+  steps = [0, 50, 99, 100, 101, 1000, 1999, 2000, 2500]
+  got = lr_at(config, 2000, steps)
+  np.testing.assert_allclose(got, [nanogpt_get_lr(s) for s in steps], rtol=1e-6)
+  # And by hand: (0+1)/101, (50+1)/101, 100/101 of the peak; the peak; halfway-ish; the floor.
+  np.testing.assert_allclose(got[:4], [1e-3 / 101, 51e-3 / 101, 100e-3 / 101, 1e-3], rtol=1e-6)
+  assert got[5] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 900 / 1900)), rel=1e-6)
+  assert got[5] == pytest.approx(5.871607e-4, rel=1e-6)
+  assert got[7] == pytest.approx(1e-4, rel=1e-6) and got[8] == pytest.approx(1e-4, rel=1e-6)
+
+
+def test_warmup_linear():
+  config = optimizer_config(schedule="warmup_linear", learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10)
+  got = lr_at(config, 110, [0, 9, 10, 35, 60, 110, 200])
+  np.testing.assert_allclose(got, [1 / 11, 10 / 11, 1.0, 0.775, 0.55, 0.1, 0.1], rtol=1e-6)
+
+
+def test_constant():
+  config = optimizer_config(schedule="constant", learning_rate=3e-4, warmup_steps=4)
+  np.testing.assert_allclose(lr_at(config, 100, [0, 3, 4, 50, 100, 1000]),
+                             [3e-4 / 5, 3e-4 * 4 / 5, 3e-4, 3e-4, 3e-4, 3e-4], rtol=1e-6)
+  config.warmup_steps = 0
+  np.testing.assert_allclose(lr_at(config, 100, [0, 99]), [3e-4, 3e-4], rtol=1e-6)
+
+
+def test_wsd():
+  # 100 steps, the last 20% decaying linearly from the peak to 0.1 of it.
+  config = optimizer_config(schedule="wsd", learning_rate=2.0, min_lr_ratio=0.1, warmup_steps=10,
+                            decay_fraction=0.2)
+  got = lr_at(config, 100, [0, 9, 10, 50, 80, 85, 90, 100, 150])
+  np.testing.assert_allclose(got, [2 / 11, 20 / 11, 2.0, 2.0, 2.0, 1.55, 1.1, 0.2, 0.2], rtol=1e-6)
+
+
+def test_rsqrt():
+  config = optimizer_config(schedule="rsqrt", learning_rate=1.0, warmup_steps=100)
+  got = lr_at(config, 100_000, [0, 99, 100, 400, 10_000])
+  np.testing.assert_allclose(got, [1 / 101, 100 / 101, 1.0, 0.5, 0.1], rtol=1e-6)
+  config.warmup_steps = 0  # no warmup: 1/sqrt(step) from step 1 on
+  np.testing.assert_allclose(lr_at(config, 100, [0, 1, 4, 16]), [1.0, 1.0, 0.5, 0.25], rtol=1e-6)
+
+
+def _biased_params():
+  config = synthetic.tiny_config()
+  config.model.update(use_bias=True, tie_embeddings=False, position="learned")
+  config = synthetic.validated(config, 1)
+  _, abstract_params = state_lib.abstract_model(config.model)
+  return config, abstract_params
+
+
+def _mask_by_name(mask):
+  return {jax.tree_util.keystr(path).replace(".value", ""): bool(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]}
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_mask(decay_embeddings):
+  _, params = _biased_params()
+  mask = _mask_by_name(optimizer.weight_decay_mask(params, decay_embeddings))
+  decayed = {name for name, decays in mask.items() if decays}
+  matrices = {f"['blocks']['attn']['{w}']" for w in ("wq", "wk", "wv", "wo")} | {
+      "['blocks']['mlp']['w_up']", "['blocks']['mlp']['w_down']", "['head']"}
+  embeddings = {"['embed']", "['pos_embed']"}
+  assert decayed == (matrices | embeddings if decay_embeddings else matrices)
+  assert len(mask) == 21  # 7 matrices, 2 embeddings, 4 attention + 2 MLP biases, 3 norms * (scale, bias)
+
+
+def test_adamw_decays_only_the_masked_weights():
+  """With zero gradients AdamW's update is -lr * wd * param on decayed weights and 0 elsewhere."""
+  config, abstract_params = _biased_params()
+  opt = optimizer_config(name="adamw", schedule="constant", warmup_steps=0, learning_rate=0.5,
+                         weight_decay=0.1, grad_clip_norm=1.0, decay_embeddings=False)
+  tx, _ = optimizer.build_optimizer(opt, 10, abstract_params)
+
+  @jax.jit
+  def zero_grad_update():
+    params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), abstract_params)
+    return tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)[0]
+
+  updates = zero_grad_update()
+  mask = _mask_by_name(optimizer.weight_decay_mask(abstract_params, False))
+  for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    name = jax.tree_util.keystr(path).replace(".value", "")
+    np.testing.assert_allclose(update, -0.05 if mask[name] else 0.0, rtol=1e-6, err_msg=name)
+
+
+OPTIMIZERS = {
+    "adamw": dict(name="adamw", learning_rate=1e-2),
+    "sgd_nesterov": dict(name="sgd", learning_rate=0.5, momentum=0.9, nesterov=True),
+    # Adafactor scales its steps by each parameter's RMS (~0.02 here), so it takes a larger rate.
+    "adafactor": dict(name="adafactor", learning_rate=0.3),
+}
+
+
+@pytest.fixture(scope="module")
+def initial_params():
+  """The tiny model's initial parameters, created once: the same start for every optimizer."""
+  config = synthetic.validated(synthetic.tiny_config(), 1)
+  _, abstract_params = state_lib.abstract_model(config.model)
+  return jax.device_get(jax.jit(lambda: state_lib.new_train_state(config.model, optax.identity(), 0).params)())
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_lowers_the_loss(name, initial_params):
+  config = synthetic.tiny_config()
+  config.optimizer.update(schedule="constant", warmup_steps=0, **OPTIMIZERS[name])
+  config = synthetic.validated(config, 1)
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  graphdef, abstract_params = state_lib.abstract_model(config.model)
+  tx, schedule = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
+  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
+  params = jax.device_put(initial_params, shardings.params)
+  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                               rng=jax.random.key_data(jax.random.key(0)))
+  train_step = step_lib.make_train_step(graphdef, tx, schedule, mesh, shardings)
+  batch = sharding.global_batch_from_local(
+      synthetic.batch(16, config.data.seq_len, config.model.vocab_size, seed=3), mesh)
+  losses = []
+  for _ in range(6):
+    state, metrics = train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert int(state.step) == 6
+  assert losses[0] == pytest.approx(math.log(256), abs=0.05)  # the same init for every optimizer
+  assert all(np.isfinite(losses))
+  assert losses[-1] < losses[0] - 0.05, losses
