@@ -12,7 +12,10 @@ def get_config():
   config = base.get_config()
   config.model.update(num_layers=4, embed_dim=128, num_heads=4, mlp_dim=512, max_seq_len=64,
                       norm="layernorm", position="learned", mlp="gelu", gelu_approximate=False,
-                      tie_embeddings=True, use_bias=False)
+                      tie_embeddings=True, use_bias=False,
+                      # Four layers unrolled: on a CPU, XLA fuses across them and skips the
+                      # loop's stacking copies (about 20% faster; compile time is no concern here).
+                      scan_layers=False)
   config.data.update(paths="../shared/data/tinyshakespeare/input.txt", seq_len=64, tokenizer="char",
                      validation_fraction=0.1)
   config.optimizer.update(name="adamw", learning_rate=1e-3, b1=0.9, b2=0.99, weight_decay=0.1,

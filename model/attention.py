@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from model.layers import matmul, param
+from model.layers import dense, param
 from sharding import constrain
 
 
@@ -21,14 +21,42 @@ def rotary_embedding(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -
 
 
 def attention_mask(segment_ids_BL: jax.Array) -> jax.Array:
-  """[B, 1, 1, L, L] boolean: causal, and only within the same non-padding segment.
+  """[B, L, L] boolean: causal, and only within the same segment.
 
   Packed rows hold several documents; a token must never see another's.
   """
   length = segment_ids_BL.shape[1]
   causal_LL = jnp.tril(jnp.ones((length, length), dtype=bool))
   same_segment_BLL = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
-  return (causal_LL[None] & same_segment_BLL)[:, None, None]
+  return causal_LL[None] & same_segment_BLL
+
+
+def dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL) -> jax.Array:
+  """Masked softmax attention; N query heads share K key/value heads in groups of G.
+
+  Heads move in front of the sequence ([B, K, G*L, H]) so both products are
+  batched GEMMs with leading batch dimensions, the layout XLA runs fastest;
+  scores and softmax are float32.
+  """
+  b, l, n, h = q_BLNH.shape
+  kv = k_BLKH.shape[2]
+  groups = n // kv
+  dtype = q_BLNH.dtype
+  q_BKMH = q_BLNH.reshape(b, l, kv, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * l, h)
+  k_BKSH = k_BLKH.transpose(0, 2, 1, 3)
+  v_BKSH = v_BLKH.transpose(0, 2, 1, 3)
+  scores_BKMS = jnp.einsum("bkmh,bksh->bkms", q_BKMH, k_BKSH,
+                           preferred_element_type=jnp.float32) * (h ** -0.5)
+  mask_B1MS = jnp.tile(attention_mask(segment_ids_BL), (1, groups, 1))[:, None]
+  scores_BKMS = jnp.where(mask_B1MS, scores_BKMS, -1e30)
+  # Softmax written out: one fused exp/sum/divide, cheaper to differentiate than
+  # jax.nn.softmax's generic form on CPU. Every row keeps its diagonal, so no row is empty.
+  scores_BKMS = scores_BKMS - jax.lax.stop_gradient(jnp.max(scores_BKMS, axis=-1, keepdims=True))
+  weights_BKMS = jnp.exp(scores_BKMS)
+  probs_BKMS = (weights_BKMS / jnp.sum(weights_BKMS, axis=-1, keepdims=True)).astype(dtype)
+  out_BKMH = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSH,
+                        preferred_element_type=jnp.float32).astype(dtype)
+  return out_BKMH.reshape(b, kv, groups, l, h).transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
 
 
 class Attention(nnx.Module):
@@ -50,9 +78,9 @@ class Attention(nnx.Module):
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
     cfg = self.cfg
     dtype = x_BLD.dtype
-    q_BLNH = matmul("bld,dnh->blnh", x_BLD, self.wq[...], dtype)
-    k_BLKH = matmul("bld,dkh->blkh", x_BLD, self.wk[...], dtype)
-    v_BLKH = matmul("bld,dkh->blkh", x_BLD, self.wv[...], dtype)
+    q_BLNH = dense(x_BLD, self.wq[...], 1, dtype)
+    k_BLKH = dense(x_BLD, self.wk[...], 1, dtype)
+    v_BLKH = dense(x_BLD, self.wv[...], 1, dtype)
     if cfg.use_bias:
       q_BLNH = q_BLNH + self.bq[...].astype(dtype)
       k_BLKH = k_BLKH + self.bk[...].astype(dtype)
@@ -62,18 +90,8 @@ class Attention(nnx.Module):
       q_BLNH = rotary_embedding(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = rotary_embedding(k_BLKH, positions_BL, cfg.rope_theta)
 
-    b, l, n, h = q_BLNH.shape
-    kv = k_BLKH.shape[2]
-    q_BLKGH = q_BLNH.reshape(b, l, kv, n // kv, h)
-    scores_BKGLS = jnp.einsum("blkgh,bskh->bkgls", q_BLKGH, k_BLKH,
-                              preferred_element_type=jnp.float32) * (h ** -0.5)
-    mask = attention_mask(segment_ids_BL)
-    scores_BKGLS = jnp.where(mask, scores_BKGLS, jnp.finfo(jnp.float32).min)
-    probs_BKGLS = jax.nn.softmax(scores_BKGLS, axis=-1).astype(dtype)
-    out_BLKGH = jnp.einsum("bkgls,bskh->blkgh", probs_BKGLS, v_BLKH,
-                           preferred_element_type=jnp.float32).astype(dtype)
-    out_BLNH = out_BLKGH.reshape(b, l, n, h)
-    y_BLD = matmul("blnh,nhd->bld", out_BLNH, self.wo[...], dtype)
+    out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+    y_BLD = dense(out_BLNH, self.wo[...], 2, dtype)
     if cfg.use_bias:
       y_BLD = y_BLD + self.bo[...].astype(dtype)
     return constrain(y_BLD, ("act_batch", "act_length", "act_embed"))

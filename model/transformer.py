@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.attention import Attention
-from model.layers import Norm, dropout, matmul, param
+from model.layers import Norm, dense, dropout, param
 from sharding import constrain
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -23,6 +23,14 @@ REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+  """GELU; the exact form is written with erf, which XLA's CPU backend runs about
+  2x faster than the erfc that jax.nn.gelu(approximate=False) lowers to (same values to 5e-7)."""
+  if approximate:
+    return jax.nn.gelu(x, approximate=True)
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
 
 
 class Mlp(nnx.Module):
@@ -40,16 +48,16 @@ class Mlp(nnx.Module):
 
   def __call__(self, x_BLD):
     cfg, dtype = self.cfg, x_BLD.dtype
-    h_BLF = matmul("bld,df->blf", x_BLD, self.w_up[...], dtype)
+    h_BLF = dense(x_BLD, self.w_up[...], 1, dtype)
     if cfg.use_bias:
       h_BLF = h_BLF + self.b_up[...].astype(dtype)
     if cfg.mlp == "swiglu":
-      gate_BLF = matmul("bld,df->blf", x_BLD, self.w_gate[...], dtype)
+      gate_BLF = dense(x_BLD, self.w_gate[...], 1, dtype)
       h_BLF = jax.nn.silu(gate_BLF) * h_BLF
     else:
-      h_BLF = jax.nn.gelu(h_BLF, approximate=cfg.gelu_approximate)
+      h_BLF = gelu(h_BLF, cfg.gelu_approximate)
     h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
-    y_BLD = matmul("blf,fd->bld", h_BLF, self.w_down[...], dtype)
+    y_BLD = dense(h_BLF, self.w_down[...], 1, dtype)
     if cfg.use_bias:
       y_BLD = y_BLD + self.b_down[...].astype(dtype)
     return constrain(y_BLD, ("act_batch", "act_length", "act_embed"))
@@ -116,9 +124,9 @@ class Transformer(nnx.Module):
     x_BLD = self._run_blocks(x_BLD, segment_ids_BL, positions_BL, dropout_key)
     x_BLD = self.final_norm(x_BLD)
     if cfg.tie_embeddings:
-      logits_BLV = matmul("bld,vd->blv", x_BLD, self.embed[...], self.dtype)
+      logits_BLV = dense(x_BLD, self.embed[...].T, 1, self.dtype)
     else:
-      logits_BLV = matmul("bld,dv->blv", x_BLD, self.head[...], self.dtype)
+      logits_BLV = dense(x_BLD, self.head[...], 1, self.dtype)
     return constrain(logits_BLV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
   def _run_blocks(self, x_BLD, segment_ids_BL, positions_BL, dropout_key):
