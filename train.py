@@ -18,18 +18,38 @@ from training.validation import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (get_config()).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer; "
+                                "on several hosts, a path every host sees (a shared filesystem).")
+_MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first: on a TPU pod "
+                               "slice or a SLURM/Open MPI cluster it finds the other processes itself.")
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  if _MULTIHOST.value:
+    import jax
+    jax.distributed.initialize()
   try:
     train(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:
     raise SystemExit(f"config error ({flags.FLAGS['config'].config_filename}): {e}") from None
 
 
+def parse_flags(argv):
+  """absl's parsing, with a bad --config override reported in one line instead of a traceback."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise SystemExit(f"{argv[0]}: {e}\nPass --helpfull to see the flags.") from None
+  except (AttributeError, KeyError) as e:
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    raise SystemExit(f"config error: no field {str(e).strip(chr(34))} for the override among {overrides}; "
+                     "configs/base.py lists every field") from None
+  except (TypeError, ValueError) as e:
+    raise SystemExit(f"config error: {e}") from None
+
+
 if __name__ == "__main__":
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

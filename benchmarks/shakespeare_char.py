@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import data  # noqa: E402
@@ -40,6 +40,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/loom_bench_shakespeare", "Data c
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   config = validate(_CONFIG.value, jax.device_count())
   num_steps = config.train.num_steps
   datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,

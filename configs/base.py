@@ -44,6 +44,7 @@ def get_config() -> ConfigDict:
       tokenizer_model_type="bpe",  # bpe | unigram
       validation_fraction=0.1,
       shuffle=True,
+      shift_windows=True,      # epochs after the first read windows at a random offset (with shuffle).
   ))
 
   # Device mesh; one axis may be -1 (all remaining devices).

@@ -80,6 +80,7 @@ def build_datasets(data_config, *, global_batch_size: int, seed: int,
       num_train_tokens=num_train_tokens,
       _train_batches=functools.partial(
           pipeline.train_batches, train_rows, seed=seed,
-          shuffle=data_config.get('shuffle', True), **batch_args),
+          shuffle=data_config.get('shuffle', True),
+          shift_windows=data_config.get('shift_windows', True), **batch_args),
       _eval_batches=functools.partial(
           pipeline.eval_batches, val_rows, **batch_args))

@@ -53,13 +53,62 @@ def check_fills_a_batch(rows: PackedRows, global_batch_size: int) -> None:
         'or data.validation_fraction, or a smaller global batch size.')
 
 
+def _epoch_shift(seed: tf.Tensor, epoch: tf.Tensor, seq_len: int) -> tf.Tensor:
+  """A pseudo-random window shift in [0, seq_len) for each epoch after the first."""
+  scrambled = tf.raw_ops.RandomIndexShuffle(
+      index=epoch, seed=tf.stack([tf.fill(tf.shape(epoch), seed), tf.ones_like(epoch),
+                                  tf.ones_like(epoch)], axis=1),
+      max_index=tf.constant(2**31 - 1, tf.int64), rounds=4)
+  return tf.where(epoch > 0, scrambled % seq_len, tf.zeros_like(epoch))
+
+
+def _shifted_windows(tokens: tf.Tensor, segment_ids: tf.Tensor, row: tf.Tensor,
+                     shift: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """The window that starts `shift` tokens into `row`: row[shift:L] + next_row[:shift+1].
+
+  Rows overlap by one token (row i is stream[i*L : i*L+L+1]), so the window is
+  the stream slice stream[row*L + shift : ... + L + 1]. Segment ids and
+  positions are recomputed from the document boundaries inside the window.
+  """
+  num_rows = tf.shape(tokens, out_type=tf.int64)[0]
+  length = tf.shape(tokens, out_type=tf.int64)[1] - 1  # L
+  shift = tf.where(row < num_rows - 1, shift, tf.zeros_like(shift))  # The last row has no successor.
+  j = tf.range(length + 1, dtype=tf.int64)[None, :]
+  first_part = length - shift[:, None]
+  in_next = j >= first_part
+  src_row = row[:, None] + tf.cast(in_next, tf.int64)
+  src_col = tf.where(in_next, j - first_part, j + shift[:, None])
+  # Column 0 of the next row is column L of this row: read it there, so each
+  # token's predecessor is in the same row and same numbering of segments.
+  alias_row = tf.where(in_next & (src_col == 0), src_row - 1, src_row)
+  alias_col = tf.where(in_next & (src_col == 0), length, src_col)
+  coords = tf.stack([alias_row, alias_col], axis=-1)
+  window_tokens = tf.gather_nd(tokens, coords)
+  raw_segments = tf.gather_nd(segment_ids, coords)
+  previous = tf.gather_nd(segment_ids, tf.stack([alias_row, tf.maximum(alias_col - 1, 0)], axis=-1))
+  starts = (raw_segments != previous) | (j == 0)
+  window_segments = tf.cumsum(tf.cast(starts, tf.int32), axis=1)
+  # Position = index - index where the token's segment starts in the window.
+  batch = tf.shape(row, out_type=tf.int64)[0]
+  flat_segment = tf.reshape(tf.cast(window_segments, tf.int64) + tf.range(batch)[:, None] * (length + 2), [-1])
+  flat_index = tf.reshape(tf.broadcast_to(j, tf.shape(window_segments, out_type=tf.int64)), [-1])
+  segment_start = tf.math.unsorted_segment_min(flat_index, flat_segment, batch * (length + 2))
+  positions = tf.reshape(flat_index - tf.gather(segment_start, flat_segment), tf.shape(window_segments))
+  window_segments = tf.where(raw_segments > 0, window_segments, 0)  # Padding stays segment 0.
+  return window_tokens, window_segments, tf.cast(positions, tf.int32)
+
+
 def train_batches(rows: PackedRows, *, global_batch_size: int, seed: int,
-                  shuffle: bool = True, start_step: int = 0,
+                  shuffle: bool = True, shift_windows: bool = True, start_step: int = 0,
                   stop_step: int | None = None, process_index: int = 0,
                   process_count: int = 1) -> Iterator[Batch]:
   """Yields this process's slice of the global batches start_step..stop_step-1.
 
-  Endless when stop_step is None; epochs roll over inside a batch.
+  Endless when stop_step is None; epochs roll over inside a batch. With
+  `shift_windows`, every epoch after the first reads its windows a random
+  number of tokens later (nanoGPT samples windows at any offset), so repeated
+  epochs show the model new contexts instead of the same rows again; the
+  first epoch reads each training token exactly once.
   """
   check_fills_a_batch(rows, global_batch_size)
   local_batch_size = _local_batch_size(global_batch_size, process_count)
@@ -83,6 +132,9 @@ def train_batches(rows: PackedRows, *, global_batch_size: int, seed: int,
       row = tf.raw_ops.RandomIndexShuffle(
           index=index_in_epoch, seed=row_seed, max_index=num_rows - 1,
           rounds=4)
+      if shift_windows:
+        shift = _epoch_shift(seed, epoch, rows.seq_len)
+        return _features(*_shifted_windows(tokens, segment_ids, row, shift))
     else:
       row = index_in_epoch
     return _features(tf.gather(tokens, row), tf.gather(segment_ids, row),
