@@ -44,7 +44,8 @@ def get_config() -> ConfigDict:
       tokenizer_model_type="bpe",  # bpe | unigram
       validation_fraction=0.1,
       shuffle=True,
-      shift_windows=True,      # epochs after the first read windows at a random offset (with shuffle).
+      windows="shifted",       # aligned | shifted (later epochs at a random offset) | random (nanoGPT's
+                               # i.i.d. windows, no epochs); see data/pipeline.py.
   ))
 
   # Device mesh; one axis may be -1 (all remaining devices).

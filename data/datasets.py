@@ -81,6 +81,6 @@ def build_datasets(data_config, *, global_batch_size: int, seed: int,
       _train_batches=functools.partial(
           pipeline.train_batches, train_rows, seed=seed,
           shuffle=data_config.get('shuffle', True),
-          shift_windows=data_config.get('shift_windows', True), **batch_args),
+          windows=data_config.get('windows', 'shifted'), **batch_args),
       _eval_batches=functools.partial(
           pipeline.eval_batches, val_rows, **batch_args))

@@ -13,6 +13,7 @@ from data.packing import PackedRows
 from data.tf_cpu import tf
 
 Batch = dict[str, np.ndarray]
+WINDOWS = ('aligned', 'shifted', 'random')
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -99,17 +100,22 @@ def _shifted_windows(tokens: tf.Tensor, segment_ids: tf.Tensor, row: tf.Tensor,
 
 
 def train_batches(rows: PackedRows, *, global_batch_size: int, seed: int,
-                  shuffle: bool = True, shift_windows: bool = True, start_step: int = 0,
+                  shuffle: bool = True, windows: str = 'shifted', start_step: int = 0,
                   stop_step: int | None = None, process_index: int = 0,
                   process_count: int = 1) -> Iterator[Batch]:
   """Yields this process's slice of the global batches start_step..stop_step-1.
 
-  Endless when stop_step is None; epochs roll over inside a batch. With
-  `shift_windows`, every epoch after the first reads its windows a random
-  number of tokens later (nanoGPT samples windows at any offset), so repeated
-  epochs show the model new contexts instead of the same rows again; the
-  first epoch reads each training token exactly once.
+  Endless when stop_step is None; epochs roll over inside a batch. `windows`
+  (with shuffle) chooses which stretches of the token stream become examples:
+    'aligned': the packed rows, a new permutation each epoch;
+    'shifted': epoch 0 as aligned (each training token read exactly once),
+      every later epoch a random number of tokens later, so repeated epochs
+      show the model new contexts instead of the same rows again;
+    'random': every example an independent window at any offset, drawn with
+      replacement (nanoGPT's sampling); there are no epochs.
   """
+  if windows not in WINDOWS:
+    raise ValueError(f'data.windows={windows!r}; allowed: {", ".join(WINDOWS)}')
   check_fills_a_batch(rows, global_batch_size)
   local_batch_size = _local_batch_size(global_batch_size, process_count)
   num_rows = tf.constant(rows.num_rows, tf.int64)
@@ -117,7 +123,19 @@ def train_batches(rows: PackedRows, *, global_batch_size: int, seed: int,
   offset = process_index * local_batch_size
   seed = tf.constant(seed, tf.int64)
 
+  def random_windows(step: tf.Tensor) -> dict[str, tf.Tensor]:
+    # The whole global batch is drawn from (seed, step), then sliced, so every
+    # process agrees on it. Start (N-1)*L is the last row, which cannot shift.
+    starts = tf.random.stateless_uniform(
+        [global_batch_size], seed=tf.stack([seed, step]), minval=0,
+        maxval=(num_rows - 1) * rows.seq_len + 1, dtype=tf.int64)
+    starts = starts[offset:offset + local_batch_size]
+    return _features(*_shifted_windows(tokens, segment_ids, starts // rows.seq_len,
+                                       starts % rows.seq_len))
+
   def gather_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
+    if shuffle and windows == 'random':
+      return random_windows(step)
     example = (step * global_batch_size + offset
                + tf.range(local_batch_size, dtype=tf.int64))
     index_in_epoch = example % num_rows
@@ -132,7 +150,7 @@ def train_batches(rows: PackedRows, *, global_batch_size: int, seed: int,
       row = tf.raw_ops.RandomIndexShuffle(
           index=index_in_epoch, seed=row_seed, max_index=num_rows - 1,
           rounds=4)
-      if shift_windows:
+      if windows == 'shifted':
         shift = _epoch_shift(seed, epoch, rows.seq_len)
         return _features(*_shifted_windows(tokens, segment_ids, row, shift))
     else:

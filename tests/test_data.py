@@ -373,34 +373,59 @@ def test_build_datasets_too_few_rows(tmp_path):
                    workdir=str(tmp_path / 'work'))
 
 
-def test_later_epochs_read_shifted_windows_of_the_stream():
-  """Epoch 1 windows are contiguous stream slices at one random offset, with
-  segment ids and positions recomputed from the document boundaries."""
+def _unique_token_stream(seq_len=8):
   rng = np.random.default_rng(3)
   lengths = rng.integers(1, 20, 30)
   start = np.cumsum(np.concatenate([[0], lengths]))[:-1]
   # Unique token values, so a window's first token says where in the stream it starts.
   documents = [np.arange(s, s + n, dtype=np.int32) + 10 for s, n in zip(start, lengths)]
   stream = packing.concatenate_documents(documents, eos_id=None)
-  seq_len = 8
-  rows = packing.pack_rows(stream, seq_len=seq_len)
-  batch_size = 4
+  return stream, packing.pack_rows(stream, seq_len=seq_len)
+
+
+def _assert_is_stream_window(batch, b, stream, seq_len):
+  """Row b of `batch` is a contiguous stream slice with segments and positions of its documents."""
+  window = np.concatenate([batch['inputs'][b], batch['targets'][b][-1:]])
+  begin = int(window[0]) - 10
+  np.testing.assert_array_equal(window, stream.tokens[begin:begin + seq_len + 1])
+  docs = stream.document_ids[begin:begin + seq_len]
+  expected_segments = np.cumsum(np.concatenate([[1], docs[1:] != docs[:-1]]))
+  np.testing.assert_array_equal(batch['segment_ids'][b], expected_segments)
+  expected_positions = [i - np.argmax(docs == docs[i]) for i in range(seq_len)]
+  np.testing.assert_array_equal(batch['positions'][b], expected_positions)
+  next_docs = stream.document_ids[begin + 1:begin + seq_len + 1]
+  np.testing.assert_array_equal(batch['weights'][b], (docs == next_docs).astype(np.float32))
+  return begin
+
+
+def test_later_epochs_read_shifted_windows_of_the_stream():
+  """Epoch 1 windows are contiguous stream slices at one random offset, with
+  segment ids and positions recomputed from the document boundaries."""
+  seq_len, batch_size = 8, 4
+  stream, rows = _unique_token_stream(seq_len)
   steps_per_epoch = rows.num_rows // batch_size
   shifts = set()
   for step in range(steps_per_epoch + 1, 2 * steps_per_epoch - 1):
     batch = next(pipeline.train_batches(rows, global_batch_size=batch_size, seed=5, start_step=step,
                                         stop_step=step + 1))
     for b in range(batch_size):
-      window = np.concatenate([batch['inputs'][b], batch['targets'][b][-1:]])
-      begin = int(window[0]) - 10
-      np.testing.assert_array_equal(window, stream.tokens[begin:begin + seq_len + 1])
-      shifts.add(begin % seq_len)
-      docs = stream.document_ids[begin:begin + seq_len]
-      expected_segments = np.cumsum(np.concatenate([[1], docs[1:] != docs[:-1]]))
-      np.testing.assert_array_equal(batch['segment_ids'][b], expected_segments)
-      expected_positions = [i - np.argmax(docs == docs[i]) for i in range(seq_len)]
-      np.testing.assert_array_equal(batch['positions'][b], expected_positions)
-      next_docs = stream.document_ids[begin + 1:begin + seq_len + 1]
-      np.testing.assert_array_equal(batch['weights'][b], (docs == next_docs).astype(np.float32))
+      shifts.add(_assert_is_stream_window(batch, b, stream, seq_len) % seq_len)
   # One shift for the whole epoch (the last row cannot shift), and not the first epoch's 0.
   assert len(shifts - {0}) == 1
+
+
+def test_random_windows_are_stream_slices_at_any_offset():
+  seq_len, batch_size = 8, 4
+  stream, rows = _unique_token_stream(seq_len)
+  batches = _batches(rows, global_batch_size=batch_size, seed=7, windows='random', stop_step=30)
+  begins = [_assert_is_stream_window(batch, b, stream, seq_len)
+            for batch in batches for b in range(batch_size)]
+  assert len({begin % seq_len for begin in begins}) == seq_len  # every offset occurs
+  again = _batches(rows, global_batch_size=batch_size, seed=7, windows='random', start_step=20,
+                   stop_step=30)
+  for a, b in zip(batches[20:], again):
+    np.testing.assert_array_equal(a['inputs'], b['inputs'])
+  halves = [_batches(rows, global_batch_size=batch_size, seed=7, windows='random', stop_step=30,
+                     process_index=p, process_count=2) for p in range(2)]
+  for full, first, second in zip(batches, *halves):
+    np.testing.assert_array_equal(full['inputs'], np.concatenate([first['inputs'], second['inputs']]))

@@ -10,6 +10,7 @@ import sharding
 from tests import synthetic
 from training import optimizer, state as state_lib, step as step_lib
 from training.run import train
+from training.validation import ConfigError
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
@@ -88,6 +89,7 @@ def test_tiny_model_learns_the_corpus(tmp_path):
   assert {"loss", "perplexity", "learning_rate", "grad_norm", "param_norm", "step_time_ms",
           "tokens_per_second", "mfu"} <= set(records[-2])
   assert result.samples and all(isinstance(s, str) for s in result.samples)
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "run" / "tensorboard"))
 
 
 def test_resume_is_bit_identical(tmp_path):
@@ -103,3 +105,14 @@ def test_resume_is_bit_identical(tmp_path):
     np.testing.assert_array_equal(a, b)
   records = [json.loads(line) for line in open(os.path.join(interrupted, "metrics.jsonl"))]
   assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
+
+
+def test_workdir_of_a_different_model_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  train(corpus_config(tmp_path, num_steps=4, eval_every=0, checkpoint_every=4, log_every=2,
+                      num_samples=0), workdir)
+  changed = corpus_config(tmp_path, num_steps=8, eval_every=0, checkpoint_every=4, log_every=2,
+                          num_samples=0)
+  changed.model.num_layers = 3
+  with pytest.raises(ConfigError, match=r"different run \(model.num_layers: 2 in the checkpoint, 3 now\)"):
+    train(changed, workdir)

@@ -33,6 +33,10 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)
 
+  def record(self, step: int) -> dict[str, Any]:
+    """The JSON record saved with `step`, read without touching the arrays."""
+    return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record
+
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """Restores into the shardings that `abstract_state`'s ShapeDtypeStructs carry."""
     restored = self._manager.restore(step, args=ocp.args.Composite(

@@ -48,6 +48,10 @@ class LoggingHook(Hook):
     self.peak_flops = peak_flops
     self.last_logged: dict[str, float] = {}
 
+  def restart_timer(self, step: int) -> None:
+    """Step times count from here (after compiling), not from construction."""
+    self.timer = StepTimer(step)
+
   def run(self, step, state, metrics):
     # Reading the metrics waits for the step to finish, so the timer is read after it.
     values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}

@@ -22,12 +22,12 @@ from model.sampling import sample
 from model.transformer import COMPUTE_DTYPES
 from training import hooks as hooks_lib
 from training.checkpointing import Checkpointer
-from training.metric_writers import MetricWriter, StepTimer
+from training.metric_writers import MetricWriter
 from training.optimizer import build_optimizer
 from training.peak_flops import peak_flops
 from training.state import abstract_model, abstract_train_state, init_train_state, state_shardings
 from training.step import make_eval_step, make_train_step
-from training.validation import validate
+from training.validation import ConfigError, validate
 
 
 @dataclasses.dataclass
@@ -73,8 +73,8 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   if resumed_from is None:
     state = init_train_state(config.model, tx, config.seed, shardings)
   else:
-    abstract_state = abstract_train_state(config.model, tx, shardings)
-    state, record = checkpointer.restore(resumed_from, abstract_state)
+    _check_resumable(checkpointer.record(resumed_from), config, workdir)
+    state, record = checkpointer.restore(resumed_from, abstract_train_state(config.model, tx, shardings))
     logging.info("resumed from step %d (data position %s)", resumed_from, record.get("data"))
   start_step = int(jax.device_get(state.step))
 
@@ -112,15 +112,17 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   batches = (sharding.global_batch_from_local(local, mesh)
              for local in datasets.train_batches(start_step, stop_step))
   first_batch = next(batches, None)
-  compile_start = time.perf_counter()
-  compiled_step = train_step.lower(state, first_batch).compile() if first_batch is not None else None
-  writer.text(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
-  logging_hook.timer = StepTimer(start_step)
-  for batch in itertools.chain([first_batch], batches) if first_batch is not None else ():
-    state, metrics = compiled_step(state, batch)
-    step += 1
-    hooks_lib.run_hooks(hooks, step, state, metrics)
-  if step > start_step:
+  if first_batch is None:
+    writer.text(f"already at step {start_step}: nothing to train")
+  else:
+    compile_start = time.perf_counter()
+    compiled_step = train_step.lower(state, first_batch).compile()
+    writer.text(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
+    logging_hook.restart_timer(start_step)
+    for batch in itertools.chain([first_batch], batches):
+      state, metrics = compiled_step(state, batch)
+      step += 1
+      hooks_lib.run_hooks(hooks, step, state, metrics)
     hooks_lib.run_hooks(hooks, step, state, metrics, final=True)
   checkpointer.close()
 
@@ -132,6 +134,20 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   return RunResult(config=config, state=state, graphdef=graphdef, tokenizer=datasets.tokenizer,
                    last_metrics=logging_hook.last_logged, eval_history=eval_hook.history,
                    samples=samples, resumed_from=resumed_from)
+
+
+def _check_resumable(record: dict[str, Any], config: ConfigDict, workdir: str) -> None:
+  """A workdir's checkpoint must be of the same model and data order as the config."""
+  saved = record.get("config", {})
+  current = json.loads(config.to_json())
+  changed = [f"{section}.{key}: {saved[section][key]!r} in the checkpoint, {value!r} now"
+             for section in ("model",) for key, value in current[section].items()
+             if key in saved.get(section, {}) and saved[section][key] != value]
+  if saved.get("seed", config.seed) != config.seed:
+    changed.append(f"seed: {saved['seed']} in the checkpoint, {config.seed} now (the data order)")
+  if changed:
+    raise ConfigError(f"{workdir} holds a checkpoint of a different run ({'; '.join(changed)}); "
+                      "use a new --workdir, or the checkpoint's settings to resume it")
 
 
 def _samples(config, graphdef, state, tokenizer) -> list[str]:

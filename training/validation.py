@@ -17,6 +17,7 @@ CHOICES = {
     "model.remat": ("none", "full", "dots"),
     "data.tokenizer": ("sentencepiece", "byte", "char"),
     "data.tokenizer_model_type": ("bpe", "unigram"),
+    "data.windows": ("aligned", "shifted", "random"),
     "optimizer.name": ("adamw", "sgd", "adafactor"),
     "optimizer.schedule": ("warmup_cosine", "warmup_linear", "constant", "wsd", "rsqrt"),
 }
