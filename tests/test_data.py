@@ -15,7 +15,9 @@ from data.tokenizers import CharTokenizer
 from data.tokenizers import SentencePieceTokenizer
 from data.tokenizers import train_sentencepiece
 
-SHAKESPEARE = '/work/shared/data/tinyshakespeare/input.txt'
+# ../shared beside the checkout, as on developer machines and in CI.
+SHAKESPEARE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                           'shared', 'data', 'tinyshakespeare', 'input.txt')
 
 
 def make_config(**overrides) -> ml_collections.ConfigDict:
