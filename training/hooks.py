@@ -9,7 +9,6 @@ from typing import Any, Callable, Iterable
 
 import jax
 
-
 from training.checkpointing import Checkpointer
 from training.metric_writers import MetricWriter, StepTimer
 from training.state import TrainState
