@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx  # To read the logical names on Variable leaves.
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MeshAxes = str | tuple[str, ...] | None
@@ -90,8 +91,6 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
   model/ attaches to every parameter) and replicated when it has none (step
   counters, RNG keys, scalars of the optimizer state).
   """
-  from flax import nnx  # Only to recognise Variable leaves; sharding/ stays free of loom imports.
-
   def leaf_sharding(leaf):
     if isinstance(leaf, nnx.Variable):
       names = leaf.get_metadata().get("out_sharding")

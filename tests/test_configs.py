@@ -172,3 +172,12 @@ def test_train_py_reports_config_errors(tmp_path):
   assert lines[-1].startswith("config error: no field 'nonexistent'"), unknown.stderr
   assert "Traceback" not in unknown.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_input_is_a_config_error(tmp_path):
+  from training.run import train
+  config = tiny.get_config()
+  config.mesh.update(data=-1)
+  config.data.paths = str(tmp_path / "missing" / "*.txt")
+  with pytest.raises(ConfigError, match=r"^data.paths: pattern .*missing.* matches no files"):
+    train(config, str(tmp_path / "run"))

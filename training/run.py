@@ -52,9 +52,12 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
 
   # --- Input.
-  datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,
-                                 seed=config.seed, workdir=workdir,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
+  try:
+    datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,
+                                   seed=config.seed, workdir=workdir,
+                                   process_index=jax.process_index(), process_count=jax.process_count())
+  except ValueError as e:  # data/ names the data.* field at fault; report it like any config error.
+    raise ConfigError(str(e)) from e
   config = validate(config, jax.device_count(), tokenizer_vocab_size=datasets.tokenizer.vocab_size)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
