@@ -13,6 +13,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from training.cli import config_error, parse_flags  # noqa: E402
 from training.run import train  # noqa: E402
 from training.validation import ConfigError  # noqa: E402
 
@@ -33,21 +34,7 @@ def main(argv):
   try:
     train(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:
-    raise SystemExit(f"config error ({flags.FLAGS['config'].config_filename}): {e}") from None
-
-
-def parse_flags(argv):
-  """absl's parsing, with a bad --config override reported in one line instead of a traceback."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    raise SystemExit(f"{argv[0]}: {e}\nPass --helpfull to see the flags.") from None
-  except (AttributeError, KeyError) as e:
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    raise SystemExit(f"config error: no field {str(e).strip(chr(34))} for the override among {overrides}; "
-                     "configs/base.py lists every field") from None
-  except (TypeError, ValueError) as e:
-    raise SystemExit(f"config error: {e}") from None
+    raise config_error(e) from None
 
 
 if __name__ == "__main__":

@@ -5,6 +5,27 @@ override fails loudly before anything runs.
 """
 from ml_collections import ConfigDict
 
+# Every field of a data source (config.data.sources.NAME), with its default.
+SOURCE_DEFAULTS = dict(
+    kind="text",        # text | jsonl | parquet | tfds | chat | stdlib | prepared
+    paths="",           # comma-separated globs (text, jsonl, parquet, chat); a directory (prepared)
+    max_files=0,        # keep the first N matched files after sorting (0: all)
+    field="text",       # the jsonl / parquet column / tfds feature holding the text
+    name="",            # tfds dataset, e.g. "lm1b", "c4/en:3.0.1"
+    split="train",      # tfds split, e.g. "train[:1%]"
+    data_dir="",        # tfds data_dir ("": tfds's default)
+    max_documents=0,    # stop reading after N documents (0: all)
+    weight=1.0,         # share of the training examples (weights are normalised)
+)
+
+
+def source(**fields) -> ConfigDict:
+  """A data source with every field present, so `--config.data.sources.NAME.FIELD=...` works."""
+  unknown = set(fields) - set(SOURCE_DEFAULTS)
+  if unknown:
+    raise ValueError(f"unknown data source field(s) {sorted(unknown)}; fields: {', '.join(SOURCE_DEFAULTS)}")
+  return ConfigDict({**SOURCE_DEFAULTS, **fields})
+
 
 def get_config() -> ConfigDict:
   config = ConfigDict()
@@ -35,17 +56,21 @@ def get_config() -> ConfigDict:
   ))
 
   config.data = ConfigDict(dict(
-      paths="",                # comma-separated globs of text files; "": Python's standard library source.
-      max_files=0,             # 0: every matched file.
+      # Named sources mixed by weight; see source() below. Python's standard library by default.
+      sources=ConfigDict({"main": source(kind="stdlib")}),
       seq_len=128,
       tokenizer="sentencepiece",  # sentencepiece | byte | char
-      tokenizer_path="",       # a sentencepiece .model; "": train one on the corpus (cached in the workdir).
+      tokenizer_path="",       # a sentencepiece .model; "": a prepared source's, or train one on the
+                               # sources (cached in the workdir).
       tokenizer_vocab_size=4096,
       tokenizer_model_type="bpe",  # bpe | unigram
-      validation_fraction=0.1,
+      validation_fraction=0.1, # the last share of each source's tokens (of each chunk when prepared).
       shuffle=True,
       windows="shifted",       # aligned | shifted (later epochs at a random offset) | random (nanoGPT's
                                # i.i.d. windows, no epochs); see data/pipeline.py.
+      bad_data="skip",         # skip (and count in the metrics) | stop: what a bad record does.
+      chat_template="chatml",  # how chat sources render messages into tokens.
+      chat_loss_on="assistant",  # assistant | all: which chat tokens are loss targets.
   ))
 
   # Device mesh; one axis may be -1 (all remaining devices).

@@ -1,7 +1,7 @@
 """GPT-2 small (124M) at 1024 tokens, for an 8-chip slice (v5e-8 or 8 GPUs), pure data parallel.
 
 Give a corpus and a 50k sentencepiece model (or let one train) with
---config.data.paths=... --config.data.tokenizer_path=...
+--config.data.sources.main.paths=... --config.data.tokenizer_path=...
 """
 from configs import base
 
@@ -12,6 +12,9 @@ def get_config():
                       max_seq_len=1024, norm="layernorm", position="learned", mlp="gelu",
                       gelu_approximate=True, tie_embeddings=True, use_bias=True, dtype="bfloat16",
                       remat="none")
+  # Read C4 through TFDS; for a real run prepare it once (tools/prepare_data.py) and point a
+  # kind="prepared" source at the output, so the hosts read integers.
+  config.data.sources = {"main": base.source(kind="tfds", name="c4/en", split="train", field="text")}
   config.data.update(seq_len=1024, tokenizer="sentencepiece", tokenizer_vocab_size=50304)
   config.optimizer.update(learning_rate=6e-4, b2=0.95, weight_decay=0.1, warmup_steps=2000,
                           min_lr_ratio=0.1)

@@ -8,6 +8,9 @@ def get_config():
                       head_dim=64, mlp_dim=8192, max_seq_len=4096, norm="rmsnorm", norm_eps=1e-5,
                       position="rope", rope_theta=500000.0, mlp="swiglu", tie_embeddings=True,
                       use_bias=False, dtype="bfloat16", remat="dots")
+  # Read C4 through TFDS; for a real run prepare it once (tools/prepare_data.py) and point a
+  # kind="prepared" source at the output, so the hosts read integers.
+  config.data.sources = {"main": base.source(kind="tfds", name="c4/en", split="train", field="text")}
   config.data.update(seq_len=4096, tokenizer="sentencepiece", tokenizer_vocab_size=128256)
   config.optimizer.update(learning_rate=3e-4, b2=0.95, weight_decay=0.1, warmup_steps=2000,
                           min_lr_ratio=0.1)

@@ -11,7 +11,8 @@ def get_config():
   # with bf16 instructions, and scanning pays off in compile time for deep models).
   config.model.update(num_layers=4, embed_dim=128, num_heads=4, mlp_dim=512, max_seq_len=128,
                       dtype="float32", scan_layers=False)
-  config.data.update(paths="", max_files=300, seq_len=128, tokenizer="sentencepiece",
+  config.data.sources = {"main": base.source(kind="stdlib", max_files=300)}
+  config.data.update(seq_len=128, tokenizer="sentencepiece",
                      tokenizer_vocab_size=2048)
   config.optimizer.update(learning_rate=2e-3, warmup_steps=50, b2=0.99)
   config.train.update(num_steps=600, global_batch_size=16, log_every=25, eval_every=200,

@@ -16,7 +16,8 @@ def get_config():
                       # Four layers unrolled: on a CPU, XLA fuses across them and skips the
                       # loop's stacking copies (about 20% faster; compile time is no concern here).
                       scan_layers=False)
-  config.data.update(paths="../shared/data/tinyshakespeare/input.txt", seq_len=64, tokenizer="char",
+  config.data.sources = {"shakespeare": base.source(paths="../shared/data/tinyshakespeare/input.txt")}
+  config.data.update(seq_len=64, tokenizer="char",
                      validation_fraction=0.1)
   config.optimizer.update(name="adamw", learning_rate=1e-3, b1=0.9, b2=0.99, weight_decay=0.1,
                           decay_embeddings=True, grad_clip_norm=1.0, schedule="warmup_cosine",

@@ -1,4 +1,4 @@
-"""loom data: text files -> tokenizer -> packed rows -> per-process batches.
+"""loom data: sources -> tokenizer -> packed rows (in memory or prepared on disk) -> batches.
 
 Independent of model/, training/ and sharding/.
 """

@@ -1,86 +1,207 @@
-"""build_datasets: config -> tokenizer, packed rows and batch iterators."""
+"""build_datasets: data config -> tokenizer, each source's packed rows, batch iterators."""
 import dataclasses
-import functools
+import itertools
+import os
+import shutil
 import time
-from typing import Callable, Iterator
+from typing import Iterator
 
 from absl import logging
+import ml_collections
 
-from data import corpus
 from data import packing
 from data import pipeline
 from data import row_cache
+from data import source_rows
+from data import sources as sources_lib
+from data.bad_data import BadData
+from data.prepared import PreparedRows
+from data.prepared import write_prepared
 from data.tokenizers import build_tokenizer
 from data.tokenizers import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceData:
+  """One named source of the mixture: its rows and weight."""
+  name: str
+  weight: float
+  train: pipeline.RowStore
+  validation: pipeline.RowStore
+  num_train_tokens: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Datasets:
   """Everything the trainer needs from the data side."""
   tokenizer: Tokenizer
-  train_rows: packing.PackedRows
-  val_rows: packing.PackedRows
-  num_train_tokens: int
-  _train_batches: Callable[..., Iterator[pipeline.Batch]]
-  _eval_batches: Callable[..., Iterator[pipeline.Batch]]
+  sources: tuple[SourceData, ...]
+  bad_data_counts: dict[str, int]
+  global_batch_size: int
+  seed: int
+  shuffle: bool
+  windows: str
+  process_index: int = 0
+  process_count: int = 1
 
-  def train_batches(self, start_step: int = 0,
-                    stop_step: int | None = None) -> Iterator[pipeline.Batch]:
-    return self._train_batches(start_step=start_step, stop_step=stop_step)
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(source.name for source in self.sources)
 
-  def eval_batches(self, max_batches: int | None = None
-                   ) -> Iterator[pipeline.Batch]:
-    """A fresh pass over the validation rows each call."""
-    return self._eval_batches(max_batches=max_batches)
+  @property
+  def weights(self) -> tuple[float, ...]:
+    return tuple(source.weight for source in self.sources)
+
+  def train_batches(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[pipeline.Batch]:
+    """This process's slices of the global batches start_step..stop_step-1 (endless if None)."""
+    return pipeline.train_batches(
+        [source.train for source in self.sources], weights=self.weights,
+        global_batch_size=self.global_batch_size, seed=self.seed, shuffle=self.shuffle,
+        windows=self.windows, start_step=start_step, stop_step=stop_step,
+        process_index=self.process_index, process_count=self.process_count)
+
+  def eval_batches(self, name: str, max_batches: int | None = None) -> Iterator[pipeline.Batch]:
+    """A fresh pass over source `name`'s validation rows each call."""
+    source = self.sources[self.names.index(name)]
+    return pipeline.eval_batches(source.validation, global_batch_size=self.global_batch_size,
+                                 max_batches=max_batches, process_index=self.process_index,
+                                 process_count=self.process_count)
 
 
-def build_datasets(data_config, *, global_batch_size: int, seed: int,
-                   workdir: str, process_index: int = 0,
-                   process_count: int = 1) -> Datasets:
-  """Resolves, tokenizes and packs the corpus (or loads it from the cache)."""
-  paths = corpus.resolve_paths(data_config.get('paths', ''),
-                               data_config.get('max_files', 0))
-  tokenizer = build_tokenizer(data_config, paths, workdir)
-  seq_len = data_config.seq_len
-  validation_fraction = data_config.validation_fraction
-  key = row_cache.fingerprint(paths, tokenizer_identity=tokenizer.identity(),
-                              seq_len=seq_len,
-                              validation_fraction=validation_fraction)
+def build_datasets(data_config, *, global_batch_size: int, seed: int, workdir: str,
+                   process_index: int = 0, process_count: int = 1) -> Datasets:
+  """Reads, tokenizes and packs every source (or loads it from the cache / a prepared dataset)."""
+  named_sources = list(data_config.sources.items())
+  for name, source in named_sources:
+    sources_lib.check_source(name, source)
+  bad_data = BadData(data_config.bad_data)
+  tokenizer = _tokenizer(data_config, named_sources, workdir)
+
+  built = []
+  for name, source in named_sources:
+    start = time.perf_counter()
+    if source.kind == 'prepared':
+      train, validation, info = _open_prepared(name, source, tokenizer)
+    else:
+      train, validation, info = _rows_on_the_fly(name, source, tokenizer, data_config, workdir)
+    bad_data.merge(info.get('bad_data', {}))
+    logging.info('data.sources.%s: %d train rows (%d tokens), %d validation rows of seq_len %d in %.2fs',
+                 name, train.num_rows, info['num_train_tokens'], validation.num_rows,
+                 train.seq_len, time.perf_counter() - start)
+    built.append(SourceData(name=name, weight=float(source.weight), train=train,
+                            validation=validation, num_train_tokens=info['num_train_tokens']))
+  if bad_data.counts:
+    logging.warning('bad data skipped: %s', bad_data.summary())
+  # Fail now, not at the first training step, if a batch cannot be filled.
+  if len(built) == 1:
+    pipeline.check_fills_a_batch(built[0].train, global_batch_size, built[0].name)
+  for source in built:
+    if source.weight > 0:
+      pipeline.check_fills_a_batch(source.train, 1, source.name)
+  return Datasets(tokenizer=tokenizer, sources=tuple(built), bad_data_counts=dict(bad_data.counts),
+                  global_batch_size=global_batch_size, seed=seed,
+                  shuffle=data_config.shuffle, windows=data_config.windows,
+                  process_index=process_index, process_count=process_count)
+
+
+def _tokenizer(data_config, named_sources, workdir: str) -> Tokenizer:
+  """The configured tokenizer; a prepared dataset's own one when none is named."""
+  prepared = [(name, source) for name, source in named_sources if source.kind == 'prepared']
+  if prepared and data_config.tokenizer == 'sentencepiece' and not data_config.tokenizer_path:
+    name, source = prepared[0]
+    data_config = ml_collections.ConfigDict(data_config.to_dict())
+    data_config.tokenizer_path = os.path.join(source.paths, 'tokenizer.model')
+    logging.info('using the tokenizer of data.sources.%s: %s', name, data_config.tokenizer_path)
+
+  def corpus_texts() -> Iterator[str]:
+    quiet = BadData('skip', max_logged=0)  # The real pass reports bad records.
+    return itertools.chain.from_iterable(
+        source_rows.document_texts(name, source, quiet)
+        for name, source in named_sources if source.kind != 'prepared')
+  return build_tokenizer(data_config, corpus_texts, workdir)
+
+
+def _open_prepared(name: str, source, tokenizer: Tokenizer):
+  train = PreparedRows(source.paths, 'train')
+  validation = PreparedRows(source.paths, 'validation')
+  meta = train.metadata.get('metadata', {})
+  if meta.get('tokenizer') != tokenizer.identity():
+    raise ValueError(
+        f'data.sources.{name}: {source.paths} was prepared with another tokenizer '
+        f'({meta.get("tokenizer")}) than this run\'s ({tokenizer.identity()}); set '
+        f'data.tokenizer_path={os.path.join(source.paths, "tokenizer.model")} or prepare it again.')
+  return train, validation, {'num_train_tokens': train.num_tokens,
+                             'bad_data': meta.get('bad_data', {})}
+
+
+def _rows_on_the_fly(name: str, source, tokenizer: Tokenizer, data_config, workdir: str):
+  key = row_cache.cache_key(source=sources_lib.source_identity(name, source),
+                            tokenizer=tokenizer.identity(), seq_len=data_config.seq_len,
+                            validation_fraction=data_config.validation_fraction,
+                            chat_template=data_config.chat_template,
+                            chat_loss_on=data_config.chat_loss_on)
   path = row_cache.cache_path(workdir, key)
-
-  start = time.perf_counter()
   cached = row_cache.load(path)
   if cached is not None:
-    train_rows, val_rows, num_train_tokens = cached
-    logging.info('Loaded packed data from %s in %.2fs', path,
-                 time.perf_counter() - start)
-  else:
-    documents = corpus.read_documents(paths, tokenizer)
-    stream = packing.concatenate_documents(documents, tokenizer.eos_id)
-    train_stream, val_stream = packing.split_by_position(
-        stream, validation_fraction)
-    train_rows = packing.pack_rows(train_stream, seq_len)
-    val_rows = packing.pack_rows(val_stream, seq_len)
-    num_train_tokens = len(train_stream.tokens)
-    row_cache.save(path, train_rows, val_rows, num_train_tokens)
-    logging.info('Tokenized %d files (%d tokens) and packed them in %.2fs; '
-                 'cached to %s', len(paths), len(stream.tokens),
-                 time.perf_counter() - start, path)
-  logging.info('Data: %d files, vocab %d, %d train tokens -> %d train rows, '
-               '%d val rows of seq_len %d', len(paths), tokenizer.vocab_size,
-               num_train_tokens, train_rows.num_rows, val_rows.num_rows,
-               seq_len)
+    logging.info('data.sources.%s: packed rows from the cache %s', name, path)
+    return cached
+  bad_data = BadData(data_config.bad_data)
+  chunks = list(source_rows.packed_chunks(name, source, tokenizer, data_config, bad_data))
+  if not chunks:
+    raise ValueError(f'data.sources.{name}: no usable documents '
+                     f'({bad_data.summary()}).')
+  train = packing.concatenate_rows([train for train, _, _ in chunks])
+  validation = packing.concatenate_rows([val for _, val, _ in chunks])
+  info = {'num_train_tokens': sum(tokens for _, _, tokens in chunks), 'bad_data': dict(bad_data.counts)}
+  row_cache.save(path, train, validation, info)
+  return train, validation, info
 
-  batch_args = dict(global_batch_size=global_batch_size,
-                    process_index=process_index, process_count=process_count)
-  # Fail now, not at the first training step, if a batch cannot be filled.
-  pipeline.check_fills_a_batch(train_rows, global_batch_size)
-  return Datasets(
-      tokenizer=tokenizer, train_rows=train_rows, val_rows=val_rows,
-      num_train_tokens=num_train_tokens,
-      _train_batches=functools.partial(
-          pipeline.train_batches, train_rows, seed=seed,
-          shuffle=data_config.get('shuffle', True),
-          windows=data_config.get('windows', 'shifted'), **batch_args),
-      _eval_batches=functools.partial(
-          pipeline.eval_batches, val_rows, **batch_args))
+
+def prepare_datasets(data_config, output_dir: str, *, names: list[str] | None = None,
+                     chunk_tokens: int = 16_000_000, rows_per_shard: int = 8192,
+                     overwrite: bool = False, loom_version: str = '') -> dict[str, dict]:
+  """Tokenizes and packs sources once into OUTPUT/NAME/ (ArrayRecord shards, data/prepared.py).
+
+  Memory stays bounded by `chunk_tokens` (plus the validation rows, a
+  validation_fraction of the data, held until the train split is written).
+  A sentencepiece tokenizer travels with the data as NAME/tokenizer.model, so
+  a kind='prepared' source needs nothing else. Returns each source's meta.
+  """
+  named_sources = [(name, source) for name, source in data_config.sources.items()
+                   if names is None or name in names]
+  unknown = sorted(set(names or ()) - set(data_config.sources.keys()))
+  if unknown:
+    raise ValueError(f'no data.sources named {unknown}; there are {", ".join(data_config.sources.keys())}')
+  for name, source in named_sources:
+    sources_lib.check_source(name, source)
+    if source.kind == 'prepared':
+      raise ValueError(f'data.sources.{name} is already prepared ({source.paths}).')
+  tokenizer = _tokenizer(data_config, named_sources, output_dir)
+  metas = {}
+  for name, source in named_sources:
+    start = time.perf_counter()
+    bad_data = BadData(data_config.bad_data)
+    validation_chunks = []
+
+    def train_chunks():
+      for train, validation, _ in source_rows.packed_chunks(name, source, tokenizer, data_config,
+                                                            bad_data, chunk_tokens=chunk_tokens):
+        validation_chunks.append(validation)
+        yield train
+      # write_prepared writes meta.json after every shard, so the counts still go in it.
+      metadata['bad_data'] = dict(bad_data.counts)
+
+    directory = os.path.join(output_dir, name)
+    metadata = {'tokenizer': tokenizer.identity(), 'source': source.to_dict(),
+                'seq_len': data_config.seq_len, 'validation_fraction': data_config.validation_fraction,
+                'chat_template': data_config.chat_template, 'chat_loss_on': data_config.chat_loss_on,
+                'loom_version': loom_version, 'bad_data': {}}
+    meta = write_prepared(directory, {'train': train_chunks(), 'validation': iter(validation_chunks)},
+                          metadata=metadata, rows_per_shard=rows_per_shard, overwrite=overwrite)
+    model_path = getattr(tokenizer, 'model_path', None)
+    if model_path:
+      shutil.copyfile(model_path, os.path.join(directory, 'tokenizer.model'))
+    logging.info('prepared data.sources.%s into %s in %.1fs: %s', name, directory,
+                 time.perf_counter() - start, {s: v['num_rows'] for s, v in meta['splits'].items()})
+    metas[name] = meta
+  return metas

@@ -1,22 +1,26 @@
 """Tokenizers with one small interface: bytes, characters, sentencepiece.
 
 Every tokenizer exposes `vocab_size`, `pad_id`, `bos_id`, `eos_id` (None when it
-has no such token), `encode_batch(texts)` and `decode(ids)`, and `identity()`,
+has no such token), `encode_batch(texts)` and `decode(ids)`, `special_id(piece)`
+(the id of a piece that is one token, such as a chat marker), and `identity()`,
 a string that changes whenever the text -> ids mapping changes (used to key
 the tokenized-data cache).
 """
 import abc
 import hashlib
+import io
+import itertools
 import json
 import os
 import tempfile
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from absl import logging
 import numpy as np
 import sentencepiece as spm
-from sentencepiece import sentencepiece_model_pb2
+
+from data import special_tokens
 
 
 class Tokenizer(abc.ABC):
@@ -39,6 +43,15 @@ class Tokenizer(abc.ABC):
   def identity(self) -> str:
     """A string that changes whenever the text -> ids mapping changes."""
 
+  def special_id(self, piece: str) -> int | None:
+    """The id of `piece` when the vocabulary has it as one token, else None.
+
+    Used to tell whether chat markers such as '<|im_start|>' are single tokens
+    or have to be spelled out as text.
+    """
+    del piece  # Byte and char vocabularies have no multi-character tokens.
+    return None
+
 
 class ByteTokenizer(Tokenizer):
   """UTF-8 bytes shifted by 3 so that 0/1/2 are free for pad/bos/eos."""
@@ -47,7 +60,9 @@ class ByteTokenizer(Tokenizer):
 
   def __init__(self):
     self.vocab_size = 256 + self._OFFSET
-    self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+    self.pad_id = special_tokens.PAD_ID
+    self.bos_id = special_tokens.BOS_ID
+    self.eos_id = special_tokens.EOS_ID
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     return [np.frombuffer(t.encode('utf-8'), np.uint8).astype(np.int32)
@@ -134,6 +149,12 @@ class SentencePieceTokenizer(Tokenizer):
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     return self._sp.decode(np.asarray(ids).tolist())
 
+  def special_id(self, piece: str) -> int | None:
+    # piece_to_id answers unk for a piece it does not know; a piece that maps
+    # back to itself is in the vocabulary (user-defined and control pieces too).
+    token_id = self._sp.piece_to_id(piece)
+    return token_id if self._sp.id_to_piece(token_id) == piece else None
+
   def identity(self) -> str:
     return 'sentencepiece:' + hashlib.sha256(self._model_bytes).hexdigest()
 
@@ -151,39 +172,67 @@ def _write_atomically(path: str, data: bytes) -> None:
   os.replace(tmp_path, path)
 
 
-def _lines_of(paths: Sequence[str]) -> Iterator[str]:
+MODEL_TYPES = ('bpe', 'unigram')
+
+
+def _lines_of(texts: Iterable[str]) -> Iterator[str]:
   # Sentencepiece silently drops "sentences" longer than max_sentence_length,
   # so it is fed lines, never whole documents.
-  for path in paths:
-    with open(path, encoding='utf-8') as f:
-      for line in f:
-        line = line.rstrip('\n')
-        if line.strip():
-          yield line
+  for text in texts:
+    for line in text.split('\n'):
+      if line.strip():
+        yield line
 
 
-def train_sentencepiece(paths: Sequence[str], output_path: str, *,
+def train_sentencepiece(texts: Iterable[str], output_path: str, *,
                         vocab_size: int, model_type: str = 'bpe',
                         num_threads: int = 2,
-                        max_sentences: int = 2_000_000) -> str:
-  """Trains a sentencepiece model on the lines of `paths`; returns its path.
+                        max_sentences: int = 2_000_000,
+                        extra_symbols: Sequence[str] = ()) -> str:
+  """Trains a sentencepiece model on the lines of `texts`; returns its path.
 
   The options keep text exactly round-trippable (identity normalisation,
   whitespace kept, byte fallback for anything unseen), which matters for code.
+  The newline, the chat markers and `extra_symbols` become single pieces.
   """
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f'sentencepiece model_type {model_type!r} is not '
+                     f'supported; expected one of {", ".join(MODEL_TYPES)}.')
+  symbols = tuple(dict.fromkeys(  # In order, without duplicates.
+      special_tokens.USER_DEFINED_SYMBOLS + tuple(extra_symbols)))
+  if not all(isinstance(s, str) and s for s in symbols):
+    raise ValueError(f'extra_symbols must be non-empty strings; got '
+                     f'{list(extra_symbols)!r}.')
+  # Every model holds pad/bos/eos/unk, the user-defined pieces and 256 bytes;
+  # sentencepiece then needs room for the corpus characters (checked below).
+  min_vocab_size = 4 + len(symbols) + 256
+  if not isinstance(vocab_size, int) or vocab_size <= min_vocab_size:
+    raise ValueError(f'sentencepiece vocab_size={vocab_size!r}: must be an '
+                     f'integer above {min_vocab_size} (4 special tokens, '
+                     f'{len(symbols)} user-defined symbols, 256 byte pieces, '
+                     'plus the characters of the corpus).')
+  lines = _lines_of(texts)
+  first_line = next(lines, None)
+  if first_line is None:
+    raise ValueError('train_sentencepiece: the texts hold no non-empty line.')
+
   spm.set_random_generator_seed(0)  # Sentence sampling must be reproducible.
-  output_dir = os.path.dirname(os.path.abspath(output_path))
-  os.makedirs(output_dir, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=output_dir) as tmp_dir:
-    prefix = os.path.join(tmp_dir, 'sp')
+  model = io.BytesIO()
+  try:
+    # Written to memory, the model records no path (model_prefix stays '' and
+    # there are no input files), so the same texts give byte-identical models
+    # and thus the same data-cache key.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_lines_of(paths),
-        model_prefix=prefix,
+        sentence_iterator=itertools.chain([first_line], lines),
+        model_writer=model,
         vocab_size=vocab_size,
         model_type=model_type,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        pad_id=special_tokens.PAD_ID, pad_piece=special_tokens.PAD,
+        bos_id=special_tokens.BOS_ID, bos_piece=special_tokens.BOS,
+        eos_id=special_tokens.EOS_ID, eos_piece=special_tokens.EOS,
+        unk_id=special_tokens.UNK_ID, unk_piece=special_tokens.UNK,
         byte_fallback=True,
-        user_defined_symbols=['\n'],  # Lines were split off; keep '\n' 1 token.
+        user_defined_symbols=list(symbols),
         normalization_rule_name='identity',
         remove_extra_whitespaces=False,
         add_dummy_prefix=False,
@@ -195,25 +244,25 @@ def train_sentencepiece(paths: Sequence[str], output_path: str, *,
         num_threads=num_threads,
         minloglevel=2,
     )
-    model = sentencepiece_model_pb2.ModelProto()
-    with open(prefix + '.model', 'rb') as f:
-      model.ParseFromString(f.read())
-    # The proto records the temp dir it was written to; clear it so the same
-    # inputs give byte-identical models (and so the same data-cache key).
-    model.trainer_spec.model_prefix = ''
-    _write_atomically(output_path, model.SerializeToString())
+  except RuntimeError as e:
+    # E.g. "Vocabulary size too high (5000). Please set it to a value <= 308."
+    raise ValueError(f'sentencepiece training with vocab_size={vocab_size}, '
+                     f'model_type={model_type!r} failed: {e}') from e
+  _write_atomically(output_path, model.getvalue())
   return output_path
 
 
 TOKENIZER_NAMES = ('sentencepiece', 'byte', 'char')
 
 
-def build_tokenizer(data_config, train_paths: Sequence[str],
+def build_tokenizer(data_config, corpus_texts: Callable[[], Iterator[str]],
                     workdir: str) -> Tokenizer:
   """Loads or builds the tokenizer named by `data_config.tokenizer`.
 
-  Learned vocabularies (char, sentencepiece) are cached in WORKDIR/tokenizer/
-  so a resumed run or a sampler maps text to ids exactly as training did.
+  Learned vocabularies (char, sentencepiece) are built from the document texts
+  that `corpus_texts()` yields; it is called at most once, and only when a
+  vocabulary has to be built. They are cached in WORKDIR/tokenizer/ so a
+  resumed run or a sampler maps text to ids exactly as training did.
   """
   name = data_config.tokenizer
   if name not in TOKENIZER_NAMES:
@@ -223,11 +272,11 @@ def build_tokenizer(data_config, train_paths: Sequence[str],
     return ByteTokenizer()
   cache_dir = os.path.join(workdir, 'tokenizer')
   if name == 'char':
-    return _build_char_tokenizer(train_paths, cache_dir)
-  return _build_sentencepiece_tokenizer(data_config, train_paths, cache_dir)
+    return _build_char_tokenizer(corpus_texts, cache_dir)
+  return _build_sentencepiece_tokenizer(data_config, corpus_texts, cache_dir)
 
 
-def _build_char_tokenizer(train_paths: Sequence[str],
+def _build_char_tokenizer(corpus_texts: Callable[[], Iterator[str]],
                           cache_dir: str) -> CharTokenizer:
   vocab_path = os.path.join(cache_dir, 'char_vocab.json')
   if os.path.exists(vocab_path):
@@ -235,20 +284,15 @@ def _build_char_tokenizer(train_paths: Sequence[str],
     logging.info('Loaded char vocabulary (%d chars) from %s',
                  tokenizer.vocab_size, vocab_path)
     return tokenizer
-
-  def texts():
-    for path in train_paths:
-      with open(path, encoding='utf-8') as f:
-        yield f.read()
-
-  tokenizer = CharTokenizer.from_texts(texts())
+  tokenizer = CharTokenizer.from_texts(corpus_texts())
   tokenizer.save(vocab_path)
   logging.info('Built char vocabulary (%d chars), saved to %s',
                tokenizer.vocab_size, vocab_path)
   return tokenizer
 
 
-def _build_sentencepiece_tokenizer(data_config, train_paths: Sequence[str],
+def _build_sentencepiece_tokenizer(data_config,
+                                   corpus_texts: Callable[[], Iterator[str]],
                                    cache_dir: str) -> SentencePieceTokenizer:
   model_path = data_config.get('tokenizer_path', '')
   if model_path:
@@ -271,13 +315,14 @@ def _build_sentencepiece_tokenizer(data_config, train_paths: Sequence[str],
     return tokenizer
 
   model_type = data_config.get('tokenizer_model_type', 'bpe')
-  if model_type not in ('bpe', 'unigram'):
+  if model_type not in MODEL_TYPES:
     raise ValueError(f'data.tokenizer_model_type: unknown model type '
-                     f'{model_type!r}; expected bpe or unigram.')
-  logging.info('Training a %s sentencepiece model (vocab %d) on %d files',
-               model_type, vocab_size, len(train_paths))
+                     f'{model_type!r}; expected one of '
+                     f'{", ".join(MODEL_TYPES)}.')
+  logging.info('Training a %s sentencepiece model (vocab %d)', model_type,
+               vocab_size)
   start = time.perf_counter()
-  train_sentencepiece(train_paths, cached_path, vocab_size=vocab_size,
+  train_sentencepiece(corpus_texts(), cached_path, vocab_size=vocab_size,
                       model_type=model_type)
   logging.info('Trained sentencepiece model in %.2fs, saved to %s',
                time.perf_counter() - start, cached_path)

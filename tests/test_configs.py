@@ -178,6 +178,12 @@ def test_bad_data_input_is_a_config_error(tmp_path):
   from training.run import train
   config = tiny.get_config()
   config.mesh.update(data=-1)
-  config.data.paths = str(tmp_path / "missing" / "*.txt")
-  with pytest.raises(ConfigError, match=r"^data.paths: pattern .*missing.* matches no files"):
+  config.data.sources.main.update(kind="text", paths=str(tmp_path / "missing" / "*.txt"))
+  with pytest.raises(ConfigError, match=r"^data.sources.main.paths: pattern .*missing.* matches no files"):
+    train(config, str(tmp_path / "run"))
+  # Bad records under data.bad_data="stop": one line naming the file and line, before any step.
+  (tmp_path / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n{"messages": 3}\n')
+  config.data.sources.main.update(kind="chat", paths=str(tmp_path / "chat.jsonl"))
+  config.data.bad_data = "stop"
+  with pytest.raises(ConfigError, match=r"chat.jsonl:2: .*data.bad_data=\"stop\""):
     train(config, str(tmp_path / "run"))

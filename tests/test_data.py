@@ -1,32 +1,33 @@
 """Tests for data/: tokenizers, packing, batching and build_datasets."""
+import json
 import os
 
 import ml_collections
 import numpy as np
 import pytest
 
+from configs import base
 from data import build_datasets
-from data import corpus
 from data import packing
 from data import pipeline
+from data.bad_data import BadDataError
 from data.tokenizers import build_tokenizer
 from data.tokenizers import ByteTokenizer
 from data.tokenizers import CharTokenizer
-from data.tokenizers import SentencePieceTokenizer
-from data.tokenizers import train_sentencepiece
+from training.validation import validate_data
 
 # ../shared beside the checkout, as on developer machines and in CI.
 SHAKESPEARE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                            'shared', 'data', 'tinyshakespeare', 'input.txt')
 
 
-def make_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(dict(
-      paths='', max_files=0, seq_len=16, tokenizer='byte', tokenizer_path='',
-      tokenizer_vocab_size=300, tokenizer_model_type='bpe',
-      validation_fraction=0.1, shuffle=True))
-  config.update(overrides)
-  return config
+def make_config(paths: str = '', sources=None, **overrides) -> ml_collections.ConfigDict:
+  """A filled-in data config: one text source at `paths`, or the given named sources."""
+  config = base.get_config()
+  config.data.sources = sources or {'main': base.source(kind='text', paths=paths)}
+  config.data.update(seq_len=16, tokenizer='byte', tokenizer_vocab_size=300)
+  config.data.update(overrides)
+  return validate_data(config).data
 
 
 def write_corpus(directory, num_files: int = 6, words: int = 120) -> str:
@@ -102,9 +103,7 @@ def test_no_token_lost_or_duplicated_over_an_epoch():
   rows = packing.pack_rows(stream, seq_len=8)
   # One epoch with 3 processes x 1 row: every row exactly once, shuffled.
   num_rows = rows.num_rows - rows.num_rows % 3
-  rows = packing.PackedRows(rows.tokens[:num_rows],
-                            rows.segment_ids[:num_rows],
-                            rows.positions[:num_rows])
+  rows = packing.PackedRows(rows.tokens[:num_rows], rows.segment_ids[:num_rows])
   by_first_input = {}
   for process in range(3):
     for batch in pipeline.train_batches(
@@ -192,7 +191,7 @@ def test_process_slices_concatenate_to_global_batch():
   part1 = _batches(rows, stop_step=5, process_index=1, process_count=2)
   for w, p0, p1 in zip(whole, part0, part1):
     assert p0['inputs'].shape == (4, 8)
-    for name in w:
+    for name in set(w) - {'source_counts'}:  # Global counts: the same on every process.
       np.testing.assert_array_equal(
           np.concatenate([p0[name], p1[name]]), w[name])
 
@@ -204,7 +203,7 @@ def test_eval_batches_in_order_capped_and_reiterable():
   np.testing.assert_array_equal(batches[0]['inputs'], rows.tokens[:4, :-1])
   assert len(list(pipeline.eval_batches(rows, global_batch_size=4,
                                         max_batches=2))) == 2
-  empty = packing.PackedRows(*(np.zeros((0, 9), np.int32),) * 3)
+  empty = packing.PackedRows(*(np.zeros((0, 9), np.int32),) * 2)
   assert not list(pipeline.eval_batches(empty, global_batch_size=4))
 
 
@@ -242,80 +241,26 @@ def test_char_tokenizer_round_trip_save_load(tmp_path):
 @pytest.mark.skipif(not os.path.exists(SHAKESPEARE), reason='no corpus')
 def test_char_tokenizer_on_shakespeare_has_65_chars(tmp_path):
   config = make_config(tokenizer='char', paths=SHAKESPEARE)
-  tokenizer = build_tokenizer(config, [SHAKESPEARE], str(tmp_path))
+  tokenizer = build_tokenizer(config, lambda: iter([open(SHAKESPEARE, encoding='utf-8').read()]),
+                              str(tmp_path))
   assert tokenizer.vocab_size == 65
   assert os.path.exists(tmp_path / 'tokenizer' / 'char_vocab.json')
 
 
-def test_sentencepiece_trains_and_round_trips(tmp_path):
-  corpus_dir = tmp_path / 'corpus'
-  corpus_dir.mkdir()
-  rng = np.random.default_rng(0)
-  words = ['def', 'return', 'self', 'import', 'class', '    ', 'x', 'y',
-           '(', ')', ':', '=', '+', 'value', 'name']
-  for i in range(4):  # ~ 4 x 60 KB
-    lines = [' '.join(rng.choice(words, size=12)) for _ in range(1000)]
-    (corpus_dir / f'f{i}.py').write_text('\n'.join(lines), encoding='utf-8')
-  paths = sorted(str(p) for p in corpus_dir.iterdir())
-  model = train_sentencepiece(paths, str(tmp_path / 'sp.model'),
-                              vocab_size=300, model_type='bpe')
-  tokenizer = SentencePieceTokenizer(model)
-  assert tokenizer.vocab_size == 300
-  assert (tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2)
-  text = 'def  value(self):\n    return x + y  # ünïcode ✓\n'
-  (ids,) = tokenizer.encode_batch([text])
-  assert tokenizer.decode(ids) == text
-  # Trained again with the same inputs: the same model (deterministic).
-  again = train_sentencepiece(paths, str(tmp_path / 'sp2.model'),
-                              vocab_size=300, model_type='bpe')
-  assert SentencePieceTokenizer(again).identity() == tokenizer.identity()
-
-
 def test_unknown_tokenizer_name(tmp_path):
+  config = ml_collections.ConfigDict(dict(tokenizer='wp'))
   with pytest.raises(ValueError, match="data.tokenizer: unknown tokenizer 'wp'"):
-    build_tokenizer(make_config(tokenizer='wp'), [], str(tmp_path))
+    build_tokenizer(config, lambda: iter(()), str(tmp_path))
 
 
 def test_missing_tokenizer_path(tmp_path):
-  config = make_config(tokenizer='sentencepiece', tokenizer_path='/x/y.model')
+  config = ml_collections.ConfigDict(dict(tokenizer='sentencepiece', tokenizer_path='/x/y.model'))
   with pytest.raises(ValueError, match=(
       'data.tokenizer_path: file /x/y.model does not exist')):
-    build_tokenizer(config, [], str(tmp_path))
+    build_tokenizer(config, lambda: iter(()), str(tmp_path))
 
 
-# ---- corpus and build_datasets --------------------------------------------
-
-
-def test_glob_matching_nothing(tmp_path):
-  pattern = str(tmp_path / 'nope' / '*.txt')
-  with pytest.raises(ValueError, match=r'data.paths: pattern .*nope.* matches'):
-    corpus.resolve_paths(pattern)
-
-
-def test_all_files_empty(tmp_path):
-  (tmp_path / 'a.txt').write_text('')
-  with pytest.raises(ValueError, match='data.paths: all 1 files .* are empty'):
-    corpus.resolve_paths(str(tmp_path / '*.txt'))
-
-
-def test_stdlib_default_paths_are_sorted_and_filtered():
-  paths = corpus.resolve_paths('', max_files=30)
-  assert len(paths) == 30 and paths == sorted(paths)
-  for path in paths:
-    assert path.endswith('.py')
-    parts = path.split(os.sep)
-    assert not {'test', 'tests', 'idlelib', 'site-packages'} & set(parts)
-
-
-def test_read_documents_in_order(tmp_path):
-  pattern = write_corpus(tmp_path)
-  paths = corpus.resolve_paths(pattern)
-  tokenizer = ByteTokenizer()
-  documents = corpus.read_documents(paths, tokenizer)
-  assert len(documents) == len(paths)
-  for path, ids in zip(paths, documents):
-    with open(path, encoding='utf-8') as f:
-      assert tokenizer.decode(ids) == f.read()
+# ---- build_datasets -------------------------------------------------------
 
 
 def test_build_datasets_end_to_end_and_cache(tmp_path):
@@ -323,22 +268,19 @@ def test_build_datasets_end_to_end_and_cache(tmp_path):
   pattern = write_corpus(tmp_path / 'corpus')
   config = make_config(paths=pattern, tokenizer='char')
   workdir = str(tmp_path / 'work')
-  datasets = build_datasets(config, global_batch_size=4, seed=0,
-                            workdir=workdir)
+  datasets = build_datasets(config, global_batch_size=4, seed=0, workdir=workdir)
   batch = next(datasets.train_batches(0, 1))
   assert batch['inputs'].shape == (4, 16)
-  assert set(batch) == {'inputs', 'targets', 'segment_ids', 'positions',
-                        'weights'}
-  num_chars = sum(len(open(p, encoding='utf-8').read())
-                  for p in corpus.resolve_paths(pattern))
-  assert datasets.num_train_tokens == int(num_chars * 0.9)
-  assert len(list(datasets.eval_batches())) == len(
-      list(datasets.eval_batches()))
+  assert set(batch) == {'inputs', 'targets', 'segment_ids', 'positions', 'weights', 'source_counts'}
+  assert batch['source_counts'].tolist() == [4]
+  num_chars = sum(len(open(p, encoding='utf-8').read()) for p in sorted((tmp_path / 'corpus').iterdir()))
+  (main,) = datasets.sources
+  assert main.num_train_tokens == int(num_chars * 0.9)
+  assert len(list(datasets.eval_batches('main'))) == len(list(datasets.eval_batches('main'))) > 0
   cache_files = os.listdir(os.path.join(workdir, 'data_cache'))
   assert len(cache_files) == 1
   again = build_datasets(config, global_batch_size=4, seed=0, workdir=workdir)
-  np.testing.assert_array_equal(again.train_rows.tokens,
-                                datasets.train_rows.tokens)
+  np.testing.assert_array_equal(again.sources[0].train.tokens, main.train.tokens)
   second = next(again.train_batches(0, 1))
   np.testing.assert_array_equal(second['inputs'], batch['inputs'])
 
@@ -346,24 +288,21 @@ def test_build_datasets_end_to_end_and_cache(tmp_path):
 def test_build_datasets_trains_and_caches_sentencepiece(tmp_path):
   (tmp_path / 'corpus').mkdir()
   pattern = write_corpus(tmp_path / 'corpus', num_files=20, words=400)
-  config = make_config(paths=pattern, tokenizer='sentencepiece',
-                       tokenizer_vocab_size=300)
+  config = make_config(paths=pattern, tokenizer='sentencepiece', tokenizer_vocab_size=300)
   workdir = str(tmp_path / 'work')
-  datasets = build_datasets(config, global_batch_size=8, seed=0,
-                            workdir=workdir)
+  datasets = build_datasets(config, global_batch_size=8, seed=0, workdir=workdir)
   assert datasets.tokenizer.vocab_size == 300
   model_path = os.path.join(workdir, 'tokenizer', 'sp.model')
   assert os.path.exists(model_path)
   # eos ends every document, so the stream holds one eos per file.
-  stream_eos = (datasets.train_rows.tokens[:, :-1] == 2).sum() + (
-      datasets.val_rows.tokens[:, :-1] == 2).sum()
+  (main,) = datasets.sources
+  stream_eos = (main.train.tokens[:, :-1] == 2).sum() + (main.validation.tokens[:, :-1] == 2).sum()
   assert stream_eos in (19, 20)  # The very last eos may be a row's last token.
   mtime = os.path.getmtime(model_path)
   build_datasets(config, global_batch_size=8, seed=0, workdir=workdir)
   assert os.path.getmtime(model_path) == mtime  # Reused, not retrained.
   with pytest.raises(ValueError, match='data.tokenizer_vocab_size=512'):
-    build_datasets(make_config(paths=pattern, tokenizer='sentencepiece',
-                               tokenizer_vocab_size=512),
+    build_datasets(make_config(paths=pattern, tokenizer='sentencepiece', tokenizer_vocab_size=512),
                    global_batch_size=8, seed=0, workdir=workdir)
 
 
@@ -371,8 +310,76 @@ def test_build_datasets_too_few_rows(tmp_path):
   pattern = write_corpus(tmp_path, num_files=1, words=10)
   config = make_config(paths=pattern, seq_len=64)
   with pytest.raises(ValueError, match='fewer than one global batch.*data.seq_len'):
-    build_datasets(config, global_batch_size=64, seed=0,
-                   workdir=str(tmp_path / 'work'))
+    build_datasets(config, global_batch_size=64, seed=0, workdir=str(tmp_path / 'work'))
+
+
+def _chat_line(*turns) -> str:
+  roles = ['system', 'user', 'assistant']
+  return json.dumps({'messages': [{'role': roles[i % 3] if len(turns) == 3 else ['user', 'assistant'][i % 2],
+                                   'content': text} for i, text in enumerate(turns)]})
+
+
+def test_mixture_of_text_jsonl_and_chat_with_bad_data(tmp_path):
+  """Three kinds of source in one mixture: proportions, per-source eval, chat masks, bad-data counts."""
+  (tmp_path / 'text').mkdir()
+  pattern = write_corpus(tmp_path / 'text', num_files=8, words=300)
+  (tmp_path / 'text' / 'empty.txt').write_text('')
+  records = [json.dumps({'text': f'record {i}: ' + 'jsonl words ' * (5 + i % 7)}) for i in range(80)]
+  records.insert(3, '{"text": broken')
+  (tmp_path / 'web.jsonl').write_text('\n'.join(records) + '\n')
+  chats = [_chat_line(f'question {i}?', f'answer {i}.') for i in range(60)]
+  chats.insert(5, json.dumps({'messages': [{'role': 'bot', 'content': 'hi'}]}))
+  chats.insert(9, json.dumps({'messages': [{'role': 'user'}]}))
+  chats.insert(11, _chat_line('long ' * 50, 'x'))  # Over seq_len + 1 tokens.
+  (tmp_path / 'chat.jsonl').write_text('\n'.join(chats) + '\n')
+  sources = {'books': base.source(paths=pattern, weight=0.5),
+             'web': base.source(kind='jsonl', paths=str(tmp_path / 'web.jsonl'), weight=0.25),
+             'chat': base.source(kind='chat', paths=str(tmp_path / 'chat.jsonl'), weight=0.25)}
+  config = make_config(sources=sources, seq_len=128, validation_fraction=0.2)
+  datasets = build_datasets(config, global_batch_size=8, seed=0, workdir=str(tmp_path / 'work'))
+  assert datasets.names == ('books', 'chat', 'web')  # ConfigDict keeps keys sorted.
+  assert datasets.bad_data_counts == {'empty_file': 1, 'malformed_json': 1, 'unknown_role': 1,
+                                      'missing_content': 1, 'too_long': 1}
+  counts = np.zeros(3)
+  for batch in datasets.train_batches(0, 20):
+    counts += batch['source_counts']
+  np.testing.assert_array_equal(counts, [80, 40, 40])
+  chat = datasets.sources[1]
+  assert not chat.train.stream
+  # Every weighted target of a chat row is an assistant token: 'answer N.' or <|im_end|>.
+  tokenizer = datasets.tokenizer
+  answers = 0
+  for batch in datasets.eval_batches('chat'):
+    for targets, weights in zip(batch['targets'], batch['weights']):
+      parts = tokenizer.decode(targets[weights > 0]).split('<|im_end|>')
+      assert all(part.startswith('answer ') for part in parts[:-1]) and parts[-1] == ''
+      answers += len(parts) - 1
+  assert answers == 12  # The last 20% of the 60 good conversations validate.
+  with pytest.raises(BadDataError, match=r'empty.txt: file is empty .*data.bad_data="stop"'):
+    build_datasets(make_config(sources=sources, seq_len=128, bad_data='stop'), global_batch_size=8,
+                   seed=0, workdir=str(tmp_path / 'work2'))
+
+
+def test_prepared_source_trains_like_the_on_the_fly_one(tmp_path):
+  from data.datasets import prepare_datasets
+  (tmp_path / 'corpus').mkdir()
+  pattern = write_corpus(tmp_path / 'corpus', num_files=10, words=300)
+  config = make_config(paths=pattern, tokenizer='sentencepiece', tokenizer_vocab_size=300)
+  metas = prepare_datasets(config, str(tmp_path / 'prepared'), chunk_tokens=10**9)
+  on_disk = make_config(sources={'main': base.source(kind='prepared', paths=str(tmp_path / 'prepared' / 'main'))},
+                        tokenizer='sentencepiece', tokenizer_vocab_size=300)
+  prepared = build_datasets(on_disk, global_batch_size=4, seed=0, workdir=str(tmp_path / 'w1'))
+  in_memory = build_datasets(config, global_batch_size=4, seed=0, workdir=str(tmp_path / 'w2'))
+  assert prepared.tokenizer.identity() == in_memory.tokenizer.identity()
+  assert metas['main']['splits']['train']['num_tokens'] == in_memory.sources[0].num_train_tokens
+  for a, b in zip(prepared.train_batches(0, 30), in_memory.train_batches(0, 30)):
+    for name in a:
+      np.testing.assert_array_equal(a[name], b[name])
+  # Chunked preparation keeps the train rows one stream: the same tokens, in more, smaller chunks.
+  chunked = prepare_datasets(config, str(tmp_path / 'chunked'), chunk_tokens=500)
+  assert chunked['main']['splits']['train']['num_tokens'] + chunked['main']['splits']['validation'][
+      'num_tokens'] == metas['main']['splits']['train']['num_tokens'] + metas['main']['splits'][
+          'validation']['num_tokens']
 
 
 def _unique_token_stream(seq_len=8):

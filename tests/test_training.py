@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import sharding
+from configs import base
 from tests import synthetic
 from training import optimizer, state as state_lib, step as step_lib
 from training.run import train
@@ -31,7 +32,8 @@ def write_corpus(directory, num_files=4, lines_per_file=300, seed=0):
 
 def corpus_config(tmp_path, **train):
   config = synthetic.tiny_config(vocab_size=0)
-  config.data.update(paths=write_corpus(str(tmp_path / "corpus")), tokenizer="byte", max_files=0)
+  config.data.sources = {"main": base.source(paths=write_corpus(str(tmp_path / "corpus")))}
+  config.data.update(tokenizer="byte")
   config.mesh.update(data=2, fsdp=2, tensor=2)  # all 8 test devices
   config.train.update(**train)
   return config

@@ -38,8 +38,10 @@ class LoggingHook(Hook):
   """Reads the step's metrics back from the devices only every `every` steps."""
 
   def __init__(self, every: int, writer: MetricWriter, start_step: int, tokens_per_step: int,
-               flops_per_token: float, peak_flops: float):
+               flops_per_token: float, peak_flops: float,
+               extra_metrics: Callable[[], dict[str, float]] = dict):
     super().__init__(every)
+    self.extra_metrics = extra_metrics
     self.writer = writer
     self.timer = StepTimer(start_step)
     self.tokens_per_step = tokens_per_step
@@ -56,6 +58,7 @@ class LoggingHook(Hook):
     values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
     seconds_per_step = self.timer.read(step)
     values["perplexity"] = math.exp(min(values["loss"], 50.0))
+    values.update(self.extra_metrics())
     if seconds_per_step:
       tokens_per_second = self.tokens_per_step / seconds_per_step
       values.update(step_time_ms=1000 * seconds_per_step, tokens_per_second=tokens_per_second,
@@ -66,28 +69,64 @@ class LoggingHook(Hook):
 
 
 class EvalHook(Hook):
-  """Mean loss over the validation batches, weighted by target tokens."""
+  """Mean loss over each source's validation batches, weighted by target tokens.
 
-  def __init__(self, every: int, eval_step: Callable, batches: Callable[[], Iterable[Any]],
+  `eval_loss` covers every source's batches together; with several sources,
+  `eval_loss/NAME` gives each one's (e.g. the replayed data of continued pre-training).
+  """
+
+  def __init__(self, every: int, eval_step: Callable, batches: dict[str, Callable[[], Iterable[Any]]],
                writer: MetricWriter):
     super().__init__(every)
     self.eval_step, self.batches, self.writer = eval_step, batches, writer
     self.history: list[tuple[int, float]] = []
+    self.source_history: dict[str, list[tuple[int, float]]] = {name: [] for name in batches}
+
+  def evaluate_sources(self, params) -> dict[str, tuple[float, float]]:
+    """name -> (summed token loss, target tokens)."""
+    totals = {}
+    for name, batches in self.batches.items():
+      loss_sum, weight = 0.0, 0.0
+      for batch in batches():
+        batch_loss, batch_weight = self.eval_step(params, batch)
+        loss_sum += float(batch_loss)
+        weight += float(batch_weight)
+      totals[name] = (loss_sum, weight)
+    return totals
 
   def evaluate(self, params) -> float:
-    loss_sum, weight = 0.0, 0.0
-    for batch in self.batches():
-      batch_loss, batch_weight = self.eval_step(params, batch)
-      loss_sum += float(batch_loss)
-      weight += float(batch_weight)
-    return loss_sum / max(weight, 1.0)
+    totals = self.evaluate_sources(params).values()
+    return sum(loss for loss, _ in totals) / max(sum(weight for _, weight in totals), 1.0)
 
   def run(self, step, state, metrics):
-    loss = self.evaluate(state.params)
+    totals = self.evaluate_sources(state.params)
+    loss = sum(l for l, _ in totals.values()) / max(sum(w for _, w in totals.values()), 1.0)
     self.history.append((step, loss))
     record = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    if len(totals) > 1:
+      for name, (loss_sum, weight) in totals.items():
+        record[f"eval_loss/{name}"] = loss_sum / max(weight, 1.0)
+        self.source_history[name].append((step, record[f"eval_loss/{name}"]))
     self.writer.write(step, record)
     self.writer.progress(step, record, None)
+
+
+class MixtureStats:
+  """The observed share of each source in the batches trained on so far (this run)."""
+
+  def __init__(self, names: tuple[str, ...]):
+    self.names = names
+    self.counts = [0] * len(names)
+
+  def add(self, source_counts) -> None:
+    for i, count in enumerate(source_counts):
+      self.counts[i] += int(count)
+
+  def metrics(self) -> dict[str, float]:
+    total = sum(self.counts)
+    if len(self.names) < 2 or not total:
+      return {}
+    return {f"data/fraction/{name}": count / total for name, count in zip(self.names, self.counts)}
 
 
 class CheckpointHook(Hook):

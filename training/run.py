@@ -38,6 +38,7 @@ class RunResult:
   tokenizer: Any
   last_metrics: dict[str, float]
   eval_history: list[tuple[int, float]]
+  eval_history_by_source: dict[str, list[tuple[int, float]]]
   samples: list[str]
   resumed_from: int | None
 
@@ -86,9 +87,12 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
                                dropout=config.model.dropout_rate > 0)
   eval_step = make_eval_step(graphdef, mesh, shardings.params)
 
-  def eval_batches():
-    for local in datasets.eval_batches(train_cfg.eval_batches):
-      yield sharding.global_batch_from_local(local, mesh)
+  def eval_batches(name):
+    def batches():
+      for local in datasets.eval_batches(name, train_cfg.eval_batches):
+        local.pop("source_counts", None)
+        yield sharding.global_batch_from_local(local, mesh)
+    return batches
 
   # --- Hooks: logging, evaluation, checkpoints.
   writer = MetricWriter(workdir, train_cfg.num_steps, resume_step=start_step)
@@ -99,12 +103,18 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
               f"{flops_per_token / 1e6:.1f} MFLOPs/token, peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), "
               f"mesh {dict(mesh.shape)}, " + (f"resumed at step {start_step}" if resumed_from is not None
                                              else "fresh start"))
+  if datasets.bad_data_counts:  # Counted while the data was read, before the first step.
+    writer.write(start_step, {f"data/skipped/{reason}": count
+                              for reason, count in datasets.bad_data_counts.items()})
+  mixture_stats = hooks_lib.MixtureStats(datasets.names)
   logging_hook = hooks_lib.LoggingHook(train_cfg.log_every, writer, start_step, tokens_per_step,
-                                       flops_per_token, peak)
-  eval_hook = hooks_lib.EvalHook(train_cfg.eval_every, eval_step, eval_batches, writer)
+                                       flops_per_token, peak, extra_metrics=mixture_stats.metrics)
+  eval_hook = hooks_lib.EvalHook(train_cfg.eval_every, eval_step,
+                                 {name: eval_batches(name) for name in datasets.names}, writer)
   checkpoint_hook = hooks_lib.CheckpointHook(
       train_cfg.checkpoint_every, checkpointer,
-      lambda step: {"step": step, "data": {"seed": config.seed, "next_step": step},
+      lambda step: {"step": step, "data": {"seed": config.seed, "next_step": step,
+                                           "sources": dict(zip(datasets.names, datasets.weights))},
                     "config": json.loads(config.to_json())})
   hooks = [logging_hook, eval_hook, checkpoint_hook]
 
@@ -112,8 +122,12 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   metrics: dict[str, Any] = {}
   step = start_step
   stop_step = train_cfg.stop_at_step or train_cfg.num_steps
-  batches = (sharding.global_batch_from_local(local, mesh)
-             for local in datasets.train_batches(start_step, stop_step))
+
+  def batches_on_mesh():
+    for local in datasets.train_batches(start_step, stop_step):
+      mixture_stats.add(local.pop("source_counts"))
+      yield sharding.global_batch_from_local(local, mesh)
+  batches = batches_on_mesh()
   first_batch = next(batches, None)
   if first_batch is None:
     writer.text(f"already at step {start_step}: nothing to train")
@@ -136,6 +150,7 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   writer.close()
   return RunResult(config=config, state=state, graphdef=graphdef, tokenizer=datasets.tokenizer,
                    last_metrics=logging_hook.last_logged, eval_history=eval_hook.history,
+                   eval_history_by_source=eval_hook.source_history,
                    samples=samples, resumed_from=resumed_from)
 
 

@@ -7,6 +7,7 @@ import copy
 from ml_collections import ConfigDict
 
 from configs import base
+from data.sources import check_source
 from sharding import resolve_mesh_shape
 
 CHOICES = {
@@ -18,6 +19,9 @@ CHOICES = {
     "data.tokenizer": ("sentencepiece", "byte", "char"),
     "data.tokenizer_model_type": ("bpe", "unigram"),
     "data.windows": ("aligned", "shifted", "random"),
+    "data.bad_data": ("skip", "stop"),
+    "data.chat_template": ("chatml",),
+    "data.chat_loss_on": ("assistant", "all"),
     "optimizer.name": ("adamw", "sgd", "adafactor"),
     "optimizer.schedule": ("warmup_cosine", "warmup_linear", "constant", "wsd", "rsqrt"),
 }
@@ -30,6 +34,16 @@ class ConfigError(ValueError):
 def _check_schema(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> None:
   for key, value in config.items():
     name = f"{prefix}{key}"
+    if name == "data.sources":  # User-named entries, each checked against base.SOURCE_DEFAULTS.
+      if not isinstance(value, ConfigDict) or not value:
+        raise ConfigError("config field 'data.sources' must be a section of named sources, "
+                          "e.g. {'main': base.source(kind='text', paths='corpus/*.txt')}")
+      for source_name, source in value.items():
+        if not isinstance(source, ConfigDict):
+          raise ConfigError(f"config field 'data.sources.{source_name}' must be a section "
+                            "(made with configs.base.source(...))")
+        _check_schema(source, ConfigDict(base.SOURCE_DEFAULTS), f"data.sources.{source_name}.")
+      continue
     if key not in schema:
       known = ", ".join(sorted(schema.keys()))
       raise ConfigError(f"unknown config field '{name}'; fields here are: {known}")
@@ -92,6 +106,7 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   _require(0.0 < d.validation_fraction < 1.0,
            f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
+  _fill_and_check_sources(d)
 
   mesh = _mesh_sizes(config, num_devices)
   batch_shards = mesh["data"] * mesh["fsdp"]
@@ -124,6 +139,30 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
   for field in ("eval_every", "eval_batches", "num_samples"):
     _require(t[field] >= 0, f"train.{field}={t[field]} must be >= 0")
   return config
+
+
+def validate_data(config: ConfigDict) -> ConfigDict:
+  """Checks only the data section (for tools that read data without training): a filled-in copy."""
+  _check_schema(config, base.get_config())
+  config = copy.deepcopy(config)
+  for field, allowed in CHOICES.items():
+    section, key = field.split(".")
+    if section == "data":
+      _require(config.data[key] in allowed,
+               f"config field '{field}'={config.data[key]!r}; allowed: {', '.join(allowed)}")
+  _fill_and_check_sources(config.data)
+  return config
+
+
+def _fill_and_check_sources(data: ConfigDict) -> None:
+  for name in list(data.sources.keys()):
+    data.sources[name] = ConfigDict({**base.SOURCE_DEFAULTS, **data.sources[name].to_dict()})
+    try:
+      check_source(name, data.sources[name])
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+  _require(any(source.weight > 0 for source in data.sources.values()),
+           "data.sources: every weight is 0; at least one source needs a positive weight")
 
 
 def _mesh_sizes(config: ConfigDict, num_devices: int) -> dict[str, int]:

@@ -1,0 +1,144 @@
+"""A source's documents -> tokens -> packed (train, validation) rows.
+
+Used on the fly for small corpora (data/datasets.py, one chunk: the last
+validation_fraction of the source's tokens validates) and by
+tools/prepare_data.py for big ones (chunk by chunk, so memory stays bounded:
+the last validation_fraction of each chunk validates).
+
+Text is one token stream: documents joined with eos, cut into rows of L+1
+that overlap by one token, and the train rows of successive chunks continue
+one stream, so shifted windows never straddle a seam. Chat examples are
+rendered through the chat template and packed whole (data/packing.py).
+"""
+from typing import Iterator
+
+import numpy as np
+
+from data import chat
+from data import packing
+from data import sources
+from data.bad_data import BadData, BadExample
+from data.special_tokens import IM_END, IM_START
+from data.tokenizers import Tokenizer
+
+_ENCODE_BATCH = 256  # documents per tokenizer call: batched calls run in C++ over the list.
+
+
+def _document_batches(name, source, bad_data: BadData) -> Iterator[list[sources.Document]]:
+  batch = []
+  for document in sources.read_documents(name, source, bad_data):
+    batch.append(document)
+    if len(batch) == _ENCODE_BATCH:
+      yield batch
+      batch = []
+  if batch:
+    yield batch
+
+
+def tokenized_examples(name, source, tokenizer: Tokenizer, data_config, bad_data: BadData
+                       ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+  """(ids, loss mask or None) per usable document, bad ones reported to `bad_data`."""
+  is_chat = source.get('kind', 'text') == 'chat'
+  width = data_config.seq_len + 1
+  for batch in _document_batches(name, source, bad_data):
+    if not is_chat:
+      for document, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
+        yield ids, None
+      continue
+    valid = []
+    for document in batch:
+      try:
+        chat.check_messages(document.messages)
+        valid.append(document)
+      except BadExample as error:
+        bad_data.report_example(error, document.where)
+    rendered = chat.render_chat_batch([d.messages for d in valid], tokenizer,
+                                      loss_on=data_config.chat_loss_on,
+                                      template=data_config.chat_template)
+    for document, (ids, mask) in zip(valid, rendered):
+      if len(ids) > width:
+        bad_data.report('too_long', document.where,
+                        f'a chat example of {len(ids)} tokens does not fit data.seq_len + 1 = {width}')
+      else:
+        yield ids, mask
+
+
+class StreamPacker:
+  """Cuts a token stream that arrives in pieces into rows of L+1 with stride L."""
+
+  def __init__(self, seq_len: int):
+    self.seq_len = seq_len
+    self._tokens = np.zeros(0, np.int32)
+    self._documents = np.zeros(0, np.int64)
+
+  def add(self, stream: packing.TokenStream) -> packing.PackedRows:
+    """Appends tokens; returns the rows that are complete."""
+    self._tokens = np.concatenate([self._tokens, stream.tokens])
+    self._documents = np.concatenate([self._documents, stream.document_ids.astype(np.int64)])
+    num_rows = max(0, (len(self._tokens) - 1) // self.seq_len)
+    end = num_rows * self.seq_len
+    rows = packing.pack_rows(packing.TokenStream(self._tokens[:end + 1], self._documents[:end + 1]),
+                             self.seq_len)
+    # The last token of the last full row is the first of the next row (overlap).
+    self._tokens, self._documents = self._tokens[end:], self._documents[end:]
+    return rows
+
+  def finish(self) -> packing.PackedRows:
+    """The rest, padded (no rows when only the already-counted overlap token is left)."""
+    rows = packing.pack_rows(packing.TokenStream(self._tokens, self._documents), self.seq_len)
+    self._tokens, self._documents = self._tokens[:0], self._documents[:0]
+    return rows
+
+
+def packed_chunks(name, source, tokenizer: Tokenizer, data_config, bad_data: BadData,
+                  chunk_tokens: int | None = None
+                  ) -> Iterator[tuple[packing.PackedRows, packing.PackedRows, int]]:
+  """Yields (train rows, validation rows, train tokens) per chunk of ~chunk_tokens tokens.
+
+  chunk_tokens=None: the whole source in one chunk.
+  """
+  seq_len = data_config.seq_len
+  fraction = data_config.validation_fraction
+  is_chat = source.get('kind', 'text') == 'chat'
+  packer = StreamPacker(seq_len)
+  pending: list[tuple[np.ndarray, np.ndarray | None]] = []
+  pending_tokens = 0
+  first_document = 0
+
+  def flush() -> tuple[packing.PackedRows, packing.PackedRows, int]:
+    nonlocal first_document
+    if is_chat:
+      num_val = int(round(len(pending) * fraction))
+      train, val = pending[:len(pending) - num_val], pending[len(pending) - num_val:]
+      return (packing.pack_examples(train, seq_len), packing.pack_examples(val, seq_len),
+              sum(len(ids) for ids, _ in train))
+    stream = packing.concatenate_documents([ids for ids, _ in pending], tokenizer.eos_id)
+    # Document ids stay unique across chunks, so no two documents ever merge at a seam.
+    stream = packing.TokenStream(stream.tokens, stream.document_ids + first_document)
+    first_document += len(pending)
+    train_stream, val_stream = packing.split_by_position(stream, fraction)
+    return packer.add(train_stream), packing.pack_rows(val_stream, seq_len), len(train_stream.tokens)
+
+  for example in tokenized_examples(name, source, tokenizer, data_config, bad_data):
+    pending.append(example)
+    pending_tokens += len(example[0])
+    if chunk_tokens and pending_tokens >= chunk_tokens:
+      yield flush()
+      pending, pending_tokens = [], 0
+  if pending:
+    yield flush()
+  if not is_chat:
+    rest = packer.finish()
+    if rest.num_rows:
+      yield rest, packing.pack_rows(packing.TokenStream(np.zeros(0, np.int32), np.zeros(0, np.int32)),
+                                    seq_len), 0
+
+
+def document_texts(name, source, bad_data: BadData) -> Iterator[str]:
+  """The text of every document, chat as rendered by the template: for training tokenizers."""
+  for document in sources.read_documents(name, source, bad_data):
+    if document.text is not None:
+      yield document.text
+    elif isinstance(document.messages, list):
+      yield ''.join(f'{IM_START}{m.get("role")}\n{m.get("content")}{IM_END}\n'
+                    for m in document.messages if isinstance(m, dict))
