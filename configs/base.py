@@ -48,6 +48,7 @@ def get_config() -> ConfigDict:
       gelu_approximate=False,  # tanh GELU (GPT-2) instead of exact erf GELU.
       tie_embeddings=True,
       use_bias=False,
+      qkv_bias=False,          # biases on q/k/v alone (Qwen2); use_bias already implies them.
       dtype="float32",         # compute dtype: float32 | bfloat16 (parameters stay float32)
       scan_layers=True,        # lax.scan over layers: compile time independent of depth.
       remat="none",            # none | full | dots: what a block keeps for the backward pass.
@@ -93,6 +94,19 @@ def get_config() -> ConfigDict:
       decay_fraction=0.2,      # wsd: share of the steps spent decaying.
   ))
 
+  # Start from another run's parameters (continued pre-training, fine-tuning, a converted Hugging
+  # Face model) instead of a fresh initialisation. Ignored when the workdir has its own checkpoint
+  # (the run then resumes).
+  config.init = ConfigDict(dict(
+      checkpoint="",           # a loom workdir, its checkpoints/ directory, or one checkpoints/STEP.
+      step=-1,                 # which of its steps (-1: the latest).
+      load_optimizer=False,    # also its optimizer state (needs the same optimizer and shapes).
+      keep_step=False,         # continue its step counter instead of starting the schedule at 0.
+      freeze="",               # comma-separated regexes of parameter paths to keep fixed, e.g.
+                               # "embed,final_norm" (paths look like blocks/attn/wq).
+      freeze_layers="",        # layer indices to keep fixed, e.g. "0-5,7" (every parameter of those blocks).
+  ))
+
   config.train = ConfigDict(dict(
       num_steps=1000,          # the length of the run (and of the learning-rate schedule).
       stop_at_step=0,          # stop here with a checkpoint, as a preemption would; 0: run to num_steps.
@@ -102,7 +116,8 @@ def get_config() -> ConfigDict:
       eval_every=200,          # 0: only at the end.
       eval_batches=20,         # 0: the whole validation split.
       checkpoint_every=500,
-      keep_checkpoints=3,
+      keep_checkpoints=3,       # the last K checkpoints are kept...
+      keep_checkpoints_every=0, # ...and, beyond them, every step divisible by this (0: none).
       num_samples=3,           # text samples printed at the end.
       sample_length=200,
       sample_temperature=0.8,

@@ -188,6 +188,11 @@ def _window(current: tuple[tf.Tensor, ...], following: tuple[tf.Tensor, ...],
   return window_tokens, tf.where(raw_segments > 0, window_segments, 0), window_mask
 
 
+def _no_rows(rows: RowStore) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  width = rows.seq_len + 1
+  return (tf.zeros([0, width], tf.int32), tf.zeros([0, width], tf.int32), tf.zeros([0, width], tf.uint8))
+
+
 def train_batches(rows: RowStore | Sequence[RowStore], *, global_batch_size: int, seed: int,
                   weights: Sequence[float] | None = None, shuffle: bool = True,
                   windows: str = 'shifted', start_step: int = 0, stop_step: int | None = None,
@@ -267,8 +272,9 @@ def train_batches(rows: RowStore | Sequence[RowStore], *, global_batch_size: int
       arrays = source_examples(0, sources[0], tf.gather(n, local), local, step)
     else:
       slots = tf.dynamic_partition(local, tf.cast(local_source, tf.int32), len(sources))
-      parts = [source_examples(k, source, tf.gather(n, slots[k]), slots[k], step)
-               for k, source in enumerate(sources)]
+      # A source of weight 0 (evaluation only) never appears: nothing to read for it.
+      parts = [source_examples(k, source, tf.gather(n, slots[k]), slots[k], step) if mixture.counts[k]
+               else _no_rows(source) for k, source in enumerate(sources)]
       order = tf.dynamic_partition(tf.range(local_batch_size), tf.cast(local_source, tf.int32),
                                    len(sources))
       arrays = [tf.dynamic_stitch(order, [part[i] for part in parts]) for i in range(3)]

@@ -359,7 +359,6 @@ def _read_parquet_file(name: str, path: str, field: str,
 
 
 def _import_tfds():
-  from data.tf_cpu import tf  # pylint: disable=g-import-not-at-top,unused-import
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   return tfds
 

@@ -1,4 +1,4 @@
-"""Tokenizers with one small interface: bytes, characters, sentencepiece.
+"""Tokenizers with one small interface: bytes, characters, sentencepiece, Hugging Face tokenizer.json.
 
 Every tokenizer exposes `vocab_size`, `pad_id`, `bos_id`, `eos_id` (None when it
 has no such token), `encode_batch(texts)` and `decode(ids)`, `special_id(piece)`
@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 from absl import logging
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 
 from data import special_tokens
 
@@ -159,6 +160,80 @@ class SentencePieceTokenizer(Tokenizer):
     return 'sentencepiece:' + hashlib.sha256(self._model_bytes).hexdigest()
 
 
+class HuggingFaceTokenizer(Tokenizer):
+  """A Hugging Face `tokenizers` tokenizer.json (Llama 3, Qwen2, GPT-2 and most recent models).
+
+  The bos/eos/pad tokens are named in the tokenizer_config.json that
+  transformers saves beside tokenizer.json; without one, the usual names
+  ('<|begin_of_text|>', '<s>', '<|endoftext|>', ...) are looked up.
+  """
+
+  # Names tried, in order, when no tokenizer_config.json names the token.
+  _DEFAULT_NAMES = {
+      'bos_token': ('<|begin_of_text|>', '<s>', '<|startoftext|>'),
+      'eos_token': ('<|end_of_text|>', '</s>', '<|endoftext|>'),
+      'pad_token': ('<pad>', '<|pad|>'),
+  }
+
+  def __init__(self, path: str):
+    self.path = path
+    with open(path, 'rb') as f:
+      self._json_bytes = f.read()
+    try:
+      self._tokenizer = tokenizers.Tokenizer.from_str(self._json_bytes.decode('utf-8'))
+    except Exception as e:  # The Rust parser's errors have no common Python type.
+      raise ValueError(f'data.tokenizer_path: {path} is not a tokenizer.json that the '
+                       f'tokenizers library can read: {e}') from None
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    named = _special_tokens_beside(path)
+    ids = {}
+    for kind, defaults in self._DEFAULT_NAMES.items():
+      names = (named[kind],) if kind in named else defaults
+      ids[kind] = next((i for i in map(self._tokenizer.token_to_id, names) if i is not None), None)
+    self.bos_id, self.eos_id, self.pad_id = ids['bos_token'], ids['eos_token'], ids['pad_token']
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    # add_special_tokens=False: no bos/eos from the post-processor, as the interface promises.
+    encodings = self._tokenizer.encode_batch_fast(list(texts), add_special_tokens=False)
+    return [np.asarray(encoding.ids, np.int32) for encoding in encodings]
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    # Like sentencepiece: bos/eos/pad carry no text, but chat markers are kept.
+    control = {self.bos_id, self.eos_id, self.pad_id} - {None}
+    kept = [i for i in np.asarray(ids).tolist() if i not in control]
+    return self._tokenizer.decode(kept, skip_special_tokens=False)
+
+  def special_id(self, piece: str) -> int | None:
+    return self._tokenizer.token_to_id(piece)
+
+  def id_to_token(self, token_id: int) -> str | None:
+    """The vocabulary entry of `token_id` (e.g. '<|endoftext|>'), as tokenizer_config.json names it."""
+    return self._tokenizer.id_to_token(token_id)
+
+  def identity(self) -> str:
+    return 'huggingface:' + hashlib.sha256(self._json_bytes).hexdigest()
+
+
+def _special_tokens_beside(path: str) -> dict[str, str]:
+  """bos/eos/pad token names from the tokenizer_config.json next to `path`, when there is one."""
+  config_path = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
+  if not os.path.isfile(config_path):
+    return {}
+  try:
+    with open(config_path, encoding='utf-8') as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{config_path}: not readable JSON ({e})') from None
+  names = {}
+  for kind in HuggingFaceTokenizer._DEFAULT_NAMES:
+    value = config.get(kind)
+    if isinstance(value, dict):  # An AddedToken written out: {"content": "<s>", ...}.
+      value = value.get('content')
+    if isinstance(value, str):
+      names[kind] = value
+  return names
+
+
 def _none_if_negative(token_id: int) -> int | None:
   return None if token_id < 0 else token_id
 
@@ -252,7 +327,7 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, *,
   return output_path
 
 
-TOKENIZER_NAMES = ('sentencepiece', 'byte', 'char')
+TOKENIZER_NAMES = ('sentencepiece', 'byte', 'char', 'huggingface')
 
 
 def build_tokenizer(data_config, corpus_texts: Callable[[], Iterator[str]],
@@ -270,6 +345,12 @@ def build_tokenizer(data_config, corpus_texts: Callable[[], Iterator[str]],
                      f'one of {", ".join(TOKENIZER_NAMES)}.')
   if name == 'byte':
     return ByteTokenizer()
+  if name == 'huggingface':
+    path = data_config.get('tokenizer_path', '')
+    if not path or not os.path.isfile(path):
+      raise ValueError(f'data.tokenizer=huggingface needs data.tokenizer_path, a tokenizer.json '
+                       f'file; got {path!r}.')
+    return HuggingFaceTokenizer(path)
   cache_dir = os.path.join(workdir, 'tokenizer')
   if name == 'char':
     return _build_char_tokenizer(corpus_texts, cache_dir)

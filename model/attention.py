@@ -69,10 +69,13 @@ class Attention(nnx.Module):
     self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
     self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
     self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
-    if cfg.use_bias:
+    # Qwen2 has biases on q, k and v only (qkv_bias); use_bias (GPT-2) has them everywhere.
+    self.qkv_bias = cfg.use_bias or cfg.get("qkv_bias", False)
+    if self.qkv_bias:
       self.bq = param(rngs, (n, h), ("heads", "head_dim"), None)
       self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), None)
       self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), None)
+    if cfg.use_bias:
       self.bo = param(rngs, (d,), ("embed",), None)
 
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
@@ -81,7 +84,7 @@ class Attention(nnx.Module):
     q_BLNH = dense(x_BLD, self.wq[...], 1, dtype)
     k_BLKH = dense(x_BLD, self.wk[...], 1, dtype)
     v_BLKH = dense(x_BLD, self.wv[...], 1, dtype)
-    if cfg.use_bias:
+    if self.qkv_bias:
       q_BLNH = q_BLNH + self.bq[...].astype(dtype)
       k_BLKH = k_BLKH + self.bk[...].astype(dtype)
       v_BLKH = v_BLKH + self.bv[...].astype(dtype)

@@ -88,6 +88,10 @@ def test_mixture_resume_and_process_slices():
       np.testing.assert_array_equal(whole[name], again[name])
       if name != 'source_counts':
         np.testing.assert_array_equal(whole[name], np.concatenate([first[name], second[name]]))
+  for windows in ('aligned', 'shifted', 'random'):  # An evaluation-only source (weight 0) is never read.
+    batch = next(pipeline.train_batches(stores, weights=[1.0, 0.0], global_batch_size=8, seed=5,
+                                        windows=windows, stop_step=1))
+    assert batch['source_counts'].tolist() == [8, 0] and batch['inputs'].max() < 100
   for windows in ('shifted', 'random'):  # Windows of mixed sources stay inside their source.
     for batch in pipeline.train_batches(stores, windows=windows, stop_step=30, **kwargs):
       real = batch['inputs'][batch['segment_ids'] > 0]

@@ -1,11 +1,17 @@
 """Orbax checkpoints of the train state plus a JSON record of where the run stands.
 
+A checkpoint holds four items: `params`, `opt_state`, `progress` (step and RNG)
+and `record` (config, data position, loom version). Keeping the parameters an
+item of their own lets a new run start from another run's parameters alone
+(continued pre-training, a converted Hugging Face model) on any mesh.
+
 Saves are asynchronous: `save` returns once the arrays are copied off the
 devices, and the files are written while training goes on. Orbax writes into a
 temporary directory and renames it when complete, so an interrupted save is
 never the checkpoint that `latest_step` returns.
 """
 import os
+import re
 from typing import Any
 
 import jax
@@ -13,17 +19,55 @@ import orbax.checkpoint as ocp
 
 from training.state import TrainState
 
+ITEMS = ("params", "opt_state", "progress", "record")
+
+
+def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, int]:
+  """(checkpoints directory, step) for a workdir, its checkpoints/ directory or one checkpoints/STEP.
+
+  step=-1 takes the latest finished checkpoint; errors name `field`.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise ValueError(f"{field}: {path} is not a directory (a loom workdir, its checkpoints/ directory "
+                     "or checkpoints/STEP is expected)")
+  if re.fullmatch(r"\d+", os.path.basename(path)):
+    directory, named_step = os.path.dirname(path), int(os.path.basename(path))
+    if step >= 0 and step != named_step:
+      raise ValueError(f"{field} names step {named_step} but step {step} was asked for")
+    return directory, named_step
+  if os.path.isdir(os.path.join(path, "checkpoints")):
+    path = os.path.join(path, "checkpoints")
+  # Finished checkpoints only: an interrupted save is a temporary directory with another name.
+  steps = sorted(int(name) for name in os.listdir(path) if re.fullmatch(r"\d+", name))
+  if not steps:
+    raise ValueError(f"{field}: {path} holds no finished loom checkpoint (directories named by step)")
+  if step < 0:
+    return path, steps[-1]
+  if step not in steps:
+    raise ValueError(f"{field}: step {step} is not in {path}, which has steps {steps}")
+  return path, step
+
 
 class Checkpointer:
 
-  def __init__(self, directory: str, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, keep: int = 3, keep_every: int = 0, async_save: bool = True,
+               read_only: bool = False):
+    """Keeps the last `keep` checkpoints and, beyond them, every step divisible by `keep_every`."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
+                                           create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Handlers named up front, so a manager that has not saved (a reader) can read item metadata.
+    handlers = {name: ocp.JsonCheckpointHandler() if name == "record" else ocp.StandardCheckpointHandler()
+                for name in ITEMS}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
 
   def save(self, state: TrainState, record: dict[str, Any]) -> None:
     """Saves `state` at its own step, with `record` (data position, config) beside it."""
@@ -31,17 +75,53 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return
     self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)
+        params=ocp.args.StandardSave(state.params),
+        opt_state=ocp.args.StandardSave(state.opt_state),
+        progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+        record=ocp.args.JsonSave(record)), force=True)
+
+  def save_params(self, step: int, params, record: dict[str, Any]) -> None:
+    """A parameters-only checkpoint (no optimizer state): what a model import writes."""
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), record=ocp.args.JsonSave(record)), force=True)
 
   def record(self, step: int) -> dict[str, Any]:
     """The JSON record saved with `step`, read without touching the arrays."""
     return self._manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record
 
+  def params_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """'blocks/attn/wq'-style path -> saved shape, read from the metadata alone."""
+    tree = self._manager.item_metadata(step)["params"].tree
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    shapes = {}
+    for path, leaf in flat:
+      names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+      shapes["/".join(n for n in names if n and n != "value")] = tuple(leaf.shape)
+    return shapes
+
+  def has_optimizer_state(self, step: int) -> bool:
+    return os.path.isdir(os.path.join(self.directory, str(step), "opt_state"))
+
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
-    """Restores into the shardings that `abstract_state`'s ShapeDtypeStructs carry."""
+    """Restores into the shardings (and dtypes) that `abstract_state`'s ShapeDtypeStructs carry."""
+    progress = {"step": abstract_state.step, "rng": abstract_state.rng}
     restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), record=ocp.args.JsonRestore()))
-    return restored.state, restored.record
+        params=ocp.args.StandardRestore(abstract_state.params),
+        opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+        progress=ocp.args.StandardRestore(progress),
+        record=ocp.args.JsonRestore()))
+    state = TrainState(step=restored.progress["step"], params=restored.params,
+                       opt_state=restored.opt_state, rng=restored.progress["rng"])
+    return state, restored.record
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the parameters, resharded and cast to `abstract_params`' shardings and dtypes."""
+    return self._manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract_params))).params
+
+  def restore_opt_state(self, step: int, abstract_opt_state):
+    return self._manager.restore(step, args=ocp.args.Composite(
+        opt_state=ocp.args.StandardRestore(abstract_opt_state))).opt_state
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

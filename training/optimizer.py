@@ -1,4 +1,6 @@
-"""Optax chains from the `optimizer` config: optimizer, schedule, clipping, decay mask."""
+"""Optax chains from the `optimizer` config: optimizer, schedule, clipping, decay mask, frozen parameters."""
+import re
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -46,6 +48,73 @@ NO_DECAY = frozenset({"scale", "bias", "bq", "bk", "bv", "bo", "b_up", "b_down"}
 EMBEDDINGS = frozenset({"embed", "pos_embed"})
 
 
+def _names(path) -> list[str]:
+  names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
+  return [n for n in names if n and n != "value"]
+
+
+def parameter_paths(params) -> list[str]:
+  """'blocks/attn/wq'-style paths of every parameter: what init.freeze matches."""
+  return ["/".join(_names(path)) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+  """'0-5,7' -> [0, 1, 2, 3, 4, 5, 7]; a ValueError naming init.freeze_layers otherwise."""
+  layers = set()
+  for part in filter(None, (p.strip() for p in spec.split(","))):
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+    if not match:
+      raise ValueError(f"init.freeze_layers={spec!r}: {part!r} is not an index or a range like 0-5")
+    first, last = int(match[1]), int(match[2] or match[1])
+    if not first <= last < num_layers:
+      raise ValueError(f"init.freeze_layers={spec!r}: {part!r} is outside the model's layers "
+                       f"0-{num_layers - 1}")
+    layers.update(range(first, last + 1))
+  return sorted(layers)
+
+
+def trainable_mask(params, freeze: str, freeze_layers: str, num_layers: int):
+  """1 where a parameter (or a layer of a stacked one) trains, 0 where it is frozen; None: all train.
+
+  `freeze` holds comma-separated regexes matched against whole path prefixes
+  ("embed" freezes embed, not pos_embed; "blocks/attn" every attention weight).
+  """
+  patterns = [p.strip() for p in freeze.split(",") if p.strip()]
+  layers = parse_layers(freeze_layers, num_layers)
+  if not patterns and not layers:
+    return None
+  paths = parameter_paths(params)
+  for pattern in patterns:
+    try:
+      matcher = re.compile(f"(?:{pattern})(?:/.*)?")
+    except re.error as e:
+      raise ValueError(f"init.freeze: {pattern!r} is not a regular expression ({e})") from None
+    if not any(matcher.fullmatch(path) for path in paths):
+      raise ValueError(f"init.freeze: {pattern!r} matches no parameter; paths are: {', '.join(paths)}")
+  matchers = [re.compile(f"(?:{p})(?:/.*)?") for p in patterns]
+
+  def mask(path, leaf):
+    name = "/".join(_names(path))
+    if any(m.fullmatch(name) for m in matchers):
+      return jnp.zeros((), jnp.float32)
+    if layers and name.startswith("blocks/"):  # Stacked along a leading layers axis.
+      per_layer = jnp.ones((leaf.shape[0],), jnp.float32).at[jnp.array(layers)].set(0.0)
+      return per_layer.reshape((-1,) + (1,) * (len(leaf.shape) - 1))
+    return jnp.ones((), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def freeze(mask) -> optax.GradientTransformation:
+  """Zeroes the final updates of frozen parameters, so neither gradients nor weight decay move them."""
+
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, mask), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def weight_decay_mask(params, decay_embeddings: bool):
   """True for the weights that are decayed: matrices, embeddings only if asked.
 
@@ -53,8 +122,7 @@ def weight_decay_mask(params, decay_embeddings: bool):
   """
 
   def decays(path, _):
-    names = [str(getattr(p, "key", getattr(p, "name", ""))) for p in path]
-    name = [n for n in names if n and n != "value"][-1]
+    name = _names(path)[-1]
     if name in NO_DECAY:
       return False
     if name in EMBEDDINGS:
@@ -64,7 +132,9 @@ def weight_decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def build_optimizer(cfg, num_steps: int, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(cfg, num_steps: int, params, frozen=None
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`frozen`: a trainable_mask (or None); frozen parameters get zero updates."""
   schedule = learning_rate_schedule(cfg, num_steps)
   mask = weight_decay_mask(params, cfg.decay_embeddings)
   if cfg.name == "adamw":
@@ -81,4 +151,6 @@ def build_optimizer(cfg, num_steps: int, params) -> tuple[optax.GradientTransfor
     raise ValueError(f"optimizer.name={cfg.name!r} is not a known optimizer")
   if cfg.grad_clip_norm > 0:
     core = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), core)
+  if frozen is not None:
+    core = optax.chain(core, freeze(frozen))
   return core, schedule

@@ -21,13 +21,16 @@ import sharding
 from model.sampling import sample
 from model.transformer import COMPUTE_DTYPES
 from training import hooks as hooks_lib
+from training import init_from
 from training.checkpointing import Checkpointer
 from training.metric_writers import MetricWriter
-from training.optimizer import build_optimizer
+from training.optimizer import build_optimizer, trainable_mask
+from training.preemption import Preemption
 from training.peak_flops import peak_flops
 from training.state import abstract_model, abstract_train_state, init_train_state, state_shardings
 from training.step import make_eval_step, make_train_step
 from training.validation import ConfigError, validate
+from version import __version__
 
 
 @dataclasses.dataclass
@@ -41,6 +44,7 @@ class RunResult:
   eval_history_by_source: dict[str, list[tuple[int, float]]]
   samples: list[str]
   resumed_from: int | None
+  preempted: bool
 
 
 def train(config: ConfigDict, workdir: str) -> RunResult:
@@ -67,14 +71,29 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
 
   # --- Model, optimizer and their shardings.
   graphdef, abstract_params = abstract_model(config.model)
-  tx, schedule = build_optimizer(config.optimizer, train_cfg.num_steps, abstract_params)
+  try:
+    frozen = trainable_mask(abstract_params, config.init.freeze, config.init.freeze_layers,
+                            config.model.num_layers)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  tx, schedule = build_optimizer(config.optimizer, train_cfg.num_steps, abstract_params, frozen)
   shardings = state_shardings(abstract_params, tx, mesh)
   logging.info("model: %.2fM parameters", model_lib.num_params(config.model) / 1e6)
 
-  # --- Checkpoint: resume from the latest one in the workdir, or start fresh.
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints)
+  # --- Checkpoint: resume from the latest one in the workdir, else start from init.checkpoint or afresh.
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints,
+                              keep_every=train_cfg.keep_checkpoints_every)
   resumed_from = checkpointer.latest_step()
-  if resumed_from is None:
+  init_record = None
+  if resumed_from is None and config.init.checkpoint:
+    try:
+      state, init_record = init_from.initial_state(config.init, config.model, tx,
+                                                   abstract_train_state(config.model, tx, shardings),
+                                                   shardings, config.seed)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
+    logging.info("initialised from %s step %d", init_record["directory"], init_record["restored_step"])
+  elif resumed_from is None:
     state = init_train_state(config.model, tx, config.seed, shardings)
   else:
     _check_resumable(checkpointer.record(resumed_from), config, workdir)
@@ -113,14 +132,17 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
                                  {name: eval_batches(name) for name in datasets.names}, writer)
   checkpoint_hook = hooks_lib.CheckpointHook(
       train_cfg.checkpoint_every, checkpointer,
-      lambda step: {"step": step, "data": {"seed": config.seed, "next_step": step,
-                                           "sources": dict(zip(datasets.names, datasets.weights))},
-                    "config": json.loads(config.to_json())})
+      lambda step: {"step": step, "loom_version": __version__,
+                    "data": {"seed": config.seed, "next_step": step,
+                             "sources": dict(zip(datasets.names, datasets.weights))},
+                    "config": json.loads(config.to_json()),
+                    "init": init_record and {k: init_record.get(k) for k in ("directory", "restored_step")}})
   hooks = [logging_hook, eval_hook, checkpoint_hook]
 
   # --- Loop. The step is compiled ahead of time so that no logged step time includes compiling.
   metrics: dict[str, Any] = {}
   step = start_step
+  preempted = False
   stop_step = train_cfg.stop_at_step or train_cfg.num_steps
 
   def batches_on_mesh():
@@ -135,23 +157,33 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     compile_start = time.perf_counter()
     compiled_step = train_step.lower(state, first_batch).compile()
     writer.text(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
+    if init_record is not None and train_cfg.eval_every:  # Where continued training starts from.
+      eval_hook.run(start_step, state, {})
     logging_hook.restart_timer(start_step)
-    for batch in itertools.chain([first_batch], batches):
-      state, metrics = compiled_step(state, batch)
-      step += 1
-      hooks_lib.run_hooks(hooks, step, state, metrics)
-    hooks_lib.run_hooks(hooks, step, state, metrics, final=True)
+    with Preemption() as preemption:
+      for batch in itertools.chain([first_batch], batches):
+        state, metrics = compiled_step(state, batch)
+        step += 1
+        hooks_lib.run_hooks(hooks, step, state, metrics)
+        if preemption.reached(step):
+          checkpoint_hook.finish(step, state, metrics)
+          writer.text(f"preempted (SIGTERM) after step {step}: checkpoint saved; exiting")
+          preempted = True
+          break
+      else:
+        hooks_lib.run_hooks(hooks, step, state, metrics, final=True)
   checkpointer.close()
 
   # --- Samples.
-  samples = _samples(config, graphdef, state, datasets.tokenizer) if step == train_cfg.num_steps else []
+  finished = step == train_cfg.num_steps and not preempted
+  samples = _samples(config, graphdef, state, datasets.tokenizer) if finished else []
   for text in samples:
     writer.text("--- sample ---\n" + text)
   writer.close()
   return RunResult(config=config, state=state, graphdef=graphdef, tokenizer=datasets.tokenizer,
                    last_metrics=logging_hook.last_logged, eval_history=eval_hook.history,
                    eval_history_by_source=eval_hook.source_history,
-                   samples=samples, resumed_from=resumed_from)
+                   samples=samples, resumed_from=resumed_from, preempted=preempted)
 
 
 def _check_resumable(record: dict[str, Any], config: ConfigDict, workdir: str) -> None:

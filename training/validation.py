@@ -16,7 +16,7 @@ CHOICES = {
     "model.mlp": ("gelu", "swiglu"),
     "model.dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "data.tokenizer": ("sentencepiece", "byte", "char"),
+    "data.tokenizer": ("sentencepiece", "byte", "char", "huggingface"),
     "data.tokenizer_model_type": ("bpe", "unigram"),
     "data.windows": ("aligned", "shifted", "random"),
     "data.bad_data": ("skip", "stop"),
@@ -136,6 +136,13 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
            f"train.stop_at_step={t.stop_at_step} must be in [0, train.num_steps={t.num_steps}]")
   for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
     _require(t[field] > 0, f"train.{field}={t[field]} must be positive")
+  _require(t.keep_checkpoints_every >= 0,
+           f"train.keep_checkpoints_every={t.keep_checkpoints_every} must be >= 0")
+  i = config.init
+  _require(i.step >= -1, f"init.step={i.step} must be a step number or -1 (the latest)")
+  for field in ("load_optimizer", "keep_step"):
+    _require(not i[field] or bool(i.checkpoint),
+             f"init.{field}=True needs init.checkpoint (the run to take them from)")
   for field in ("eval_every", "eval_batches", "num_samples"):
     _require(t[field] >= 0, f"train.{field}={t[field]} must be >= 0")
   return config

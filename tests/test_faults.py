@@ -1,0 +1,116 @@
+"""Checkpoints that survive faults: kill -9 at random moments, SIGTERM, retention."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+
+import sharding
+from configs import tiny
+from training import state as state_lib
+from training.checkpointing import Checkpointer
+from training.run import train
+from training.validation import validate
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Frequent async saves (every 3 steps) of a tiny model: a kill often lands in the middle of one.
+RUN_FLAGS = ["--config=configs/tiny.py", "--config.train.num_steps=400", "--config.train.checkpoint_every=3",
+             "--config.train.log_every=3", "--config.train.eval_every=0", "--config.train.num_samples=0",
+             "--config.train.keep_checkpoints=2"]
+
+
+def _start(workdir, *extra):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *RUN_FLAGS, *extra],
+                          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _final_params(workdir, step):
+  config = validate(tiny.get_config(), 1, tokenizer_vocab_size=259)
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  _, abstract_params = state_lib.abstract_model(config.model)
+  shardings = sharding.tree_shardings(abstract_params, mesh)
+  abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                          abstract_params, shardings)
+  params = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(step, abstract)
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
+
+
+def _kill_at_a_random_moment(process, rng) -> str:
+  """SIGKILL during start-up (a quarter of the time) or up to 0.6 s into training and its saves."""
+  lines = []
+  if rng.uniform() < 0.25:
+    time.sleep(rng.uniform(0.5, 5.0))
+  else:
+    for line in process.stdout:
+      lines.append(line)
+      if line.startswith("compiled the train step"):
+        break
+    time.sleep(rng.uniform(0.0, 0.6))
+  process.send_signal(signal.SIGKILL)
+  rest, _ = process.communicate(timeout=60)
+  return "".join(lines) + rest
+
+
+def test_kill_9_at_random_moments_never_loses_the_run(tmp_path):
+  reference = _start(tmp_path / "reference")
+  output, _ = reference.communicate(timeout=300)
+  assert reference.returncode == 0, output
+
+  workdir = tmp_path / "killed"
+  rng = np.random.default_rng(0)
+  resumed_steps = []
+  for _ in range(20):
+    process = _start(workdir)
+    output = _kill_at_a_random_moment(process, rng)
+    assert process.returncode in (-signal.SIGKILL, 0), output  # Killed, or it had already finished.
+    assert "Traceback" not in output, output
+    match = re.search(r"resumed at step (\d+)", output)
+    if match:
+      resumed_steps.append(int(match[1]))
+  final = _start(workdir)
+  output, _ = final.communicate(timeout=300)
+  assert final.returncode == 0 and "Traceback" not in output, output
+  print(f"20 kills; restarts resumed at steps {resumed_steps}")
+  assert resumed_steps == sorted(resumed_steps)  # Never back to an older checkpoint...
+  assert len(set(resumed_steps)) >= 8  # ...and the kills landed at many points of the run.
+  for killed, uninterrupted in zip(_final_params(workdir, 400), _final_params(tmp_path / "reference", 400)):
+    np.testing.assert_array_equal(killed, uninterrupted)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
+  process = _start(tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
+                   "--config.train.log_every=10")
+  lines = []
+  for line in process.stdout:  # Wait until it is training.
+    lines.append(line)
+    if line.startswith("step 20/"):
+      break
+  process.send_signal(signal.SIGTERM)
+  rest, _ = process.communicate(timeout=120)
+  output = "".join(lines) + rest
+  assert process.returncode == 0, output
+  step = int(re.search(r"preempted \(SIGTERM\) after step (\d+): checkpoint saved", output)[1])
+  checkpointer = Checkpointer(os.path.join(tmp_path, "checkpoints"), read_only=True)
+  assert checkpointer.all_steps() == [step]
+  record = checkpointer.record(step)
+  assert record["step"] == step and record["data"]["next_step"] == step
+  assert record["loom_version"] and record["config"]["model"]["num_layers"] == 2
+
+
+def test_keep_last_k_and_every_n(tmp_path):
+  config = tiny.get_config()
+  config.mesh.update(data=-1)
+  config.train.update(num_steps=12, checkpoint_every=1, keep_checkpoints=2, keep_checkpoints_every=5,
+                      eval_every=0, num_samples=0, log_every=4)
+  train(config, str(tmp_path))
+  checkpointer = Checkpointer(os.path.join(tmp_path, "checkpoints"), read_only=True)
+  assert checkpointer.all_steps() == [5, 10, 11, 12]
+  with open(os.path.join(tmp_path, "checkpoints", "12", "record", "metadata")) as f:
+    assert json.load(f)["data"]["next_step"] == 12

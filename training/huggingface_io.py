@@ -1,0 +1,442 @@
+"""Hugging Face checkpoint directories <-> loom checkpoints: the file side of model/huggingface.py.
+
+import_hf reads a directory that transformers' save_pretrained wrote
+(config.json, model.safetensors or sharded model-*.safetensors with
+model.safetensors.index.json, the tokenizer) and writes OUT/checkpoints/0, a
+parameters-only loom checkpoint, OUT/config.py, a loom config for the model,
+and a copy of the tokenizer. export_hf writes a loom checkpoint back as such a
+directory, with the tokenizer and a ChatML chat template matching
+data/chat.py, so that transformers' AutoModelForCausalLM and AutoTokenizer load it.
+
+Weights are read from safetensors only. PyTorch's .bin/.pt files are pickles,
+and unpickling runs whatever code the file holds, so a directory that has only
+those is refused and never opened.
+"""
+import glob
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+from flax import nnx
+from absl import logging
+import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so safetensors' numpy API reads bf16 shards.
+import numpy as np
+import sentencepiece as spm
+from ml_collections import ConfigDict
+from safetensors.numpy import load_file, save_file
+
+from configs import base
+from model import huggingface
+from training.checkpointing import Checkpointer, locate
+from training.state import abstract_model
+from version import __version__
+
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Files of a tokenizer that travel with the weights, both ways.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+# --- Reading a Hugging Face directory.
+
+def read_hf_config(hf_dir: str) -> dict[str, Any]:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"{hf_dir} has no config.json; a Hugging Face model directory (save_pretrained) "
+                     "is expected")
+  return _read_json(path)
+
+
+def safetensors_files(hf_dir: str) -> list[str]:
+  """The weight files of `hf_dir`: the index's shards, model.safetensors, or every *.safetensors.
+
+  Refuses a directory whose weights are only pickles, without opening them.
+  """
+  if not os.path.isdir(hf_dir):
+    raise ValueError(f"{hf_dir} is not a directory")
+  index_path = os.path.join(hf_dir, INDEX_FILE)
+  if os.path.isfile(index_path):
+    weight_map = _read_json(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise ValueError(f"{index_path}: no 'weight_map' object naming each tensor's shard")
+    files = [os.path.join(hf_dir, name) for name in sorted(set(weight_map.values()))]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+      raise ValueError(f"{index_path} names shards that are not there: {', '.join(missing[:3])}")
+    return files
+  single = os.path.join(hf_dir, "model.safetensors")
+  if os.path.isfile(single):
+    return [single]
+  files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+  if files:
+    return files
+  pickles = sorted(os.path.basename(p) for pattern in PICKLE_PATTERNS
+                   for p in glob.glob(os.path.join(hf_dir, pattern)))
+  if pickles:
+    raise ValueError(
+        f"{hf_dir} has PyTorch pickle weights only ({', '.join(pickles[:3])}); loom reads safetensors "
+        "and never unpickles a file (loading a pickle runs any code it holds). Convert it where you "
+        "trust it, e.g. AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, "
+        "safe_serialization=True), and import that")
+  raise ValueError(f"{hf_dir} has no model.safetensors, {INDEX_FILE} or *.safetensors file")
+
+
+def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
+  """Every tensor of the directory's safetensors shards, by name (numpy, the stored dtype)."""
+  tensors: dict[str, np.ndarray] = {}
+  for path in safetensors_files(hf_dir):
+    try:
+      shard = load_file(path)
+    except Exception as e:  # safetensors raises its own SafetensorError for a damaged file.
+      raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    repeated = sorted(set(shard) & set(tensors))
+    if repeated:
+      raise ValueError(f"{path}: tensor {repeated[0]} is in another shard too")
+    tensors.update(shard)
+  return tensors
+
+
+# --- Import.
+
+def import_hf(hf_dir: str, out_dir: str) -> tuple[ConfigDict, dict[str, Any]]:
+  """Converts a Hugging Face model directory into a loom checkpoint, config and tokenizer under `out_dir`.
+
+  Writes OUT/checkpoints/0 (parameters only; its record holds the loom config,
+  the source directory, its config.json and loom's version), OUT/config.py
+  and the tokenizer files. Returns the loom config and the parameters (loom's
+  pure dict of float32 numpy arrays).
+  """
+  hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+  files = safetensors_files(hf_dir)  # First: a pickle-only directory is refused before anything else.
+  hf_cfg = read_hf_config(hf_dir)
+  try:
+    fields = huggingface.loom_model_config(hf_cfg)
+  except ValueError as e:
+    raise ValueError(f"{os.path.join(hf_dir, 'config.json')}: {e}") from None
+  if os.path.exists(os.path.join(out_dir, "checkpoints")):
+    raise ValueError(f"{out_dir} already holds a loom checkpoint; choose a new --output")
+
+  config = base.get_config()
+  config.model.update(**fields)
+  config.data.seq_len = min(config.data.seq_len, config.model.max_seq_len)
+  try:
+    params = huggingface.params_from_hf(read_safetensors(hf_dir), config.model)
+  except ValueError as e:
+    raise ValueError(f"{hf_dir}: {e}") from None
+
+  os.makedirs(out_dir, exist_ok=True)
+  tokenizer = _copy_tokenizer(hf_dir, out_dir)
+  if tokenizer:
+    config.data.update(tokenizer=tokenizer[0], tokenizer_path=os.path.join(out_dir, tokenizer[1]))
+  if "init" in config:
+    config.init.checkpoint = out_dir
+  record = {"step": 0, "config": json.loads(config.to_json()), "loom_version": __version__,
+            "imported_from": {"path": hf_dir, "files": [os.path.basename(f) for f in files],
+                              "hf_config": hf_cfg}}
+  _save_params(os.path.join(out_dir, "checkpoints"), config.model, params, record)
+  _write_config_py(os.path.join(out_dir, "config.py"), fields, config, tokenizer, hf_dir)
+  return config, params
+
+
+def _copy_tokenizer(hf_dir: str, out_dir: str) -> tuple[str, str] | None:
+  """Copies the tokenizer files; (data.tokenizer, file name) for loom, or None when there is none.
+
+  A sentencepiece tokenizer.model (Llama 2, Mistral) is preferred to a
+  tokenizer.json, since loom then tokenizes with sentencepiece itself.
+  """
+  for name in TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(hf_dir, name)):
+      shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out_dir, name))
+  if os.path.isfile(os.path.join(out_dir, "tokenizer.model")):
+    return "sentencepiece", "tokenizer.model"
+  if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+    return "huggingface", "tokenizer.json"
+  return None
+
+
+def _save_params(directory: str, model_cfg: ConfigDict, params: Mapping[str, Any],
+                 record: dict[str, Any]) -> None:
+  """A parameters-only checkpoint at step 0, in the nnx.State structure training restores."""
+  _, state = abstract_model(model_cfg)
+  host = _host_device()
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda value: jax.device_put(value, host), params))
+  checkpointer = Checkpointer(directory, async_save=False)
+  checkpointer.save_params(0, state, record)
+  checkpointer.close()
+
+
+def _write_config_py(path: str, fields: dict[str, Any], config: ConfigDict,
+                     tokenizer: tuple[str, str] | None, hf_dir: str) -> None:
+  model_lines = ",\n".join(f"      {key}={value!r}" for key, value in fields.items())
+  lines = [
+      f'"""loom config for the Hugging Face model imported from {hf_dir} (loom {__version__}).',
+      "",
+      "Its parameters are checkpoints/0 beside this file; a run starts from them with",
+      "  python train.py --config=THIS_FILE --workdir=... (init.checkpoint is set below)",
+      '"""',
+      "import os",
+      "",
+      "from configs import base",
+      "",
+      "HERE = os.path.dirname(os.path.abspath(__file__))",
+      "",
+      "",
+      "def get_config():",
+      "  config = base.get_config()",
+      f"  config.model.update(\n{model_lines})",
+  ]
+  if config.data.seq_len != base.get_config().data.seq_len:
+    lines.append(f"  config.data.seq_len = {config.data.seq_len}")
+  if tokenizer:
+    lines.append(f"  config.data.update(tokenizer={tokenizer[0]!r}, "
+                 f"tokenizer_path=os.path.join(HERE, {tokenizer[1]!r}))")
+  else:
+    lines.append(f"  # {hf_dir} has no tokenizer.model or tokenizer.json: set data.tokenizer_path.")
+  if "init" in config:
+    lines.append("  config.init.checkpoint = HERE")
+  lines.append("  return config")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+# --- Export.
+
+def checkpoint_config(checkpoint: str, config: ConfigDict | Mapping[str, Any] | None = None
+                      ) -> tuple[ConfigDict, dict[str, Any]]:
+  """(the full loom config of a checkpoint, its record), read without touching the arrays.
+
+  The config is the one in the checkpoint's record, overlaid with `config`'s
+  model and data fields when given (a config file's unset fields, such as
+  vocab_size=0, keep the record's values).
+  """
+  directory, step = locate(checkpoint)
+  checkpointer = Checkpointer(directory, async_save=False)
+  try:
+    record = checkpointer.record(step)
+  finally:
+    checkpointer.close()
+  return _full_config(config, record.get("config"), f"{directory}/{step}"), record
+
+
+def load_params(checkpoint: str, model_cfg: ConfigDict) -> dict[str, Any]:
+  """A checkpoint's parameters as loom's pure dict of numpy arrays, restored into host memory."""
+  directory, step = locate(checkpoint)
+  _, abstract = abstract_model(model_cfg)
+  host = jax.sharding.SingleDeviceSharding(_host_device())
+  abstract = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=host), abstract)
+  checkpointer = Checkpointer(directory, async_save=False)
+  try:
+    params = checkpointer.restore_params(step, abstract)
+  finally:
+    checkpointer.close()
+  return jax.tree.map(np.asarray, jax.device_get(nnx.to_pure_dict(params)))
+
+
+def _host_device() -> jax.Device:
+  """The CPU: converting a model must not need room for it in accelerator memory."""
+  try:
+    return jax.devices("cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS without cpu.
+    return jax.local_devices()[0]
+
+
+# A config file's values that mean "not set here": derived at run time, so the record's value stands.
+_UNSET = {"model": {"vocab_size": 0, "num_kv_heads": 0, "head_dim": 0}, "data": {"tokenizer_path": ""}}
+
+
+def _full_config(config, saved: Mapping[str, Any] | None, where: str) -> ConfigDict:
+  """configs/base.py's config with the model and data fields of the record's config, then `config`'s."""
+  if config is None and not saved:
+    raise ValueError(f"{where}: the checkpoint's record has no config; pass the run's config")
+  given = config.to_dict() if isinstance(config, ConfigDict) else config
+  full = base.get_config()
+  for source in (saved, given):
+    for section in ("model", "data"):
+      values = {key: value for key, value in dict((source or {}).get(section) or {}).items()
+                if key in full[section] and key != "sources"}
+      if source is given:
+        values = {key: value for key, value in values.items()
+                  if not (key in _UNSET[section] and value == _UNSET[section][key])}
+      full[section].update(values)
+  m = full.model
+  if not m.vocab_size:
+    raise ValueError(f"{where}: model.vocab_size is 0 and the checkpoint's record does not say it; "
+                     "pass the run's WORKDIR/config.json")
+  m.num_kv_heads = m.num_kv_heads or m.num_heads
+  m.head_dim = m.head_dim or m.embed_dim // m.num_heads
+  return full
+
+
+def export_hf(checkpoint: str, config: ConfigDict | Mapping[str, Any] | None, out_dir: str,
+              model_type: str, dtype: str = "float32") -> list[str]:
+  """Writes a loom checkpoint as a Hugging Face directory; returns the paths written.
+
+  `checkpoint` is a workdir (its latest step), its checkpoints/ directory or one
+  checkpoints/STEP; `config` the run's config (None: the one in the checkpoint's
+  record). Writes config.json, model.safetensors (`dtype`: float32, bfloat16 or
+  float16), generation_config.json, and the tokenizer: tokenizer.model (a
+  sentencepiece model) or tokenizer.json, with tokenizer_config.json carrying
+  the special tokens and the ChatML chat_template. Raises ValueError, before
+  reading any array, when the model is not of `model_type`'s family.
+  """
+  if dtype not in EXPORT_DTYPES:
+    raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(EXPORT_DTYPES)}")
+  full, _ = checkpoint_config(checkpoint, config)
+  hf_cfg = huggingface.hf_config(full.model, model_type)
+  tensors = huggingface.hf_tensors(load_params(checkpoint, full.model), full.model, model_type)
+  tensors = {name: np.ascontiguousarray(value.astype(EXPORT_DTYPES[dtype]))
+             for name, value in tensors.items()}
+
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  workdir = os.path.dirname(locate(checkpoint)[0])
+  tokens = _write_tokenizer(full.data, workdir, out_dir, full.model.max_seq_len, written)
+  hf_cfg.update(torch_dtype=dtype, bos_token_id=tokens.get("bos_id"), eos_token_id=tokens.get("eos_id"),
+                pad_token_id=tokens.get("pad_id"))
+  weights = os.path.join(out_dir, "model.safetensors")
+  save_file(tensors, weights, metadata={"format": "pt"})  # transformers reads "pt" as torch layout.
+  written.append(weights)
+  written.append(_write_json(os.path.join(out_dir, "config.json"), hf_cfg))
+  generation = {key: value for key, value in (("bos_token_id", tokens.get("bos_id")),
+                                              ("eos_token_id", tokens.get("eos_id")),
+                                              ("pad_token_id", tokens.get("pad_id"))) if value is not None}
+  written.append(_write_json(os.path.join(out_dir, "generation_config.json"), generation))
+  return written
+
+
+def chatml_template() -> str:
+  """data/chat.py's rendering as the Jinja template that transformers' apply_chat_template runs.
+
+  The bos token, then <|im_start|>{role}\\n{content}<|im_end|>\\n per message; with
+  add_generation_prompt, the header of the assistant's reply.
+  """
+  # Imported here: the data package loads TensorFlow, which only an export with a tokenizer needs.
+  from data.special_tokens import IM_END, IM_START
+
+  return ("{% if bos_token %}{{ bos_token }}{% endif %}"
+          "{% for message in messages %}"
+          "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "\\n' }}"
+          "{% endfor %}"
+          "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}")
+
+
+def _write_tokenizer(data_cfg: ConfigDict, workdir: str, out_dir: str, max_length: int,
+                     written: list[str]) -> dict[str, int]:
+  """Writes the run's tokenizer with a tokenizer_config.json; returns its {'bos_id': ..., ...}.
+
+  Without one (a char tokenizer, or none found) only the weights are written, with a warning.
+  """
+  kind, path = data_cfg.tokenizer, data_cfg.tokenizer_path
+  if kind in ("sentencepiece", "huggingface") and path and not os.path.isfile(path):
+    raise ValueError(f"data.tokenizer_path: the run's tokenizer {path} is not there")
+  if kind == "sentencepiece" and not path:
+    path = os.path.join(workdir, "tokenizer", "sp.model")  # Trained by the run, cached there.
+    if not os.path.isfile(path):
+      logging.warning("no tokenizer exported: data.tokenizer_path is empty and %s is not there", path)
+      return {}
+  if kind == "sentencepiece":
+    tokenizer_cfg, specials = _sentencepiece_files(path, out_dir, written)
+  elif kind == "huggingface":
+    tokenizer_cfg, specials = _tokenizer_json_files(path, out_dir, written)
+  elif kind == "byte":
+    tokenizer_cfg, specials = _byte_tokenizer_files(out_dir, written)
+  else:
+    logging.warning("no tokenizer exported: data.tokenizer=%s has no Hugging Face form", kind)
+    return {}
+  for role, (name, _) in specials.items():
+    tokenizer_cfg[f"{role}_token"] = name
+  tokenizer_cfg.update(chat_template=chatml_template(), model_max_length=max_length)
+  written.append(_write_json(os.path.join(out_dir, "tokenizer_config.json"), tokenizer_cfg))
+  return {f"{role}_id": token_id for role, (_, token_id) in specials.items() if role != "unk"}
+
+
+# What each writer returns: tokenizer_config.json's settings, and {role: (token, id)} of its
+# bos / eos / pad / unk tokens.
+_Specials = dict[str, tuple[str, int]]
+
+
+def _sentencepiece_files(path: str, out_dir: str, written: list[str]) -> tuple[dict[str, Any], _Specials]:
+  sp = spm.SentencePieceProcessor(model_file=path)
+  specials = {role: (sp.id_to_piece(token_id), token_id)
+              for role, token_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()),
+                                     ("unk", sp.unk_id())) if token_id >= 0}
+  written.append(shutil.copyfile(path, os.path.join(out_dir, "tokenizer.model")))
+  # loom's sentencepiece models keep text as is (no dummy prefix, identity normalisation), which
+  # LlamaTokenizer reproduces with legacy=False and add_prefix_space=False.
+  return {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
+          "add_bos_token": "bos" in specials, "add_eos_token": False}, specials
+
+
+def _tokenizer_json_files(path: str, out_dir: str, written: list[str]) -> tuple[dict[str, Any], _Specials]:
+  from data.tokenizers import HuggingFaceTokenizer  # See chatml_template.
+
+  tokenizer = HuggingFaceTokenizer(path)
+  specials = {role: (tokenizer.id_to_token(token_id), token_id)
+              for role, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
+                                     ("pad", tokenizer.pad_id)) if token_id is not None}
+  written.append(shutil.copyfile(path, os.path.join(out_dir, "tokenizer.json")))
+  # The settings transformers saved beside it (added tokens, class) stay; the template is loom's.
+  beside = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+  if os.path.isfile(beside):
+    return _read_json(beside), specials
+  return {"tokenizer_class": "PreTrainedTokenizerFast"}, specials
+
+
+def _byte_tokenizer_files(out_dir: str, written: list[str]) -> tuple[dict[str, Any], _Specials]:
+  """data.tokenizers.ByteTokenizer as a tokenizer.json: pad/bos/eos at 0..2, then byte b at b + 3.
+
+  A byte-level BPE without merges gives one token per byte. The one difference:
+  transformers matches the literal texts '<pad>', '<s>' and '</s>' as those
+  tokens, where loom spells them out in bytes.
+  """
+  import tokenizers  # Only this writer needs it; loom's own byte tokenizer does not.
+  from data import special_tokens
+  from data.tokenizers import ByteTokenizer
+
+  loom = ByteTokenizer()
+  specials = {"pad": (special_tokens.PAD, loom.pad_id), "bos": (special_tokens.BOS, loom.bos_id),
+              "eos": (special_tokens.EOS, loom.eos_id)}
+  offset = int(loom.encode_batch(["\0"])[0][0])  # The id of byte 0.
+  vocab = {name: token_id for name, token_id in specials.values()}
+  vocab.update({char: byte + offset for byte, char in _byte_level_chars().items()})
+  tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(vocab=vocab, merges=[]))
+  tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+  tokenizer.decoder = tokenizers.decoders.ByteLevel()
+  tokenizer.add_special_tokens([tokenizers.AddedToken(name, special=True) for name, _ in specials.values()])
+  target = os.path.join(out_dir, "tokenizer.json")
+  tokenizer.save(target)
+  written.append(target)
+  return {"tokenizer_class": "PreTrainedTokenizerFast"}, specials
+
+
+def _byte_level_chars() -> dict[int, str]:
+  """GPT-2's byte -> printable character table, which tokenizers' ByteLevel pre-tokenizer maps bytes with."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+               *range(ord("\u00ae"), ord("\u00ff") + 1)]
+  chars = {byte: chr(byte) for byte in printable}
+  others = [byte for byte in range(256) if byte not in chars]
+  chars.update({byte: chr(256 + i) for i, byte in enumerate(others)})
+  return chars
+
+
+# --- Files.
+
+def _read_json(path: str) -> dict[str, Any]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path}: not readable JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object")
+  return value
+
+
+def _write_json(path: str, value: dict[str, Any]) -> str:
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, ensure_ascii=False)
+    f.write("\n")
+  return path
