@@ -60,7 +60,7 @@ def get_config() -> ConfigDict:
       # Named sources mixed by weight; see source() below. Python's standard library by default.
       sources=ConfigDict({"main": source(kind="stdlib")}),
       seq_len=128,
-      tokenizer="sentencepiece",  # sentencepiece | byte | char
+      tokenizer="sentencepiece",  # sentencepiece | byte | char | huggingface (a tokenizer.json)
       tokenizer_path="",       # a sentencepiece .model; "": a prepared source's, or train one on the
                                # sources (cached in the workdir).
       tokenizer_vocab_size=4096,

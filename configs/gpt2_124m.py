@@ -1,7 +1,7 @@
 """GPT-2 small (124M) at 1024 tokens, for an 8-chip slice (v5e-8 or 8 GPUs), pure data parallel.
 
-Give a corpus and a 50k sentencepiece model (or let one train) with
---config.data.sources.main.paths=... --config.data.tokenizer_path=...
+Reads C4 through TFDS; for a real run, prepare it once with tools/prepare_data.py and train from
+--config.data.sources.main.kind=prepared --config.data.sources.main.paths=DIR/main
 """
 from configs import base
 

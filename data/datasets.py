@@ -18,6 +18,7 @@ from data.bad_data import BadData
 from data.prepared import PreparedRows
 from data.prepared import write_prepared
 from data.tokenizers import build_tokenizer
+from data.tokenizers import CharTokenizer
 from data.tokenizers import Tokenizer
 
 
@@ -104,14 +105,22 @@ def build_datasets(data_config, *, global_batch_size: int, seed: int, workdir: s
                   process_index=process_index, process_count=process_count)
 
 
+# The files a prepared dataset keeps its tokenizer in, by data.tokenizer.
+_TOKENIZER_FILES = {'sentencepiece': 'tokenizer.model', 'huggingface': 'tokenizer.json', 'char': 'char_vocab.json'}
+
+
 def _tokenizer(data_config, named_sources, workdir: str) -> Tokenizer:
   """The configured tokenizer; a prepared dataset's own one when none is named."""
   prepared = [(name, source) for name, source in named_sources if source.kind == 'prepared']
-  if prepared and data_config.tokenizer == 'sentencepiece' and not data_config.tokenizer_path:
+  stored = prepared and _TOKENIZER_FILES.get(data_config.tokenizer)
+  if stored and not data_config.get('tokenizer_path'):
     name, source = prepared[0]
+    path = os.path.join(source.paths, stored)
+    logging.info('using the tokenizer of data.sources.%s: %s', name, path)
+    if data_config.tokenizer == 'char':
+      return CharTokenizer.load(path)
     data_config = ml_collections.ConfigDict(data_config.to_dict())
-    data_config.tokenizer_path = os.path.join(source.paths, 'tokenizer.model')
-    logging.info('using the tokenizer of data.sources.%s: %s', name, data_config.tokenizer_path)
+    data_config.tokenizer_path = path
 
   def corpus_texts() -> Iterator[str]:
     quiet = BadData('skip', max_logged=0)  # The real pass reports bad records.
@@ -121,6 +130,19 @@ def _tokenizer(data_config, named_sources, workdir: str) -> Tokenizer:
   return build_tokenizer(data_config, corpus_texts, workdir)
 
 
+def _copy_tokenizer(tokenizer: Tokenizer, data_config, directory: str) -> None:
+  """Stores the tokenizer beside prepared rows, so the directory is all a run needs."""
+  stored = _TOKENIZER_FILES.get(data_config.tokenizer)
+  if isinstance(tokenizer, CharTokenizer):
+    tokenizer.save(os.path.join(directory, stored))
+  elif stored:
+    source = getattr(tokenizer, 'model_path', None) or getattr(tokenizer, 'path', None)
+    shutil.copyfile(source, os.path.join(directory, stored))
+    config_file = os.path.join(os.path.dirname(source), 'tokenizer_config.json')
+    if data_config.tokenizer == 'huggingface' and os.path.exists(config_file):  # Its bos/eos/pad.
+      shutil.copyfile(config_file, os.path.join(directory, 'tokenizer_config.json'))
+
+
 def _open_prepared(name: str, source, tokenizer: Tokenizer):
   train = PreparedRows(source.paths, 'train')
   validation = PreparedRows(source.paths, 'validation')
@@ -128,8 +150,8 @@ def _open_prepared(name: str, source, tokenizer: Tokenizer):
   if meta.get('tokenizer') != tokenizer.identity():
     raise ValueError(
         f'data.sources.{name}: {source.paths} was prepared with another tokenizer '
-        f'({meta.get("tokenizer")}) than this run\'s ({tokenizer.identity()}); set '
-        f'data.tokenizer_path={os.path.join(source.paths, "tokenizer.model")} or prepare it again.')
+        f'({meta.get("tokenizer")}) than this run\'s ({tokenizer.identity()}); leave '
+        'data.tokenizer_path empty to use the one stored with it, or prepare it again.')
   return train, validation, {'num_train_tokens': train.num_tokens,
                              'bad_data': meta.get('bad_data', {})}
 
@@ -164,8 +186,8 @@ def prepare_datasets(data_config, output_dir: str, *, names: list[str] | None = 
 
   Memory stays bounded by `chunk_tokens` (plus the validation rows, a
   validation_fraction of the data, held until the train split is written).
-  A sentencepiece tokenizer travels with the data as NAME/tokenizer.model, so
-  a kind='prepared' source needs nothing else. Returns each source's meta.
+  The tokenizer travels with the data (NAME/tokenizer.model, tokenizer.json or
+  char_vocab.json), so a kind='prepared' source needs nothing else. Returns each source's meta.
   """
   named_sources = [(name, source) for name, source in data_config.sources.items()
                    if names is None or name in names]
@@ -198,9 +220,7 @@ def prepare_datasets(data_config, output_dir: str, *, names: list[str] | None = 
                 'loom_version': loom_version, 'bad_data': {}}
     meta = write_prepared(directory, {'train': train_chunks(), 'validation': iter(validation_chunks)},
                           metadata=metadata, rows_per_shard=rows_per_shard, overwrite=overwrite)
-    model_path = getattr(tokenizer, 'model_path', None)
-    if model_path:
-      shutil.copyfile(model_path, os.path.join(directory, 'tokenizer.model'))
+    _copy_tokenizer(tokenizer, data_config, directory)
     logging.info('prepared data.sources.%s into %s in %.1fs: %s', name, directory,
                  time.perf_counter() - start, {s: v['num_rows'] for s, v in meta['splits'].items()})
     metas[name] = meta

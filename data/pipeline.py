@@ -19,6 +19,9 @@ from data.tf_cpu import tf
 
 Batch = dict[str, np.ndarray]
 WINDOWS = ('aligned', 'shifted', 'random')
+# Steps whose batches one tf.data call builds: the per-call costs (graph dispatch, a
+# prepared store's read) are then shared, and the step time barely feels the pipeline.
+_STEPS_PER_CALL = 8
 
 
 class RowStore(Protocol):
@@ -232,21 +235,23 @@ def train_batches(rows: RowStore | Sequence[RowStore], *, global_batch_size: int
   readers = [_reader(source) for source in sources]
 
   def source_examples(k: int, source: RowStore, n: tf.Tensor, slot: tf.Tensor,
-                      step: tf.Tensor) -> tuple[tf.Tensor, ...]:
-    """Windows for this source's examples number n (at positions `slot` of the global batch)."""
+                      steps: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """Windows for this source's examples number n (at `slot` of the global batch of step `steps`)."""
     read = readers[k]
     num_rows = tf.constant(source.num_rows, tf.int64)
     can_shift = shuffle and source.stream and windows != 'aligned'
     if can_shift and windows == 'random':
-      # The whole global batch's starts are drawn from (seed, step, source) and
+      # Each step's global batch of starts is drawn from (seed, step, source) and
       # the process's slots picked out, so every process agrees on them.
-      draw_seed = tf.stack([seed_t, step])
-      if k:
-        draw_seed = tf.random.experimental.stateless_fold_in(draw_seed, k)
-      starts = tf.random.stateless_uniform(
-          [global_batch_size], seed=draw_seed, minval=0,
-          maxval=(num_rows - 1) * source.seq_len + 1, dtype=tf.int64)
-      starts = tf.gather(starts, slot)
+      def draw(step):
+        draw_seed = tf.stack([seed_t, step])
+        if k:
+          draw_seed = tf.random.experimental.stateless_fold_in(draw_seed, k)
+        return tf.random.stateless_uniform([global_batch_size], seed=draw_seed, minval=0,
+                                           maxval=(num_rows - 1) * source.seq_len + 1, dtype=tf.int64)
+      unique_steps, step_index = tf.unique(steps)
+      starts = tf.map_fn(draw, unique_steps)
+      starts = tf.gather_nd(starts, tf.stack([tf.cast(step_index, tf.int64), slot], axis=1))
       row, shift = starts // source.seq_len, starts % source.seq_len
     else:
       epoch, row = n // num_rows, n % num_rows
@@ -259,33 +264,44 @@ def train_batches(rows: RowStore | Sequence[RowStore], *, global_batch_size: int
         return read(row)
       shift = _epoch_shift(seed_t, epoch, k, source.seq_len)
     shift = tf.where(row < num_rows - 1, shift, tf.zeros_like(shift))  # The last row has no successor.
-    return _window(read(row), read(tf.minimum(row + 1, num_rows - 1)), shift)
+    # One read of both rows: an on-disk store pays a fixed cost per call.
+    both = read(tf.concat([row, tf.minimum(row + 1, num_rows - 1)], axis=0))
+    size = tf.shape(row)[0]
+    return _window(tuple(a[:size] for a in both), tuple(a[size:] for a in both), shift)
 
-  def gather_batch(step: tf.Tensor) -> dict[str, tf.Tensor]:
-    example = step * global_batch_size + tf.range(global_batch_size, dtype=tf.int64)
+  def gather_steps(steps: tf.Tensor) -> dict[str, tf.Tensor]:
+    """The batches of several steps at once: the per-call costs are paid once for all of them."""
+    num_steps = tf.shape(steps)[0]
+    example = steps[:, None] * global_batch_size + tf.range(global_batch_size, dtype=tf.int64)[None, :]
     position = example % mixture.period
-    source_id = tf.gather(pattern, position)
+    source_id = tf.gather(pattern, position)  # [steps, global batch]
     n = (example // mixture.period) * tf.gather(counts, source_id) + tf.gather(rank, position)
     local = tf.range(offset, offset + local_batch_size, dtype=tf.int64)
-    local_source = tf.gather(source_id, local)
+    # This process's examples of every step, flattened: [steps * local batch].
+    local_n = tf.reshape(tf.gather(n, local, axis=1), [-1])
+    local_source = tf.reshape(tf.gather(source_id, local, axis=1), [-1])
+    slot = tf.tile(local, [num_steps])
+    step_of = tf.repeat(steps, local_batch_size)
     if len(sources) == 1:
-      arrays = source_examples(0, sources[0], tf.gather(n, local), local, step)
+      arrays = source_examples(0, sources[0], local_n, slot, step_of)
     else:
-      slots = tf.dynamic_partition(local, tf.cast(local_source, tf.int32), len(sources))
+      partition = tf.cast(local_source, tf.int32)
+      picked = tf.dynamic_partition(tf.range(tf.size(local_n)), partition, len(sources))
       # A source of weight 0 (evaluation only) never appears: nothing to read for it.
-      parts = [source_examples(k, source, tf.gather(n, slots[k]), slots[k], step) if mixture.counts[k]
-               else _no_rows(source) for k, source in enumerate(sources)]
-      order = tf.dynamic_partition(tf.range(local_batch_size), tf.cast(local_source, tf.int32),
-                                   len(sources))
-      arrays = [tf.dynamic_stitch(order, [part[i] for part in parts]) for i in range(3)]
-    batch = _features(*arrays)
-    batch['source_counts'] = tf.math.bincount(tf.cast(source_id, tf.int32), minlength=len(sources),
-                                              maxlength=len(sources))
+      parts = [source_examples(k, source, tf.gather(local_n, picked[k]), tf.gather(slot, picked[k]),
+                               tf.gather(step_of, picked[k])) if mixture.counts[k] else _no_rows(source)
+               for k, source in enumerate(sources)]
+      arrays = [tf.dynamic_stitch(picked, [part[i] for part in parts]) for i in range(3)]
+    batch = {name: tf.reshape(value, tf.concat([[num_steps, local_batch_size], tf.shape(value)[1:]], 0))
+             for name, value in _features(*arrays).items()}
+    batch['source_counts'] = tf.reduce_sum(tf.one_hot(source_id, len(sources), dtype=tf.int32), axis=1)
     return batch
 
   stop = np.iinfo(np.int64).max if stop_step is None else stop_step
   dataset = (tf.data.Dataset.range(start_step, stop)
-             .map(gather_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+             .batch(_STEPS_PER_CALL)
+             .map(gather_steps, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+             .unbatch()
              .prefetch(tf.data.AUTOTUNE))
   return dataset.as_numpy_iterator()
 

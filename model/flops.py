@@ -8,6 +8,8 @@ def num_params(cfg, include_embeddings: bool = True) -> int:
   mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
   norms = 2 * d * (2 if (cfg.use_bias and cfg.norm == "layernorm") else 1)
   biases = (n * h + 2 * k * h + d + f + d) if cfg.use_bias else 0
+  if cfg.get("qkv_bias", False) and not cfg.use_bias:  # Qwen2: q/k/v biases alone.
+    biases = n * h + 2 * k * h
   per_layer = attn + mlp + norms + biases
   total = cfg.num_layers * per_layer + d * (2 if (cfg.use_bias and cfg.norm == "layernorm") else 1)
   if not cfg.tie_embeddings:

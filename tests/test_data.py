@@ -360,14 +360,16 @@ def test_mixture_of_text_jsonl_and_chat_with_bad_data(tmp_path):
                    seed=0, workdir=str(tmp_path / 'work2'))
 
 
-def test_prepared_source_trains_like_the_on_the_fly_one(tmp_path):
+@pytest.mark.parametrize('tokenizer', ['sentencepiece', 'char'])
+def test_prepared_source_trains_like_the_on_the_fly_one(tmp_path, tokenizer):
+  """A prepared directory carries its tokenizer: training from it elsewhere gives the same batches."""
   from data.datasets import prepare_datasets
   (tmp_path / 'corpus').mkdir()
   pattern = write_corpus(tmp_path / 'corpus', num_files=10, words=300)
-  config = make_config(paths=pattern, tokenizer='sentencepiece', tokenizer_vocab_size=300)
+  config = make_config(paths=pattern, tokenizer=tokenizer, tokenizer_vocab_size=300)
   metas = prepare_datasets(config, str(tmp_path / 'prepared'), chunk_tokens=10**9)
   on_disk = make_config(sources={'main': base.source(kind='prepared', paths=str(tmp_path / 'prepared' / 'main'))},
-                        tokenizer='sentencepiece', tokenizer_vocab_size=300)
+                        tokenizer=tokenizer, tokenizer_vocab_size=300)
   prepared = build_datasets(on_disk, global_batch_size=4, seed=0, workdir=str(tmp_path / 'w1'))
   in_memory = build_datasets(config, global_batch_size=4, seed=0, workdir=str(tmp_path / 'w2'))
   assert prepared.tokenizer.identity() == in_memory.tokenizer.identity()

@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
 import sharding
 from configs import tiny
@@ -19,14 +20,17 @@ from training.validation import validate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Frequent async saves (every 3 steps) of a tiny model: a kill often lands in the middle of one.
-RUN_FLAGS = ["--config=configs/tiny.py", "--config.train.num_steps=400", "--config.train.checkpoint_every=3",
+RUN_FLAGS = ["--config=configs/tiny.py", "--config.train.num_steps=240", "--config.train.checkpoint_every=3",
              "--config.train.log_every=3", "--config.train.eval_every=0", "--config.train.num_samples=0",
              "--config.train.keep_checkpoints=2"]
 
 
-def _start(workdir, *extra):
+def _start(workdir, *extra, compilation_cache=None):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
              XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  if compilation_cache:  # Restarts skip compiling: the test spends its time on kills, not on XLA.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *RUN_FLAGS, *extra],
                           cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -43,23 +47,26 @@ def _final_params(workdir, step):
 
 
 def _kill_at_a_random_moment(process, rng) -> str:
-  """SIGKILL during start-up (a quarter of the time) or up to 0.6 s into training and its saves."""
+  """SIGKILL during start-up (a quarter of the time) or up to 1.2 s after the first logged step,
+  while this attempt's saves (every 3 steps, asynchronous) are being written."""
   lines = []
   if rng.uniform() < 0.25:
     time.sleep(rng.uniform(0.5, 5.0))
   else:
     for line in process.stdout:
       lines.append(line)
-      if line.startswith("compiled the train step"):
+      if line.startswith("step "):
         break
-    time.sleep(rng.uniform(0.0, 0.6))
+    time.sleep(rng.uniform(0.0, 1.2))
   process.send_signal(signal.SIGKILL)
   rest, _ = process.communicate(timeout=60)
   return "".join(lines) + rest
 
 
+@pytest.mark.long
 def test_kill_9_at_random_moments_never_loses_the_run(tmp_path):
-  reference = _start(tmp_path / "reference")
+  cache = tmp_path / "compilation_cache"
+  reference = _start(tmp_path / "reference", compilation_cache=cache)
   output, _ = reference.communicate(timeout=300)
   assert reference.returncode == 0, output
 
@@ -67,20 +74,20 @@ def test_kill_9_at_random_moments_never_loses_the_run(tmp_path):
   rng = np.random.default_rng(0)
   resumed_steps = []
   for _ in range(20):
-    process = _start(workdir)
+    process = _start(workdir, compilation_cache=cache)
     output = _kill_at_a_random_moment(process, rng)
     assert process.returncode in (-signal.SIGKILL, 0), output  # Killed, or it had already finished.
     assert "Traceback" not in output, output
     match = re.search(r"resumed at step (\d+)", output)
     if match:
       resumed_steps.append(int(match[1]))
-  final = _start(workdir)
+  final = _start(workdir, compilation_cache=cache)
   output, _ = final.communicate(timeout=300)
   assert final.returncode == 0 and "Traceback" not in output, output
   print(f"20 kills; restarts resumed at steps {resumed_steps}")
   assert resumed_steps == sorted(resumed_steps)  # Never back to an older checkpoint...
-  assert len(set(resumed_steps)) >= 8  # ...and the kills landed at many points of the run.
-  for killed, uninterrupted in zip(_final_params(workdir, 400), _final_params(tmp_path / "reference", 400)):
+  assert len(set(resumed_steps)) >= 5  # ...and the kills landed at many points of the run.
+  for killed, uninterrupted in zip(_final_params(workdir, 240), _final_params(tmp_path / "reference", 240)):
     np.testing.assert_array_equal(killed, uninterrupted)
 
 

@@ -181,3 +181,13 @@ def test_flops_per_token_matches_nanogpt_for_shakespeare_char():
   expected = 6 * n + 12 * 4 * 4 * 32 * 64  # estimate_mfu: 6N + 12 L H Q T
   assert expected == 5_168_640
   assert model_lib.flops_per_token(cfg, 64) == expected
+
+
+def test_qkv_bias_alone_is_counted():
+  """Qwen2's q/k/v biases (without use_bias's other biases) are parameters num_params counts."""
+  cfg = model_config(**LLAMA, qkv_bias=True)
+  _, params = random_params(cfg, seed=4)
+  names = {jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  assert sum("'bq'" in n or "'bk'" in n or "'bv'" in n for n in names) == 3
+  assert not any("'bo'" in n or "'b_up'" in n for n in names)
+  assert sum(leaf.size for leaf in jax.tree.leaves(params)) == model_lib.num_params(cfg)

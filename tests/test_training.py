@@ -81,8 +81,11 @@ def test_gradient_accumulation_equals_large_batch(microbatches):
 
 def test_tiny_model_learns_the_corpus(tmp_path):
   config = corpus_config(tmp_path, num_steps=120, eval_every=60, log_every=20, checkpoint_every=60)
+  (tmp_path / "corpus" / "empty.txt").write_text("")  # Bad data, skipped and counted.
   result = train(config, str(tmp_path / "run"))
-  first_loss = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())["loss"]
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  assert records[0] == {"step": 0, "data/skipped/empty_file": 1}
+  first_loss = records[1]["loss"]
   assert first_loss > 3.0
   assert result.last_metrics["loss"] < 1.5
   assert result.eval_history[-1][1] < 1.5
