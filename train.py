@@ -23,6 +23,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
                                 "on several hosts, a path every host sees (a shared filesystem).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first: on a TPU pod "
                                "slice or a SLURM/Open MPI cluster it finds the other processes itself.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "With --multihost where nothing finds the "
+                                   "processes itself: host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address: how many processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address: this process's index.")
 
 
 def main(argv):
@@ -30,7 +34,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   if _MULTIHOST.value:
     import jax
-    jax.distributed.initialize()
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                               process_id=_PROCESS_ID.value)
   try:
     train(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:

@@ -262,3 +262,43 @@ def test_two_processes_read_disjoint_halves_and_assemble_the_one_process_batches
                            mixture['reads'][source_name], MIXTURE_STEPS * per_step,
                            f'mixture {source_name}')
     assert len(mixture['reads'][source_name]) == NUM_PROCESSES * MIXTURE_STEPS * per_step
+
+
+TRAIN_OVERRIDES = dict(num_steps=12, checkpoint_every=6, log_every=6, eval_every=6, num_samples=0)
+
+
+def _train_py(workdir, *extra):
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu', PYTHONPATH=REPO_ROOT,
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}')
+  flags = [f'--config.train.{key}={value}' for key, value in TRAIN_OVERRIDES.items()]
+  return subprocess.Popen([sys.executable, 'train.py', '--config=configs/tiny.py', f'--workdir={workdir}',
+                           *flags, *extra], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def test_train_py_on_two_processes_trains_as_one_process(tmp_path):
+  """`train.py --multihost` end to end: two processes (4 devices each) sharing a workdir train,
+  evaluate and checkpoint exactly as one process with 8 devices (this test's own)."""
+  from configs import tiny
+  from training.run import train
+  port = _free_port()
+  processes = [_train_py(tmp_path / 'two', '--multihost', f'--coordinator_address=127.0.0.1:{port}',
+                         '--num_processes=2', f'--process_id={i}') for i in range(2)]
+  for process in processes:
+    output = process.communicate(timeout=WORKER_TIMEOUT_S)[0]
+    assert process.returncode == 0, output[-4000:]
+  config = tiny.get_config()
+  config.train.update(**TRAIN_OVERRIDES)
+  train(config, str(tmp_path / 'one'))
+  two, one = (json_lines(tmp_path / name / 'metrics.jsonl') for name in ('two', 'one'))
+  assert [r['step'] for r in two] == [r['step'] for r in one] == [6, 6, 12, 12]
+  for a, b in zip(two, one):
+    for key in ('loss', 'grad_norm', 'eval_loss'):
+      if key in b:
+        assert a[key] == pytest.approx(b[key], rel=1e-6), key
+  assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['12', '6']
+
+
+def json_lines(path):
+  with open(path) as f:
+    return [json.loads(line) for line in f]
