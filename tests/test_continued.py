@@ -158,3 +158,14 @@ def test_frozen_parameters_and_layers_do_not_move(pretrained, tmp_path):
     _continue(tmp_path, str(pretrained_dir / "run"), "typo", (1.0, 0.0), freeze="embedding")
   with pytest.raises(ConfigError, match=r"init.freeze_layers='3': '3' is outside the model's layers 0-1"):
     _continue(tmp_path, str(pretrained_dir / "run"), "typo2", (1.0, 0.0), freeze_layers="3")
+
+
+def test_a_wrong_init_checkpoint_is_one_config_error_before_the_data(tmp_path):
+  config = corpus_config(tmp_path, num_steps=4)
+  config.init.checkpoint = str(tmp_path / "nowhere")
+  with pytest.raises(ConfigError, match=r"^init.checkpoint: .*nowhere is not a directory"):
+    validate(config, 8, tokenizer_vocab_size=259)
+  (tmp_path / "empty_run" / "checkpoints").mkdir(parents=True)
+  config.init.update(checkpoint=str(tmp_path / "empty_run"))
+  with pytest.raises(ConfigError, match=r"^init.checkpoint: .* holds no finished loom checkpoint"):
+    validate(config, 8, tokenizer_vocab_size=259)

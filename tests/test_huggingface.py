@@ -102,6 +102,7 @@ def test_imported_model_gives_the_logits_of_transformers(tmp_path, kind):
   expected = hf_logits(model, tokens)
   got = loom_logits(config.model, params, tokens)
   assert got.shape == expected.shape == (2, 24, VOCAB)
+  print(f"{kind}: max |loom - transformers| = {np.abs(got - expected).max():.1e}")  # pytest -s
   assert np.abs(got - expected).max() <= TOLERANCE
   assert np.abs(expected).max() > 0.1  # The comparison is not between two near-zero arrays.
   assert config.model.qkv_bias == (kind == "qwen2")

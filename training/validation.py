@@ -9,6 +9,7 @@ from ml_collections import ConfigDict
 from configs import base
 from data.sources import check_source
 from sharding import resolve_mesh_shape
+from training.checkpointing import locate
 
 CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
@@ -143,6 +144,11 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
   for field in ("load_optimizer", "keep_step"):
     _require(not i[field] or bool(i.checkpoint),
              f"init.{field}=True needs init.checkpoint (the run to take them from)")
+  if i.checkpoint:  # A wrong path fails here, not after the data is read and tokenized.
+    try:
+      locate(i.checkpoint, i.step, field="init.checkpoint")
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
   for field in ("eval_every", "eval_batches", "num_samples"):
     _require(t[field] >= 0, f"train.{field}={t[field]} must be >= 0")
   return config
