@@ -18,6 +18,9 @@ from training.checkpointing import Checkpointer
 from training.run import train
 from training.validation import validate
 
+# Each kill costs a process start (about 10 s with jax and TF imports): 12 of them land in
+# start-up, mid-save and between saves, and keep this, the suite's longest test, near 3 minutes.
+KILLS = 12
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Frequent async saves (every 3 steps) of a tiny model: a kill often lands in the middle of one.
 RUN_FLAGS = ["--config=configs/tiny.py", "--config.train.num_steps=240", "--config.train.checkpoint_every=3",
@@ -73,7 +76,7 @@ def test_kill_9_at_random_moments_never_loses_the_run(tmp_path):
   workdir = tmp_path / "killed"
   rng = np.random.default_rng(0)
   resumed_steps = []
-  for _ in range(20):
+  for _ in range(KILLS):
     process = _start(workdir, compilation_cache=cache)
     output = _kill_at_a_random_moment(process, rng)
     assert process.returncode in (-signal.SIGKILL, 0), output  # Killed, or it had already finished.
@@ -84,7 +87,7 @@ def test_kill_9_at_random_moments_never_loses_the_run(tmp_path):
   final = _start(workdir, compilation_cache=cache)
   output, _ = final.communicate(timeout=300)
   assert final.returncode == 0 and "Traceback" not in output, output
-  print(f"20 kills; restarts resumed at steps {resumed_steps}")
+  print(f"{KILLS} kills; restarts resumed at steps {resumed_steps}")
   assert resumed_steps == sorted(resumed_steps)  # Never back to an older checkpoint...
   assert len(set(resumed_steps)) >= 5  # ...and the kills landed at many points of the run.
   for killed, uninterrupted in zip(_final_params(workdir, 240), _final_params(tmp_path / "reference", 240)):
