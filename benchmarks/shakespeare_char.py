@@ -7,6 +7,9 @@ Both models see the same batches (loom's pipeline) in the same order. Steps run
 in alternating rounds (loom, then torch), so both meet the same machine load;
 the table reports medians over rounds. Validation loss is over the whole
 validation split (last 10% of the text by position), at the same iterations.
+loom runs as configured: shakespeare_char sets cpu_devices=2, data parallelism over
+the two cores of the benchmark machine; --config.cpu_devices=0 measures one
+multithreaded device instead (the peer always uses PyTorch's default threads).
 MFU divides model FLOPs (6N + 12 L H Q T per token, nanoGPT's formula, N
 without position embeddings) by one measured matmul peak, the same for both.
 """
@@ -41,6 +44,7 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/loom_bench_shakespeare", "Data c
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  sharding.use_cpu_devices(_CONFIG.value.cpu_devices)
   config = validate(_CONFIG.value, jax.device_count())
   num_steps = config.train.num_steps
   datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,
@@ -65,7 +69,10 @@ def main(argv):
                    lr_decay_iters=num_steps, weight_decay=o.weight_decay, beta1=o.b1, beta2=o.b2,
                    grad_clip=o.grad_clip_norm, seed=config.seed)
 
-  eval_batches = list(datasets.eval_batches(config.train.eval_batches))
+  def model_inputs(batch):  # The per-source row counts feed mixture metrics, not the model.
+    return {name: value for name, value in batch.items() if name != "source_counts"}
+
+  eval_batches = [model_inputs(b) for b in datasets.eval_batches(datasets.names[0], config.train.eval_batches)]
 
   def loom_eval(params):
     total, weight = 0.0, 0.0
@@ -89,7 +96,7 @@ def main(argv):
   results["loom"]["eval"][0] = loom_eval(state.params)
   results["torch"]["eval"][0] = torch_eval()
 
-  batches = datasets.train_batches(0, num_steps)
+  batches = map(model_inputs, datasets.train_batches(0, num_steps))
   compile_start = time.perf_counter()
   first = next(batches)
   compiled = train_step.lower(state, sharding.global_batch_from_local(first, mesh)).compile()

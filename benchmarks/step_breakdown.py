@@ -31,8 +31,10 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Calls per round.")
 
+# Model-field overrides per variant; "devices": 1 runs the whole batch on the first device alone.
 VARIANTS = {
     "as configured": {},
+    "one device (no cpu_devices split)": {"devices": 1},
     "scanned layers": {"scan_layers": True},
     "unrolled layers": {"scan_layers": False},
     "bfloat16 compute": {"dtype": "bfloat16"},
@@ -40,9 +42,11 @@ VARIANTS = {
 
 
 def build(config, overrides):
-  config = validate(config, 1, tokenizer_vocab_size=config.model.vocab_size or 65)
+  overrides = dict(overrides)
+  devices = jax.devices()[:overrides.pop("devices", jax.device_count())]
+  config = validate(config, len(devices), tokenizer_vocab_size=config.model.vocab_size or 65)
   config.model.update(**overrides)
-  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  mesh = sharding.make_mesh(config.mesh, devices)
   graphdef, abstract_params = abstract_model(config.model)
   tx, schedule = build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
   shardings = state_shardings(abstract_params, tx, mesh)
@@ -85,6 +89,7 @@ def time_calls(fn, carry, batch, steps):
 def main(argv):
   del argv
   base = _CONFIG.value
+  sharding.use_cpu_devices(base.cpu_devices)
   built = {name: build(base, overrides) for name, overrides in VARIANTS.items()}
   times = {(name, part): [] for name in built for part in built[name][1]}
   for _ in range(_ROUNDS.value):

@@ -10,6 +10,31 @@ from jax.sharding import AxisType, Mesh
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
+def use_cpu_devices(count: int) -> None:
+  """Makes JAX's CPU backend `count` devices (0: leave JAX's default of one).
+
+  On a CPU, small models gain more from one device per core, each running its
+  slice of the batch single-threaded, than from one device splitting every op
+  across the cores (benchmarks/shakespeare_char.py measures both). It must run
+  before JAX starts its backends; afterwards it is accepted only if the CPU
+  backend already has `count` devices.
+  """
+  if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+    raise ValueError(f"config field 'cpu_devices'={count!r}: must be 0 (JAX's default) or a positive "
+                     "number of CPU devices")
+  if count == 0:
+    return
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except RuntimeError:  # Backends already started in this process.
+    have = len(jax.devices("cpu"))
+    if have != count:
+      raise ValueError(
+          f"config field 'cpu_devices'={count}: JAX's CPU backend already started in this process with {have} "
+          f"devices; set cpu_devices before any JAX computation runs (train.py does), or use "
+          f"cpu_devices=0 to keep the devices it has") from None
+
+
 def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
   """Returns {axis: size} with at most one -1 ("the rest") filled in.
 

@@ -10,6 +10,7 @@ import jax
 import pytest
 
 import model as model_lib
+import sharding
 from configs import tiny
 from training import optimizer, state as state_lib
 from training.validation import ConfigError, validate
@@ -33,7 +34,9 @@ def _load(name):
 
 
 def _num_devices(config):
-  """8 where an axis is -1; a fully fixed mesh gets exactly its own device count."""
+  """The CPU devices a config asks for; else 8 where an axis is -1, or a fully fixed mesh's own count."""
+  if config.cpu_devices:
+    return config.cpu_devices
   sizes = dict(config.mesh)
   return 8 if -1 in sizes.values() else math.prod(sizes.values())
 
@@ -187,3 +190,24 @@ def test_bad_data_input_is_a_config_error(tmp_path):
   config.data.bad_data = "stop"
   with pytest.raises(ConfigError, match=r"chat.jsonl:2: .*data.bad_data=\"stop\""):
     train(config, str(tmp_path / "run"))
+
+
+def test_cpu_devices_splits_the_cpu_into_a_data_parallel_mesh(tmp_path):
+  # A fresh process (started with 1 CPU device by XLA_FLAGS) trains on 2 when cpu_devices=2.
+  run = _run_train(tmp_path, "--config.cpu_devices=2", "--config.train.num_steps=2",
+                   "--config.train.eval_every=0", "--config.train.num_samples=0")
+  assert run.returncode == 0, run.stderr
+  assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in run.stdout, run.stdout
+  # In this process JAX has started (with conftest's 8 CPU devices): another count is one config
+  # error, the count it has is accepted.
+  from training.run import train
+  started = len(jax.devices())
+  config = tiny.get_config()
+  config.cpu_devices = started + 1
+  with pytest.raises(ConfigError, match=rf"^config field 'cpu_devices'={started + 1}: JAX's CPU backend "
+                                        rf"already started in this process with {started} devices"):
+    train(config, str(tmp_path / "more"))
+  config.cpu_devices = -1
+  with pytest.raises(ConfigError, match=r"^config field 'cpu_devices'=-1: must be 0"):
+    train(config, str(tmp_path / "negative"))
+  sharding.use_cpu_devices(started)

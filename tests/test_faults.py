@@ -50,8 +50,9 @@ def _final_params(workdir, step):
 
 
 def _kill_at_a_random_moment(process, rng) -> str:
-  """SIGKILL during start-up (a quarter of the time) or up to 1.2 s after the first logged step,
-  while this attempt's saves (every 3 steps, asynchronous) are being written."""
+  """SIGKILL during start-up (a quarter of the time) or up to 3 s after the first logged step,
+  while this attempt's saves (every 3 steps, asynchronous) are being written. (With 1.2 s, on a
+  loaded machine, restarts were killed again and again before their first save was committed.)"""
   lines = []
   if rng.uniform() < 0.25:
     time.sleep(rng.uniform(0.5, 5.0))
@@ -60,7 +61,7 @@ def _kill_at_a_random_moment(process, rng) -> str:
       lines.append(line)
       if line.startswith("step "):
         break
-    time.sleep(rng.uniform(0.0, 1.2))
+    time.sleep(rng.uniform(0.0, 3.0))
   process.send_signal(signal.SIGKILL)
   rest, _ = process.communicate(timeout=60)
   return "".join(lines) + rest

@@ -49,6 +49,10 @@ class RunResult:
 
 def train(config: ConfigDict, workdir: str) -> RunResult:
   # --- Config: everything that can be checked without data, before anything is built.
+  try:
+    sharding.use_cpu_devices(config.cpu_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
 
