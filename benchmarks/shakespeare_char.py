@@ -30,6 +30,7 @@ import model as model_lib  # noqa: E402
 import sharding  # noqa: E402
 from benchmarks.torch_peer import TorchPeer  # noqa: E402
 from training.optimizer import build_optimizer  # noqa: E402
+from training.run import STEPS_IN_FLIGHT  # noqa: E402
 from training.peak_flops import measured_matmul_flops  # noqa: E402
 from training.state import abstract_model, init_train_state, state_shardings  # noqa: E402
 from training.step import make_eval_step, make_train_step  # noqa: E402
@@ -111,8 +112,12 @@ def main(argv):
     device_batches = [sharding.global_batch_from_local(b, mesh) for b in round_batches]
 
     start = time.perf_counter()
-    for batch in device_batches:
+    in_flight = []
+    for batch in device_batches:  # At most STEPS_IN_FLIGHT ahead of the devices, as train.py.
       state, metrics = compiled(state, batch)
+      in_flight.append(metrics["loss"])
+      if len(in_flight) > STEPS_IN_FLIGHT:
+        in_flight.pop(0).block_until_ready()
     loom_loss = float(metrics["loss"])  # waits for the round's last step
     results["loom"]["round_ms"].append(1000 * (time.perf_counter() - start) / size)
 

@@ -193,11 +193,15 @@ def test_bad_data_input_is_a_config_error(tmp_path):
 
 
 def test_cpu_devices_splits_the_cpu_into_a_data_parallel_mesh(tmp_path):
-  # A fresh process (started with 1 CPU device by XLA_FLAGS) trains on 2 when cpu_devices=2.
-  run = _run_train(tmp_path, "--config.cpu_devices=2", "--config.train.num_steps=2",
+  # A fresh process (started with 1 CPU device by XLA_FLAGS) trains on 2 when cpu_devices=2, for
+  # 300 steps with nothing logged in between (so nothing but the loop's own bound on steps in
+  # flight ever waits for the devices).
+  run = _run_train(tmp_path, "--config.cpu_devices=2", "--config.train.num_steps=300",
+                   "--config.train.log_every=300", "--config.train.checkpoint_every=300",
                    "--config.train.eval_every=0", "--config.train.num_samples=0")
   assert run.returncode == 0, run.stderr
   assert "mesh {'data': 2, 'fsdp': 1, 'tensor': 1}" in run.stdout, run.stdout
+  assert "step 300/300" in run.stdout, run.stdout
   # In this process JAX has started (with conftest's 8 CPU devices): another count is one config
   # error, the count it has is accepted.
   from training.run import train

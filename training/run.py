@@ -3,6 +3,7 @@
 config -> mesh -> data -> model and optimizer -> sharded state (fresh or
 restored) -> jitted steps -> hooks -> loop -> samples.
 """
+import collections
 import dataclasses
 import itertools
 import json
@@ -31,6 +32,8 @@ from training.state import abstract_model, abstract_train_state, init_train_stat
 from training.step import make_eval_step, make_train_step
 from training.validation import ConfigError, validate
 from version import __version__
+
+STEPS_IN_FLIGHT = 2
 
 
 @dataclasses.dataclass
@@ -164,10 +167,17 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     if init_record is not None and train_cfg.eval_every:  # Where continued training starts from.
       eval_hook.run(start_step, state, {})
     logging_hook.restart_timer(start_step)
+    in_flight = collections.deque()
     with Preemption() as preemption:
       for batch in itertools.chain([first_batch], batches):
         state, metrics = compiled_step(state, batch)
         step += 1
+        # Dispatch runs at most STEPS_IN_FLIGHT steps ahead of the devices: enough to prepare the
+        # next batch while a step runs, and XLA's CPU runtime can deadlock at a collective's
+        # rendezvous when hundreds of multi-device steps are queued (seen with 2 CPU devices).
+        in_flight.append(metrics["loss"])
+        if len(in_flight) > STEPS_IN_FLIGHT:
+          in_flight.popleft().block_until_ready()
         hooks_lib.run_hooks(hooks, step, state, metrics)
         if preemption.reached(step):
           checkpoint_hook.finish(step, state, metrics)
