@@ -31,8 +31,8 @@ def get_config() -> ConfigDict:
   config = ConfigDict()
   config.seed = 0
   # On a CPU host: split it into this many XLA devices, each running its share of
-  # the mesh on its own core (data parallelism across cores). 0: JAX's default, one
-  # CPU device whose ops are multithreaded. Ignored on TPU/GPU hosts.
+  # the mesh (data parallelism across cores). 0: JAX's default, one CPU device
+  # whose ops are multithreaded. Ignored on TPU/GPU hosts.
   config.cpu_devices = 0
 
   config.model = ConfigDict(dict(

@@ -26,7 +26,7 @@ def get_config():
                       eval_batches=200, checkpoint_every=1000, num_samples=2, sample_length=300,
                       sample_prompt="ROMEO:")
   # Data parallelism over the cores of the 2-core machine the benchmark runs on: one
-  # single-threaded device per core beats one device multithreading each small op
+  # device per core beats one device splitting each small op across both cores
   # (README, benchmark table). data=-1 takes every device, so it runs on a GPU too.
   config.cpu_devices = 2
   config.mesh.update(data=-1, fsdp=1, tensor=1)

@@ -13,8 +13,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 def use_cpu_devices(count: int) -> None:
   """Makes JAX's CPU backend `count` devices (0: leave JAX's default of one).
 
-  On a CPU, small models gain more from one device per core, each running its
-  slice of the batch single-threaded, than from one device splitting every op
+  On a CPU, small models run faster as one device per core, each with its slice
+  of the batch (data parallel), than as one device splitting every small op
   across the cores (benchmarks/shakespeare_char.py measures both). It must run
   before JAX starts its backends; afterwards it is accepted only if the CPU
   backend already has `count` devices.
@@ -30,9 +30,9 @@ def use_cpu_devices(count: int) -> None:
     have = len(jax.devices("cpu"))
     if have != count:
       raise ValueError(
-          f"config field 'cpu_devices'={count}: JAX's CPU backend already started in this process with {have} "
-          f"devices; set cpu_devices before any JAX computation runs (train.py does), or use "
-          f"cpu_devices=0 to keep the devices it has") from None
+          f"config field 'cpu_devices'={count}: JAX's CPU backend already started in this process "
+          f"with {have} devices; set cpu_devices before any JAX computation runs (train.py does), "
+          f"or use cpu_devices=0 to keep the devices it has") from None
 
 
 def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
