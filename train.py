@@ -32,6 +32,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_addre
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  given = [flag.name for flag in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if flag.value is not None]
+  if given and not _MULTIHOST.value:  # Else the run would silently train as one process.
+    raise SystemExit(f"flag error: --{', --'.join(given)} take effect only with --multihost")
   if _MULTIHOST.value:
     import jax
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,

@@ -176,6 +176,13 @@ def test_train_py_reports_config_errors(tmp_path):
   assert "Traceback" not in unknown.stderr
   assert not (tmp_path / "run").exists()
 
+  # Multi-host flags without --multihost would otherwise train as one process: refused in one line.
+  stray = _run_train(tmp_path, "--coordinator_address=127.0.0.1:1234", "--process_id=1")
+  assert stray.returncode != 0
+  assert stray.stderr.strip().splitlines() == [
+      "flag error: --coordinator_address, --process_id take effect only with --multihost"], stray.stderr
+  assert not (tmp_path / "run").exists()
+
 
 def test_bad_data_input_is_a_config_error(tmp_path):
   from training.run import train
