@@ -3,7 +3,8 @@
   python benchmarks/input_pipeline.py                     # both configs, about 4 minutes on 2 cores
   python benchmarks/input_pipeline.py --configs=shakespeare_char --rounds=15
 
-For each config (its model and batch as they are) and each pipeline, the rows
+For each config (its model and batch as they are, on one CPU device: cpu_devices
+is not applied) and each pipeline, the rows
 in memory (what train.py does) or a prepared ArrayRecord copy of the same
 sources (written once by prepare_datasets into a temporary directory):
   pipeline tok/s: tokens of the batches `train_batches` yields, iterated alone;
