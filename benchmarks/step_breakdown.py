@@ -5,13 +5,20 @@
   python benchmarks/step_breakdown.py --profile      # and the configured step's time per kind of op
 
 For each variant, times the forward loss, forward + backward, and the whole
-train step (gradients, clipping, AdamW) on one fixed batch, in interleaved
-rounds, and prints medians. Compare variants within one run only.
+train step (gradients, clipping, AdamW) on one fixed batch, and prints medians.
+Each variant runs in a process of its own, as train.py runs one config per
+process, and the processes alternate over `--rounds`: with all five variants
+compiled in one process, the configured step took 60-70 ms instead of 40-45 here,
+with about 6,500 page faults a step (the C allocator unmapping and re-faulting
+the step's buffers) where a process of its own has a few hundred. Compare
+variants within one run only.
 """
 import collections
 import glob
+import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import model as model_lib  # noqa: E402
@@ -33,10 +40,13 @@ from training.step import make_train_step, token_losses  # noqa: E402
 from training.validation import validate  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "loom config.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved rounds.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Calls per round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Processes per variant, run in alternating order.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per process (forward, backward, step interleaved).")
+_STEPS = flags.DEFINE_integer("steps", 20, "Calls per timed round.")
 _PROFILE = flags.DEFINE_bool("profile", False, "Also trace the configured train step and print where its "
                              "time goes, per kind of XLA op (CPU only).")
+_VARIANT = flags.DEFINE_string("variant", "", "Internal: build and time this one variant, print the result.")
+_TRACE = flags.DEFINE_bool("trace", False, "Internal: with --variant, trace the train step instead.")
 
 # Model-field overrides per variant; "devices": 1 runs the whole batch on the first device alone.
 VARIANTS = {
@@ -99,43 +109,71 @@ def time_calls(fn, carry, batch, steps):
 
 def main(argv):
   del argv
-  if _PROFILE.value:  # Per-op trace events; XLA reads its flags when the backend starts, below.
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
-  base = _CONFIG.value
-  sharding.use_cpu_devices(base.cpu_devices)
-  built = {name: build(base, overrides) for name, overrides in VARIANTS.items()}
-  times = {(name, part): [] for name in built for part in built[name][1]}
+  logging.set_verbosity(logging.WARNING)
+  if _VARIANT.value:
+    return run_variant(_VARIANT.value)
+  # The same flags for every child process, less the ones this parent consumes.
+  forwarded = [arg for arg in sys.argv[1:] if not re.match(r"--(no)?(rounds|profile)\b", arg)]
+  times = {name: collections.defaultdict(list) for name in VARIANTS}
   for _ in range(_ROUNDS.value):
-    for name, (_, parts) in built.items():
-      for part, (fn, first, batch) in parts.items():
-        ms, carry = time_calls(fn, first, batch, _STEPS.value)
-        parts[part] = (fn, carry, batch)
-        times[(name, part)].append(ms)
-  config = built["as configured"][0]
-  tokens = config.train.global_batch_size * config.data.seq_len
-  step_flops = model_lib.flops_per_token(config.model, config.data.seq_len) * tokens
+    for name in VARIANTS:
+      result = run_child(forwarded + [f"--variant={name}"])
+      for part, ms in result["ms"].items():
+        times[name][part].append(ms)
   peak = measured_matmul_flops()
-  print(f"\n{config.model.num_layers} layers, {config.model.embed_dim} wide, vocab {config.model.vocab_size}, "
-        f"batch {config.train.global_batch_size} x {config.data.seq_len}: {step_flops / 1e9:.2f} GFLOP per "
-        f"train step, {1000 * step_flops / peak:.1f} ms at the measured float32 matmul peak "
-        f"({peak / 1e9:.0f} GFLOP/s)")
+  print(f"\n{result['shapes']}: {result['step_flops'] / 1e9:.2f} GFLOP per train step, "
+        f"{1000 * result['step_flops'] / peak:.1f} ms at the measured float32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
+  print(f"{_ROUNDS.value} processes per variant, median of their medians:")
   print("| variant | forward ms | forward+backward ms | train step ms |")
   print("|---|---|---|---|")
-  for name in built:
-    cells = " | ".join(f"{np.median(times[(name, part)]):.1f}" for part in ("forward", "forward+backward", "train step"))
+  for name in VARIANTS:
+    cells = " | ".join(f"{np.median(times[name][part]):.1f}" for part in ("forward", "forward+backward", "train step"))
     print(f"| {name} | {cells} |")
-
-
   if _PROFILE.value:
-    fn, state, batch = built["as configured"][1]["train step"]
-    print_op_profile(fn, state, batch, len(jax.devices()))
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true")
+    print_op_profile(run_child(forwarded + ["--variant=as configured", "--trace"], env),
+                     float(np.median(times["as configured"]["train step"])))
+
+
+def run_child(args, env=None) -> dict:
+  """Runs this script on one variant in a fresh process and returns what it printed."""
+  out = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=env, capture_output=True,
+                       text=True, check=False)
+  for line in out.stdout.splitlines():
+    if line.startswith("RESULT "):
+      return json.loads(line[len("RESULT "):])
+  sys.exit(f"step_breakdown child {args} failed:\n{out.stderr[-3000:]}")
+
+
+def run_variant(name):
+  """In a child process: build one variant, time it (or trace its train step), print one RESULT line."""
+  base = _CONFIG.value
+  sharding.use_cpu_devices(base.cpu_devices)
+  config, parts = build(base, VARIANTS[name])
+  if _TRACE.value:
+    fn, state, batch = parts["train step"]
+    print("RESULT " + json.dumps(trace_op_kinds(fn, state, batch)))
+    return
+  times = collections.defaultdict(list)
+  for _ in range(_REPEATS.value):
+    for part, (fn, carry, batch) in parts.items():
+      ms, carry = time_calls(fn, carry, batch, _STEPS.value)
+      parts[part] = (fn, carry, batch)
+      times[part].append(ms)
+  m = config.model
+  tokens = config.train.global_batch_size * config.data.seq_len
+  print("RESULT " + json.dumps({
+      "ms": {part: float(np.median(t)) for part, t in times.items()},
+      "step_flops": model_lib.flops_per_token(m, config.data.seq_len) * tokens,
+      "shapes": f"{m.num_layers} layers, {m.embed_dim} wide, vocab {m.vocab_size}, "
+                f"batch {config.train.global_batch_size} x {config.data.seq_len}"}))
 
 
 # Trace events that only contain or wait for others; the rest are ops, one event per op run.
 _CONTAINERS = ("ThunkExecutor::Execute", "SlinkyThreadPool::Await", "Rendezvous", "Wait: ")
 
 
-def print_op_profile(step, state, batch, num_devices, steps=10):
+def trace_op_kinds(step, state, batch, steps=20) -> dict:
   """Milliseconds per train step and device spent in each kind of op, from a jax.profiler trace."""
   from jax._src.lib import _profile_data
   kinds = {}  # XLA op name -> what it computes, from the compiled HLO's metadata.
@@ -149,26 +187,34 @@ def print_op_profile(step, state, batch, num_devices, steps=10):
   _, state = time_calls(step, state, batch, steps)  # Warm.
   directory = tempfile.mkdtemp()
   jax.profiler.start_trace(directory)
-  _, state = time_calls(step, state, batch, steps)
+  traced_ms, state = time_calls(step, state, batch, steps)
   jax.profiler.stop_trace()
   trace = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)[0]
-  totals = collections.Counter()
+  totals, threads = collections.Counter(), set()
   for plane in _profile_data.ProfileData.from_file(trace).planes:
     for line in plane.lines:
-      if not line.name.startswith("tf_XLAEigen"):
+      if not line.name.startswith("tf_XLAEigen"):  # XLA's pool threads, which run every device's ops.
         continue
+      threads.add(line.name)
       for event in line.events:
         if event.name.startswith("all-reduce"):  # Including its waits for the other devices.
           totals["all-reduce (gradients), waits included"] += event.duration_ns
         elif not event.name.startswith(_CONTAINERS):
           totals[kinds.get(event.name, "elementwise, copies and the rest")] += event.duration_ns
-  calls = steps + 1  # time_calls runs one warm-up call besides `steps`.
-  print(f"\nwhere the configured train step's time goes, per device ({num_devices} devices; "
-        f"ms per step, summed over each device's ops):")
-  print("| op kind | ms per step per device |")
+  per_step_thread = 1e6 * (steps + 1) * len(threads)  # time_calls adds one warm-up call.
+  return {"traced_step_ms": traced_ms, "devices": jax.device_count(), "threads": len(threads),
+          "kinds": {kind: ns / per_step_thread for kind, ns in totals.most_common()}}
+
+
+def print_op_profile(profile: dict, untraced_step_ms: float):
+  ops_ms = sum(profile["kinds"].values())
+  print(f"\nwhere the configured train step's time goes ({profile['devices']} devices, {profile['threads']} "
+        f"threads in XLA's pool): {ops_ms:.1f} ms of ops per thread in a step of {profile['traced_step_ms']:.1f} ms under the trace "
+        f"({untraced_step_ms:.1f} ms untraced, the table above)")
+  print("| op kind | ms per step per thread |")
   print("|---|---|")
-  for kind, ns in totals.most_common():
-    print(f"| {kind} | {ns / 1e6 / calls / num_devices:.1f} |")
+  for kind, ms in profile["kinds"].items():
+    print(f"| {kind} | {ms:.1f} |")
 
 
 if __name__ == "__main__":
