@@ -7,17 +7,19 @@
 For each variant, times the forward loss, forward + backward, and the whole
 train step (gradients, clipping, AdamW) on one fixed batch, and prints medians.
 Each variant runs in a process of its own, as train.py runs one config per
-process, and the processes alternate over `--rounds`: with all five variants
-compiled in one process, the configured step took 60-70 ms instead of 40-45 here,
-with about 6,500 page faults a step (the C allocator unmapping and re-faulting
-the step's buffers) where a process of its own has a few hundred. Compare
-variants within one run only.
+process, and the processes alternate over `--rounds`. The page-fault column
+counts minor faults per train step: a few hundred is normal; thousands mean
+the C allocator unmapped the step's buffers and faults them in again every
+step, which slows the step down. That happens in some processes and not in
+others, and an earlier version of this script, which compiled every variant
+in one process, met it in most runs. Compare variants within one run only.
 """
 import collections
 import glob
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,7 @@ import model as model_lib  # noqa: E402
 import sharding  # noqa: E402
 from training.optimizer import build_optimizer  # noqa: E402
 from training.peak_flops import measured_matmul_flops  # noqa: E402
+from training.run import STEPS_IN_FLIGHT  # noqa: E402
 from training.state import abstract_model, init_train_state, state_shardings  # noqa: E402
 from training.step import make_train_step, token_losses  # noqa: E402
 from training.validation import validate  # noqa: E402
@@ -48,19 +51,24 @@ _PROFILE = flags.DEFINE_bool("profile", False, "Also trace the configured train 
 _VARIANT = flags.DEFINE_string("variant", "", "Internal: build and time this one variant, print the result.")
 _TRACE = flags.DEFINE_bool("trace", False, "Internal: with --variant, trace the train step instead.")
 
-# Model-field overrides per variant; "devices": 1 runs the whole batch on the first device alone.
+# Model-field overrides per variant; "devices": 1 runs the whole batch on the first device alone,
+# "mesh" overrides mesh axes, "xla_flags" are added to the variant's process's XLA_FLAGS.
 VARIANTS = {
     "as configured": {},
     "one device (no cpu_devices split)": {"devices": 1},
     "scanned layers": {"scan_layers": True},
     "unrolled layers": {"scan_layers": False},
     "bfloat16 compute": {"dtype": "bfloat16"},
+    "fsdp over the devices instead of data": {"mesh": {"data": 1, "fsdp": -1}},
+    "YNNPACK fusions off (XLA flag)": {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="},
 }
 
 
 def build(config, overrides):
   overrides = dict(overrides)
   devices = jax.devices()[:overrides.pop("devices", jax.device_count())]
+  overrides.pop("xla_flags", None)  # Applied by the parent, when it starts this process.
+  config.mesh.update(**overrides.pop("mesh", {}))
   config = validate(config, len(devices), tokenizer_vocab_size=config.model.vocab_size or 65)
   config.model.update(**overrides)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -98,10 +106,10 @@ def time_calls(fn, carry, batch, steps):
   jax.block_until_ready(out)
   start = time.perf_counter()
   in_flight = []
-  for _ in range(steps):  # At most 2 calls ahead of the devices, as train.py.
+  for _ in range(steps):  # At most STEPS_IN_FLIGHT calls ahead of the devices, as train.py.
     out, carry = call(carry)
     in_flight.append(out[1] if isinstance(out, tuple) else out)  # A donated state cannot be awaited.
-    if len(in_flight) > 2:
+    if len(in_flight) > STEPS_IN_FLIGHT:
       jax.block_until_ready(in_flight.pop(0))
   jax.block_until_ready(out)
   return 1000 * (time.perf_counter() - start) / steps, carry
@@ -116,26 +124,30 @@ def main(argv):
   forwarded = [arg for arg in sys.argv[1:] if not re.match(r"--(no)?(rounds|profile)\b", arg)]
   times = {name: collections.defaultdict(list) for name in VARIANTS}
   for _ in range(_ROUNDS.value):
-    for name in VARIANTS:
-      result = run_child(forwarded + [f"--variant={name}"])
+    for name, overrides in VARIANTS.items():
+      result = run_child(forwarded + [f"--variant={name}"], _xla_flags_env(overrides.get("xla_flags", "")))
       for part, ms in result["ms"].items():
         times[name][part].append(ms)
   peak = measured_matmul_flops()
   print(f"\n{result['shapes']}: {result['step_flops'] / 1e9:.2f} GFLOP per train step, "
         f"{1000 * result['step_flops'] / peak:.1f} ms at the measured float32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
   print(f"{_ROUNDS.value} processes per variant, median of their medians:")
-  print("| variant | forward ms | forward+backward ms | train step ms |")
-  print("|---|---|---|---|")
+  print("| variant | forward ms | forward+backward ms | train step ms | page faults per train step |")
+  print("|---|---|---|---|---|")
   for name in VARIANTS:
     cells = " | ".join(f"{np.median(times[name][part]):.1f}" for part in ("forward", "forward+backward", "train step"))
-    print(f"| {name} | {cells} |")
+    print(f"| {name} | {cells} | {np.median(times[name]['faults']):,.0f} |")
   if _PROFILE.value:
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true")
-    print_op_profile(run_child(forwarded + ["--variant=as configured", "--trace"], env),
+    print_op_profile(run_child(forwarded + ["--variant=as configured", "--trace"],
+                               _xla_flags_env("--xla_cpu_enable_xprof_traceme=true")),
                      float(np.median(times["as configured"]["train step"])))
 
 
-def run_child(args, env=None) -> dict:
+def _xla_flags_env(flags_to_add: str) -> dict:
+  return dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flags_to_add}".strip())
+
+
+def run_child(args, env) -> dict:
   """Runs this script on one variant in a fresh process and returns what it printed."""
   out = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=env, capture_output=True,
                        text=True, check=False)
@@ -157,7 +169,10 @@ def run_variant(name):
   times = collections.defaultdict(list)
   for _ in range(_REPEATS.value):
     for part, (fn, carry, batch) in parts.items():
+      faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       ms, carry = time_calls(fn, carry, batch, _STEPS.value)
+      if part == "train step":  # Minor faults: memory the process maps afresh, here every step.
+        times["faults"].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (_STEPS.value + 1))
       parts[part] = (fn, carry, batch)
       times[part].append(ms)
   m = config.model
