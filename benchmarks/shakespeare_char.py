@@ -29,6 +29,7 @@ import data  # noqa: E402
 import model as model_lib  # noqa: E402
 import sharding  # noqa: E402
 from benchmarks.torch_peer import TorchPeer  # noqa: E402
+from training.cpu_memory import keep_step_buffers_mapped  # noqa: E402
 from training.optimizer import build_optimizer  # noqa: E402
 from training.run import STEPS_IN_FLIGHT  # noqa: E402
 from training.peak_flops import measured_matmul_flops  # noqa: E402
@@ -47,6 +48,7 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   sharding.use_cpu_devices(_CONFIG.value.cpu_devices)
   config = validate(_CONFIG.value, jax.device_count())
+  keep_step_buffers_mapped()  # As train.py does.
   num_steps = config.train.num_steps
   datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,
                                  seed=config.seed, workdir=_WORKDIR.value)

@@ -35,6 +35,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import model as model_lib  # noqa: E402
 import sharding  # noqa: E402
+from training.cpu_memory import keep_step_buffers_mapped  # noqa: E402
 from training.optimizer import build_optimizer  # noqa: E402
 from training.peak_flops import measured_matmul_flops  # noqa: E402
 from training.run import STEPS_IN_FLIGHT  # noqa: E402
@@ -161,6 +162,7 @@ def run_variant(name):
   """In a child process: build one variant, time it (or trace its train step), print one RESULT line."""
   base = _CONFIG.value
   sharding.use_cpu_devices(base.cpu_devices)
+  keep_step_buffers_mapped()  # As train.py does.
   config, parts = build(base, VARIANTS[name])
   if _TRACE.value:
     fn, state, batch = parts["train step"]

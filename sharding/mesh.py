@@ -13,8 +13,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 def use_cpu_devices(count: int) -> None:
   """Makes JAX's CPU backend `count` devices (0: leave JAX's default of one).
 
-  On a CPU, small models run faster as one device per core, each with its slice
-  of the batch (data parallel), than as one device splitting every small op
+  On a CPU, a small model can run as one device per core, each with its slice
+  of the batch (data parallel), instead of one device splitting every small op
   across the cores (benchmarks/shakespeare_char.py measures both). It must run
   before JAX starts its backends; afterwards it is accepted only if the CPU
   backend already has `count` devices.

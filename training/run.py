@@ -24,6 +24,7 @@ from model.transformer import COMPUTE_DTYPES
 from training import hooks as hooks_lib
 from training import init_from
 from training.checkpointing import Checkpointer
+from training.cpu_memory import keep_step_buffers_mapped
 from training.metric_writers import MetricWriter
 from training.optimizer import build_optimizer, trainable_mask
 from training.preemption import Preemption
@@ -58,6 +59,7 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     raise ConfigError(str(e)) from e
   validate(config, jax.device_count())
   os.makedirs(workdir, exist_ok=True)
+  keep_step_buffers_mapped()  # On a CPU, the step's large buffers stay mapped (training/cpu_memory.py).
 
   # --- Mesh.
   mesh = sharding.make_mesh(config.mesh)
