@@ -7,6 +7,11 @@ Both models see the same batches (loom's pipeline) in the same order. Steps run
 in alternating rounds (loom, then torch), so both meet the same machine load;
 the table reports medians over rounds. Validation loss is over the whole
 validation split (last 10% of the text by position), at the same iterations.
+At the end, a second table resamples each final model's per-window validation
+losses into nanoGPT's own estimator (the mean of 20 batches of 12 windows,
+drawn with replacement from the split's aligned windows where nanoGPT draws
+random offsets): the spread shows how far a published figure can sit from
+the whole split's loss by sampling alone.
 loom runs as configured: shakespeare_char sets cpu_devices=2, data parallelism over
 the two cores of the benchmark machine; --config.cpu_devices=0 measures one
 multithreaded device instead (the peer always uses PyTorch's default threads).
@@ -41,6 +46,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py
 _ROUND = flags.DEFINE_integer("round_steps", 50, "Steps per timed round of each side.")
 _EVAL_AT = flags.DEFINE_list("eval_at", ["250", "500", "1000", "2000"], "Iterations with a validation loss.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/loom_bench_shakespeare", "Data cache and char vocabulary.")
+
+# nanoGPT's published run (../shared/BENCHMARKS.md): val loss by iteration, each estimated by
+# nanoGPT's estimate_loss from --eval_iters=20 batches of random validation windows.
+NANOGPT_VAL_LOSS = {250: 2.4447, 500: 2.3141, 1000: 2.0528, 1500: 1.9225, 2000: 1.8857}
+NANOGPT_EVAL_ITERS = 20
+_ESTIMATE_DRAWS = 10_000
 
 
 def main(argv):
@@ -84,12 +95,17 @@ def main(argv):
       total, weight = total + float(loss_sum), weight + float(w)
     return total / weight
 
+  def torch_targets(batch):
+    """The rows with any weight, and their targets with -1 (nanoGPT's ignore_index) at padding,
+    so both sides average the same tokens."""
+    keep = batch["weights"].sum(axis=1) > 0
+    return keep, np.where(batch["weights"] > 0, batch["targets"], -1)[keep]
+
   def torch_eval():
-    # Padding rows of the last batch have weight 0: drop them so both average the same tokens.
     pairs = []
     for batch in eval_batches:
-      keep = batch["weights"].sum(axis=1) > 0
-      pairs.append((batch["inputs"][keep], batch["targets"][keep]))
+      keep, targets = torch_targets(batch)
+      pairs.append((batch["inputs"][keep], targets))
     return peer.eval_loss(pairs)
 
   peak = measured_matmul_flops()
@@ -152,6 +168,32 @@ def main(argv):
   ratios = np.array(results["torch"]["round_ms"]) / np.array(results["loom"]["round_ms"])
   print(f"\nloom speed / torch speed: median over rounds {np.median(ratios):.2f}x "
         f"(interquartile {np.percentile(ratios, 25):.2f}x to {np.percentile(ratios, 75):.2f}x)")
+
+  # nanoGPT's published losses are not over the whole split but the mean of --eval_iters=20
+  # batches of random windows: how far from the whole split can such an estimate fall?
+  row_eval = make_eval_step(graphdef, mesh, shardings.params, per_row=True)
+  window_losses, window_tokens = {"loom": [], "torch": []}, []
+  for batch in eval_batches:
+    loss_B, weight_B = (np.asarray(a) for a in row_eval(state.params, sharding.global_batch_from_local(batch, mesh)))
+    keep, targets = torch_targets(batch)
+    window_losses["loom"].append(loss_B[keep] / weight_B[keep])
+    window_losses["torch"].append(peer.row_losses(batch["inputs"][keep], targets))
+    window_tokens.append(weight_B[keep])
+  window_tokens = np.concatenate(window_tokens)
+  windows = NANOGPT_EVAL_ITERS * config.train.global_batch_size
+  published = NANOGPT_VAL_LOSS.get(num_steps)
+  print(f"\nnanoGPT's estimate of the val loss at iteration {num_steps} (the mean of {NANOGPT_EVAL_ITERS} "
+        f"batches, {windows} windows), drawn {_ESTIMATE_DRAWS:,} times from each final model's windows:")
+  print("| | whole split | estimate's std | 5th to 95th percentile | draws at or below nanoGPT's "
+        f"{published if published else 'n/a'} |")
+  print("|---|---|---|---|---|")
+  rng = np.random.default_rng(0)
+  for name, losses in window_losses.items():
+    losses = np.concatenate(losses)
+    estimates = losses[rng.integers(0, len(losses), (_ESTIMATE_DRAWS, windows))].mean(axis=1)
+    below = f"{np.mean(estimates <= published):.0%}" if published else "n/a"
+    print(f"| {name} | {np.average(losses, weights=window_tokens):.4f} | {estimates.std():.4f} | {np.percentile(estimates, 5):.4f} to "
+          f"{np.percentile(estimates, 95):.4f} | {below} |")
 
 
 if __name__ == "__main__":

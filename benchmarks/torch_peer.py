@@ -230,15 +230,28 @@ class TorchPeer:
 
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
+        """Mean cross-entropy over every target token of `batches` (a short last batch
+        counts by its tokens, not as a whole batch); targets of -1 are padding."""
         self.model.eval()
-        losses = []
+        losses, tokens = [], []
         for inputs, targets in batches:
             _, loss = self.model(self._tensor(inputs), self._tensor(targets))
             losses.append(loss.item())
+            tokens.append(int((targets >= 0).sum()))
         self.model.train()
         if not losses:
             raise ValueError("eval_loss got no batches")
-        return float(np.mean(losses))
+        return float(np.average(losses, weights=tokens))
+
+    @torch.no_grad()
+    def row_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """Mean cross-entropy of each row (window) of one batch; targets of -1 are padding."""
+        self.model.eval()
+        logits, _ = self.model(self._tensor(inputs))
+        losses = F.cross_entropy(logits.transpose(1, 2), self._tensor(targets), reduction="none",
+                                 ignore_index=-1)
+        self.model.train()
+        return (losses.sum(dim=1) / (self._tensor(targets) >= 0).sum(dim=1)).numpy()
 
     def flops_per_token(self) -> float:
         """nanoGPT estimate_mfu: 6N + 12*L*H*Q*T (T = block_size), per token, fwd+bwd."""

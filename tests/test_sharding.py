@@ -54,6 +54,30 @@ def test_loss_and_grads_match_single_device(reference, mesh_shape):
     assert rel <= 1e-5, f"{jax.tree_util.keystr(path)}: relative difference {rel:.2e}"
 
 
+def test_per_row_eval_pools_to_the_batch_eval(reference):
+  """Rows of an 8-way data-sharded eval sum to the pooled eval, and each row is that row alone."""
+  params_host, batch, _, _ = reference
+  config = synthetic.validated(synthetic.tiny_config(data=8), 8)
+  mesh = sharding.make_mesh(config.mesh)
+  graphdef, abstract_params = state_lib.abstract_model(config.model)
+  param_shardings = sharding.tree_shardings(abstract_params, mesh)
+  params = jax.device_put(params_host, param_shardings)
+  pooled = step_lib.make_eval_step(graphdef, mesh, param_shardings)
+  per_row = step_lib.make_eval_step(graphdef, mesh, param_shardings, per_row=True)
+  loss_B, weight_B = (np.asarray(a) for a in per_row(params, sharding.global_batch_from_local(batch, mesh)))
+  loss_sum, weight = pooled(params, sharding.global_batch_from_local(batch, mesh))
+  assert loss_B.shape == weight_B.shape == (16,)
+  np.testing.assert_array_equal(weight_B, batch["weights"].sum(axis=1))
+  assert loss_B.sum() == pytest.approx(float(loss_sum), rel=1e-6)
+  assert weight_B.sum() == float(weight)
+  one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  alone = step_lib.make_eval_step(graphdef, one_device, sharding.tree_shardings(abstract_params, one_device))
+  row_3 = {name: value[3:4] for name, value in batch.items()}
+  loss_3, _ = alone(jax.device_put(params_host, sharding.tree_shardings(abstract_params, one_device)),
+                    sharding.global_batch_from_local(row_3, one_device))
+  assert loss_B[3] == pytest.approx(float(loss_3), rel=1e-5)
+
+
 def test_fsdp_shards_params_and_optimizer_state():
   config = synthetic.tiny_config(fsdp=8)
   config.model.update(embed_dim=64, mlp_dim=128)

@@ -13,13 +13,19 @@ from training.state import TrainState
 Batch = dict[str, jax.Array]
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key=None):
-  """Summed cross-entropy over weighted target tokens, and the weight total."""
+def row_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key=None):
+  """Per row: summed cross-entropy over weighted target tokens [B], and the weight total [B]."""
   model = nnx.merge(graphdef, params)
   logits_BLV = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
   losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
   weights_BL = batch["weights"]
-  return jnp.sum(losses_BL * weights_BL), jnp.sum(weights_BL)
+  return jnp.sum(losses_BL * weights_BL, axis=1), jnp.sum(weights_BL, axis=1)
+
+
+def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key=None):
+  """Summed cross-entropy over weighted target tokens, and the weight total."""
+  loss_sum_B, weight_B = row_losses(graphdef, params, batch, dropout_key)
+  return jnp.sum(loss_sum_B), jnp.sum(weight_B)
 
 
 def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
@@ -78,11 +84,13 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, mesh: 
                  donate_argnums=(0,))
 
 
-def make_eval_step(graphdef, mesh: Mesh, params_shardings, rules=sharding.DEFAULT_RULES):
-  """A jitted `eval(params, batch) -> (loss_sum, weight)`, summed so batches can be pooled."""
+def make_eval_step(graphdef, mesh: Mesh, params_shardings, rules=sharding.DEFAULT_RULES,
+                   per_row: bool = False):
+  """A jitted `eval(params, batch) -> (loss_sum, weight)`, summed so batches can be pooled;
+  with per_row, both are [B], one per row of the batch."""
 
   def evaluate(params, batch):
     with sharding.activation_rules(mesh, rules):
-      return token_losses(graphdef, params, batch)
+      return (row_losses if per_row else token_losses)(graphdef, params, batch)
 
   return jax.jit(evaluate, in_shardings=(params_shardings, None))
