@@ -34,6 +34,11 @@ def get_config() -> ConfigDict:
   # the mesh (data parallelism across cores). 0: JAX's default, one CPU device
   # whose ops are multithreaded. Ignored on TPU/GPU hosts.
   config.cpu_devices = 0
+  # XLA's persistent compilation cache: compiled programs are kept in this directory
+  # (local or a shared path such as gs://...) across runs, so a restarted or resumed run,
+  # a preempted pod job above all, loads its steps instead of compiling them again.
+  # "": off (unless JAX_COMPILATION_CACHE_DIR is set). JAX caches compiles of 1 s or more.
+  config.compilation_cache_dir = ""
 
   config.model = ConfigDict(dict(
       vocab_size=0,            # 0: the tokenizer's vocabulary size.

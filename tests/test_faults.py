@@ -95,6 +95,22 @@ def test_kill_9_at_random_moments_never_loses_the_run(tmp_path):
     np.testing.assert_array_equal(killed, uninterrupted)
 
 
+def test_compilation_cache_dir_lets_a_restart_skip_compiling(tmp_path):
+  """config.compilation_cache_dir fills on the first run (overriding the session's cache from
+  the environment), and a second run of the same config finds every program there."""
+  cache = tmp_path / "xla_cache"
+  flags = ["--config.train.num_steps=6", f"--config.compilation_cache_dir={cache}"]
+  first = _start(tmp_path / "first", *flags)
+  output, _ = first.communicate(timeout=300)
+  assert first.returncode == 0, output
+  compiled = set(os.listdir(cache))
+  assert compiled, "nothing was written to the compilation cache"
+  second = _start(tmp_path / "second", *flags)
+  output, _ = second.communicate(timeout=300)
+  assert second.returncode == 0, output
+  assert set(os.listdir(cache)) == compiled  # Nothing new was compiled.
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
   process = _start(tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
                    "--config.train.log_every=10")

@@ -58,6 +58,8 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   except ValueError as e:
     raise ConfigError(str(e)) from e
   validate(config, jax.device_count())
+  if config.compilation_cache_dir:  # Before anything compiles.
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
   os.makedirs(workdir, exist_ok=True)
   keep_step_buffers_mapped()  # On a CPU, the step's large buffers stay mapped (training/cpu_memory.py).
 
