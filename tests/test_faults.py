@@ -16,7 +16,7 @@ from configs import tiny
 from training import state as state_lib
 from training.checkpointing import Checkpointer
 from training.run import train
-from training.validation import validate
+from training.validation import ConfigError, validate
 
 # Each kill costs a process start (about 10 s with jax and TF imports): 12 of them land in
 # start-up, mid-save and between saves, and keep this, the suite's longest test, near 3 minutes.
@@ -109,6 +109,16 @@ def test_compilation_cache_dir_lets_a_restart_skip_compiling(tmp_path):
   output, _ = second.communicate(timeout=300)
   assert second.returncode == 0, output
   assert set(os.listdir(cache)) == compiled  # Nothing new was compiled.
+
+
+def test_unusable_compilation_cache_dir_is_a_config_error(tmp_path):
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  config = tiny.get_config()
+  config.compilation_cache_dir = str(a_file / "xla")
+  with pytest.raises(ConfigError, match=r"^compilation_cache_dir='.*a_file/xla' cannot be used as a directory"):
+    train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # Refused before anything was built or written.
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):

@@ -51,6 +51,20 @@ class RunResult:
   preempted: bool
 
 
+def _compilation_cache_dir(path: str) -> str:
+  """The path, created if local: JAX would otherwise skip an unwritable cache with only a warning."""
+  path = os.path.expanduser(path)
+  if "://" not in path:  # gs:// and other remote paths are JAX's (etils') to open.
+    try:
+      os.makedirs(path, exist_ok=True)
+      if not os.access(path, os.W_OK):
+        raise PermissionError("not writable")
+    except OSError as e:
+      raise ConfigError(f"compilation_cache_dir={path!r} cannot be used as a directory ({e}); "
+                        "give a writable directory, or '' for no cache") from None
+  return path
+
+
 def train(config: ConfigDict, workdir: str) -> RunResult:
   # --- Config: everything that can be checked without data, before anything is built.
   try:
@@ -59,7 +73,7 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     raise ConfigError(str(e)) from e
   validate(config, jax.device_count())
   if config.compilation_cache_dir:  # Before anything compiles.
-    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
+    jax.config.update("jax_compilation_cache_dir", _compilation_cache_dir(config.compilation_cache_dir))
   os.makedirs(workdir, exist_ok=True)
   keep_step_buffers_mapped()  # On a CPU, the step's large buffers stay mapped (training/cpu_memory.py).
 
