@@ -50,18 +50,23 @@ def _final_params(workdir, step):
 
 
 def _kill_at_a_random_moment(process, rng) -> str:
-  """SIGKILL during start-up (a quarter of the time) or up to 3 s after the first logged step,
-  while this attempt's saves (every 3 steps, asynchronous) are being written. (With 1.2 s, on a
-  loaded machine, restarts were killed again and again before their first save was committed.)"""
+  """SIGKILL during start-up (a quarter of the time), or once this attempt has logged a step 9 to
+  24 steps past where it started, plus up to 1 s, while its saves (every 3 steps, asynchronous) are
+  being written. Waiting for a logged step, not for a time, keeps the kills spread over the run on
+  a loaded machine too: a save waits for the one before it, so by then this attempt has committed
+  a checkpoint past its start, unless it dies mid-save."""
   lines = []
   if rng.uniform() < 0.25:
     time.sleep(rng.uniform(0.5, 5.0))
   else:
+    start_step, target = 0, 3 * rng.integers(3, 9)
     for line in process.stdout:
       lines.append(line)
-      if line.startswith("step "):
+      if match := re.search(r"resumed at step (\d+)", line):
+        start_step = int(match[1])
+      if (match := re.match(r"step (\d+)/", line)) and int(match[1]) >= start_step + target:
         break
-    time.sleep(rng.uniform(0.0, 3.0))
+    time.sleep(rng.uniform(0.0, 1.0))
   process.send_signal(signal.SIGKILL)
   rest, _ = process.communicate(timeout=60)
   return "".join(lines) + rest
