@@ -40,3 +40,54 @@ def test_large_step_buffers_stay_mapped_between_calls():
   assert default > 6000, default
   # ...and keeps them mapped once the thresholds are raised.
   assert kept < 0.25 * default, (kept, default)
+
+
+# A thread's arena: a 40 MB block stays allocated, so each 30 MB buffer needs a second heap,
+# which glibc unmaps when the buffer is freed unless the top padding keeps it.
+_THREAD_PROBE = """
+import ctypes, resource, sys, threading
+from training import cpu_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+if sys.argv[1] == "keep":
+  assert cpu_memory.keep_step_buffers_mapped()
+else:  # The thresholds alone, without the top padding.
+  assert libc.mallopt(cpu_memory._M_MMAP_THRESHOLD, cpu_memory.THRESHOLD_BYTES)
+  assert libc.mallopt(cpu_memory._M_TRIM_THRESHOLD, cpu_memory.THRESHOLD_BYTES)
+MB = 1 << 20
+faults = []
+
+def step():
+  buffer = libc.malloc(30 * MB)
+  ctypes.memset(buffer, 1, 30 * MB)
+  libc.free(buffer)
+
+def worker():
+  resident = libc.malloc(40 * MB)
+  ctypes.memset(resident, 1, 40 * MB)
+  for _ in range(3):
+    step()
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(10):
+    step()
+  faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+
+thread = threading.Thread(target=worker)
+thread.start()
+thread.join()
+print(faults[0])
+"""
+
+
+def test_a_threads_arena_keeps_its_extra_heap_between_calls():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  faults = {}
+  for mode in ("thresholds", "keep"):
+    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, mode], cwd=REPO_ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    faults[mode] = float(out.stdout.split()[-1])
+  # 30 MB is 7,680 pages, faulted in afresh with the heap on every call with the thresholds alone...
+  assert faults["thresholds"] > 6000, faults
+  # ...and not at all once the top padding keeps that heap.
+  assert faults["keep"] < 100, faults
