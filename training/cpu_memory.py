@@ -14,7 +14,7 @@ A thread other than the main one allocates from an arena of its own, made of
 64 MB heaps. When a step's buffer does not fit in the arena's heap, glibc maps
 another heap for it and, once the buffer is freed, unmaps that whole heap
 again, whatever the trim threshold: shakespeare_char's two-device step did that
-every step in about half of the processes that ran it (6,481 faults a step: a
+every step in some of the processes that ran it (6,481 faults a step: a
 device's 26.7 MB of temporaries). glibc keeps such a heap when the top padding
 is as large as a heap, which is what M_TOP_PAD is set to here.
 """
