@@ -112,12 +112,25 @@ def test_resume_is_bit_identical(tmp_path):
   assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
 
 
-def test_workdir_of_a_different_model_is_refused(tmp_path):
+def test_resume_takes_compute_changes_and_refuses_a_different_model(tmp_path, capsys):
   workdir = str(tmp_path / "run")
-  train(corpus_config(tmp_path, num_steps=4, eval_every=0, checkpoint_every=4, log_every=2,
-                      num_samples=0), workdir)
-  changed = corpus_config(tmp_path, num_steps=8, eval_every=0, checkpoint_every=4, log_every=2,
-                          num_samples=0)
+  steps = dict(eval_every=0, checkpoint_every=4, log_every=2, num_samples=0)
+  train(corpus_config(tmp_path, num_steps=4, **steps), workdir)
+  # How the same parameters are computed, the mesh and the optimizer may change on resume...
+  changed = corpus_config(tmp_path, num_steps=8, **steps)
+  changed.model.update(remat="full", scan_layers=not changed.model.scan_layers)
+  changed.mesh.update(data=8, fsdp=1, tensor=1)
+  changed.optimizer.learning_rate = 5e-4
+  capsys.readouterr()
+  resumed = train(changed, workdir)
+  assert resumed.resumed_from == 4 and int(resumed.state.step) == 8
+  reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resumed with")]
+  assert len(reported) == 1
+  for change in ("model.remat: 'none' -> 'full'", "model.scan_layers: True -> False", "mesh.data: 2 -> 8",
+                 "optimizer.learning_rate: 0.003 -> 0.0005", "train.num_steps: 4 -> 8"):
+    assert change in reported[0]
+  # ...but not what the parameters mean.
   changed.model.num_layers = 3
-  with pytest.raises(ConfigError, match=r"different run \(model.num_layers: 2 in the checkpoint, 3 now\)"):
+  with pytest.raises(ConfigError, match=r"different run \(model.num_layers: 2 in the checkpoint, 3 now\); .*"
+                     r"only dropout_rate, dtype, init_std, remat, scan_layers may change"):
     train(changed, workdir)

@@ -18,10 +18,10 @@ def _format_duration(seconds: float) -> str:
 class MetricWriter:
   """Writes on process 0 only; every record carries its `step`."""
 
-  def __init__(self, workdir: str, num_steps: int, resume_step: int = 0, stream=sys.stdout):
+  def __init__(self, workdir: str, num_steps: int, resume_step: int = 0, stream=None):
     self.enabled = jax.process_index() == 0
     self.num_steps = num_steps
-    self.stream = stream
+    self._stream = stream  # None: sys.stdout when printing, so redirecting stdout redirects the log.
     self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
     self._tensorboard = None
     if not self.enabled:
@@ -60,11 +60,11 @@ class MetricWriter:
         parts.append(label + fmt.format(metrics[name]))
     if seconds_per_step:
       parts.append("ETA " + _format_duration(seconds_per_step * (self.num_steps - step)))
-    print(" | ".join(parts), file=self.stream, flush=True)
+    print(" | ".join(parts), file=self._stream or sys.stdout, flush=True)
 
   def text(self, message: str) -> None:
     if self.enabled:
-      print(message, file=self.stream, flush=True)
+      print(message, file=self._stream or sys.stdout, flush=True)
 
   def close(self) -> None:
     if self.enabled:

@@ -110,6 +110,7 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
                               keep_every=train_cfg.keep_checkpoints_every)
   resumed_from = checkpointer.latest_step()
   init_record = None
+  resume_changes: list[str] = []
   if resumed_from is None and config.init.checkpoint:
     try:
       state, init_record = init_from.initial_state(config.init, config.model, tx,
@@ -121,7 +122,7 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   elif resumed_from is None:
     state = init_train_state(config.model, tx, config.seed, shardings)
   else:
-    _check_resumable(checkpointer.record(resumed_from), config, workdir)
+    resume_changes = _resume_changes(checkpointer.record(resumed_from), config, workdir)
     state, record = checkpointer.restore(resumed_from, abstract_train_state(config.model, tx, shardings))
     logging.info("resumed from step %d (data position %s)", resumed_from, record.get("data"))
   start_step = int(jax.device_get(state.step))
@@ -147,6 +148,8 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
               f"{flops_per_token / 1e6:.1f} MFLOPs/token, peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), "
               f"mesh {dict(mesh.shape)}, " + (f"resumed at step {start_step}" if resumed_from is not None
                                              else "fresh start"))
+  if resume_changes:
+    writer.text("resumed with a changed config: " + "; ".join(resume_changes))
   if datasets.bad_data_counts:  # Counted while the data was read, before the first step.
     writer.write(start_step, {f"data/skipped/{reason}": count
                               for reason, count in datasets.bad_data_counts.items()})
@@ -218,18 +221,43 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
                    samples=samples, resumed_from=resumed_from, preempted=preempted)
 
 
-def _check_resumable(record: dict[str, Any], config: ConfigDict, workdir: str) -> None:
-  """A workdir's checkpoint must be of the same model and data order as the config."""
-  saved = record.get("config", {})
-  current = json.loads(config.to_json())
-  changed = [f"{section}.{key}: {saved[section][key]!r} in the checkpoint, {value!r} now"
-             for section in ("model",) for key, value in current[section].items()
-             if key in saved.get(section, {}) and saved[section][key] != value]
-  if saved.get("seed", config.seed) != config.seed:
-    changed.append(f"seed: {saved['seed']} in the checkpoint, {config.seed} now (the data order)")
-  if changed:
-    raise ConfigError(f"{workdir} holds a checkpoint of a different run ({'; '.join(changed)}); "
-                      "use a new --workdir, or the checkpoint's settings to resume it")
+# Model fields a run may change when it resumes: how the same parameters are computed with
+# (precision, layer loop, rematerialisation) or trained (dropout), or used only at initialisation.
+# Switching on remat after running out of memory is the common case. Every other model field
+# changes what the parameters mean, so a workdir holding them refuses it.
+RESUMABLE_MODEL_FIELDS = frozenset({"dtype", "scan_layers", "remat", "dropout_rate", "init_std"})
+
+
+def _flat_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat_fields(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def _resume_changes(record: dict[str, Any], config: ConfigDict, workdir: str) -> list[str]:
+  """The config fields that differ from the checkpointed run's, as "field: old -> new" lines.
+
+  A different model (beyond RESUMABLE_MODEL_FIELDS) or seed (the data order) is refused: the
+  workdir belongs to another run. Anything else (the mesh, the batch, the optimizer, the schedule)
+  may change, and is reported so that the log says how the resumed run differs.
+  """
+  saved = _flat_fields(record.get("config", {}))  # {} for a checkpoint written without one.
+  current = _flat_fields(json.loads(config.to_json()))
+  changed = {field: (saved[field], value) for field, value in current.items()
+             if field in saved and saved[field] != value}
+  refused = [f"{field}: {old!r} in the checkpoint, {new!r} now" for field, (old, new) in changed.items()
+             if field.startswith("model.") and field.removeprefix("model.") not in RESUMABLE_MODEL_FIELDS]
+  if "seed" in changed:
+    refused.append(f"seed: {changed['seed'][0]} in the checkpoint, {config.seed} now (the data order)")
+  if refused:
+    raise ConfigError(f"{workdir} holds a checkpoint of a different run ({'; '.join(refused)}); "
+                      "use a new --workdir, or the checkpoint's settings to resume it (of the model, only "
+                      f"{', '.join(sorted(RESUMABLE_MODEL_FIELDS))} may change)")
+  return [f"{field}: {old!r} -> {new!r}" for field, (old, new) in changed.items()]
 
 
 def _samples(config, graphdef, state, tokenizer) -> list[str]:
