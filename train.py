@@ -11,13 +11,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
-from training.cli import config_error, parse_flags  # noqa: E402
+from training.cli import config_error, define_config_flag, parse_flags  # noqa: E402
 from training.run import train  # noqa: E402
 from training.validation import ConfigError  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config file (get_config()).",
+_CONFIG = define_config_flag("configs/quickstart.py", "Config file (get_config()).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the tokenizer; "
                                 "on several hosts, a path every host sees (a shared filesystem).")
@@ -37,8 +36,12 @@ def main(argv):
     raise SystemExit(f"flag error: --{', --'.join(given)} take effect only with --multihost")
   if _MULTIHOST.value:
     import jax
-    jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
-                               process_id=_PROCESS_ID.value)
+    try:
+      jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                 process_id=_PROCESS_ID.value)
+    except (ValueError, RuntimeError) as e:  # Nothing found the other processes, or bad ids.
+      raise SystemExit(f"flag error: --multihost: {e} (on a single machine, pass --coordinator_address="
+                       "HOST:PORT --num_processes=N --process_id=I with 0 <= I < N)") from None
   try:
     train(_CONFIG.value, _WORKDIR.value)
   except ConfigError as e:

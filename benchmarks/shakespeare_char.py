@@ -28,12 +28,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 import data  # noqa: E402
 import model as model_lib  # noqa: E402
 import sharding  # noqa: E402
 from benchmarks.torch_peer import TorchPeer  # noqa: E402
+from training.cli import define_config_flag  # noqa: E402
 from training.cpu_memory import keep_step_buffers_mapped  # noqa: E402
 from training.optimizer import build_optimizer  # noqa: E402
 from training.run import STEPS_IN_FLIGHT  # noqa: E402
@@ -42,7 +42,7 @@ from training.state import abstract_model, init_train_state, state_shardings  # 
 from training.step import make_eval_step, make_train_step  # noqa: E402
 from training.validation import validate  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "loom config.")
+_CONFIG = define_config_flag("configs/shakespeare_char.py", "loom config.")
 _ROUND = flags.DEFINE_integer("round_steps", 50, "Steps per timed round of each side.")
 _EVAL_AT = flags.DEFINE_list("eval_at", ["250", "500", "1000", "2000"], "Iterations with a validation loss.")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/loom_bench_shakespeare", "Data cache and char vocabulary.")

@@ -31,10 +31,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 import model as model_lib  # noqa: E402
 import sharding  # noqa: E402
+from training.cli import define_config_flag  # noqa: E402
 from training.cpu_memory import keep_step_buffers_mapped  # noqa: E402
 from training.optimizer import build_optimizer  # noqa: E402
 from training.peak_flops import measured_matmul_flops  # noqa: E402
@@ -43,7 +43,7 @@ from training.state import abstract_model, init_train_state, state_shardings  # 
 from training.step import make_train_step, token_losses  # noqa: E402
 from training.validation import validate  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/shakespeare_char.py", "loom config.")
+_CONFIG = define_config_flag("configs/shakespeare_char.py", "loom config.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Processes per variant, run in alternating order.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per process (forward, backward, step interleaved).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Calls per timed round.")

@@ -117,9 +117,10 @@ class CharTokenizer(Tokenizer):
     if (ids < 0).any():
       unknown = sorted({chr(c) for c in codes[ids < 0]})
       raise ValueError(
-          f'CharTokenizer: characters {unknown[:20]!r} are not in the '
-          f'{self.vocab_size}-character vocabulary (it was built from another '
-          'corpus; delete WORKDIR/tokenizer/char_vocab.json to rebuild it).')
+          f'characters {unknown[:20]!r} are not in the {self.vocab_size}-character '
+          'vocabulary of the char tokenizer, built from the corpus when the workdir '
+          'was started (WORKDIR/tokenizer/char_vocab.json); text with new characters '
+          'needs a new --workdir, since the model has no ids for them.')
     return ids.astype(np.int32)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
@@ -136,7 +137,11 @@ class SentencePieceTokenizer(Tokenizer):
     self.model_path = model_path
     with open(model_path, 'rb') as f:
       self._model_bytes = f.read()
-    self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+    try:
+      self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
+    except RuntimeError as e:
+      raise ValueError(f'data.tokenizer_path: {model_path} is not a sentencepiece model '
+                       f'({str(e).strip()[:120]}).') from None
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id = _none_if_negative(self._sp.pad_id())
     self.bos_id = _none_if_negative(self._sp.bos_id())
@@ -282,7 +287,7 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, *,
   # sentencepiece then needs room for the corpus characters (checked below).
   min_vocab_size = 4 + len(symbols) + 256
   if not isinstance(vocab_size, int) or vocab_size <= min_vocab_size:
-    raise ValueError(f'sentencepiece vocab_size={vocab_size!r}: must be an '
+    raise ValueError(f'data.tokenizer_vocab_size={vocab_size!r}: sentencepiece needs an '
                      f'integer above {min_vocab_size} (4 special tokens, '
                      f'{len(symbols)} user-defined symbols, 256 byte pieces, '
                      'plus the characters of the corpus).')
@@ -321,8 +326,8 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, *,
     )
   except RuntimeError as e:
     # E.g. "Vocabulary size too high (5000). Please set it to a value <= 308."
-    raise ValueError(f'sentencepiece training with vocab_size={vocab_size}, '
-                     f'model_type={model_type!r} failed: {e}') from e
+    raise ValueError(f'training a sentencepiece tokenizer with data.tokenizer_vocab_size={vocab_size}, '
+                     f'data.tokenizer_model_type={model_type!r} failed: {e}') from e
   _write_atomically(output_path, model.getvalue())
   return output_path
 

@@ -2,6 +2,7 @@
 import importlib
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,16 @@ BAD_CONFIGS = {
                        r"train\.stop_at_step=41 must be in \[0, train\.num_steps=40\]"),
     "embed_vs_heads": (_set("model", num_heads=3), 8, None,
                        r"model\.embed_dim=32 is not divisible by model\.num_heads=3"),
+    "negative_kv_heads": (_set("model", num_kv_heads=-2), 8, None, r"'model\.num_kv_heads'=-2 must be positive"),
+    "negative_norm_eps": (_set("model", norm_eps=-1.0), 8, None, r"'model\.norm_eps'=-1\.0 must be positive"),
+    "zero_rope_theta": (_set("model", rope_theta=0.0), 8, None, r"'model\.rope_theta'=0\.0 must be positive"),
+    "zero_batch": (_set("train", global_batch_size=0), 8, None, r"train\.global_batch_size=0 must be positive"),
+    "adam_b2": (_set("optimizer", b2=1.5), 8, None, r"optimizer\.b2=1\.5 must be in \[0, 1\)"),
+    "negative_temperature": (_set("train", sample_temperature=-1.0), 8, None,
+                             r"train\.sample_temperature=-1\.0 must be >= 0 \(0 samples greedily\)"),
+    "negative_sample_length": (_set("train", sample_length=-5), 8, None, r"train\.sample_length=-5 must be >= 0"),
+    "path_for_byte_tokenizer": (_set("data", tokenizer_path="x.model"), 8, None,
+                                r"data\.tokenizer_path='x\.model' is set but data\.tokenizer='byte' reads no file"),
 }
 
 
@@ -150,11 +161,19 @@ def test_validate_does_not_modify_its_argument():
   assert (validated.model.vocab_size, validated.model.head_dim, validated.model.num_kv_heads) == (256, 8, 4)
 
 
-def _run_train(tmp_path, *overrides):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+def _train_command(tmp_path, *overrides, config="configs/tiny.py"):
+  config_flag = [f"--config={config}"] if config else []
+  return [sys.executable, "train.py", *config_flag, f"--workdir={tmp_path / 'run'}", *overrides]
+
+
+_TRAIN_ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
+                  XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
+def _run_train(tmp_path, *overrides, config="configs/tiny.py"):
+  env = _TRAIN_ENV
   return subprocess.run(
-      [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={tmp_path / 'run'}", *overrides],
+      _train_command(tmp_path, *overrides, config=config),
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -181,6 +200,41 @@ def test_train_py_reports_config_errors(tmp_path):
   assert stray.returncode != 0
   assert stray.stderr.strip().splitlines() == [
       "flag error: --coordinator_address, --process_id take effect only with --multihost"], stray.stderr
+  assert not (tmp_path / "run").exists()
+
+
+CONFIG_FILE_ERRORS = {  # A config file's body -> the one line train.py prints.
+    "raises.py": ("from configs import tiny\ndef get_config():\n  c = tiny.get_config()\n"
+                  "  c.model.num_layers = 'two'\n  return c\n",
+                  r"config error: .*raises\.py:4: TypeError: Could not override field 'num_layers'"),
+    "syntax.py": ("def get_config(:\n  pass\n", r"config error: .*syntax\.py:1: SyntaxError: invalid syntax"),
+    "no_get_config.py": ("x = 1\n", r"config error: .*no_get_config\.py defines no get_config\(\)"),
+    "returns_dict.py": ("from configs import tiny\ndef get_config():\n  return tiny.get_config().to_dict()\n",
+                        r"config error: .*returns_dict\.py: get_config\(\) returned a dict, not an ml_collections"),
+}
+
+
+def test_train_py_reports_config_file_errors_in_one_line(tmp_path):
+  for name, (body, pattern) in CONFIG_FILE_ERRORS.items():
+    (tmp_path / name).write_text(body)
+  commands = {name: _train_command(tmp_path, config=tmp_path / name) for name in CONFIG_FILE_ERRORS}
+  commands["missing.py"] = _train_command(tmp_path, config=tmp_path / "missing.py")
+  # With no --config, the default file is read while the flag is defined: a bad override fails there.
+  commands["default"] = _train_command(tmp_path, "--config.model.num_layer=3", config=None)
+  processes = {name: subprocess.Popen(command, cwd=REPO_ROOT, env=_TRAIN_ENV, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for name, command in commands.items()}
+  outputs = {}
+  for name, process in processes.items():
+    out, err = process.communicate(timeout=120)
+    outputs[name] = subprocess.CompletedProcess(process.args, process.returncode, out, err)
+  patterns = {name: pattern for name, (_, pattern) in CONFIG_FILE_ERRORS.items()}
+  patterns["missing.py"] = r"config error: --config=.*missing\.py: no such file"
+  patterns["default"] = (r"config error: no field 'num_layer' for the override among \['--config.model.num_layer=3'\] "
+                         r"\(Did you mean \"num_layers\" instead of \"num_layer\"\?\)")
+  for name, result in outputs.items():
+    assert result.returncode != 0
+    assert len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+    assert re.match(patterns[name], result.stderr.strip()), (name, result.stderr)
   assert not (tmp_path / "run").exists()
 
 
@@ -222,3 +276,32 @@ def test_cpu_devices_splits_the_cpu_into_a_data_parallel_mesh(tmp_path):
   with pytest.raises(ConfigError, match=r"^config field 'cpu_devices'=-1: must be 0"):
     train(config, str(tmp_path / "negative"))
   sharding.use_cpu_devices(started)
+
+
+def test_bad_paths_and_prompts_are_config_errors_before_training(tmp_path):
+  from training.run import train
+  (tmp_path / "corpus.txt").write_text("to be or not to be\n" * 200)
+  config = tiny.get_config()
+  config.mesh.update(data=-1)
+  config.data.sources.main.update(kind="text", paths=str(tmp_path / "corpus.txt"))
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(ConfigError, match=r"--workdir=.*a_file cannot be used as a directory"):
+    train(config, str(tmp_path / "a_file"))
+  (tmp_path / "not_a_run" / "checkpoints" / "7").mkdir(parents=True)  # An empty step directory.
+  config.init.checkpoint = str(tmp_path / "not_a_run")
+  with pytest.raises(ConfigError, match=r"init.checkpoint: .*checkpoints holds no finished loom checkpoint"):
+    train(config, str(tmp_path / "run"))
+  config.init.checkpoint = str(tmp_path / "not_a_run" / "checkpoints" / "7")
+  with pytest.raises(ConfigError, match=r"checkpoints/7 is not a complete loom checkpoint \(no params/, record/"):
+    train(config, str(tmp_path / "run"))
+  config.init.checkpoint = ""
+  config.data.update(tokenizer="char")
+  config.train.sample_prompt = "to be ☃"  # A character the corpus does not have: found now, not after training.
+  with pytest.raises(ConfigError, match=r"train.sample_prompt='to be ☃': characters \['☃'\] are not in the "
+                     r"8-character vocabulary"):
+    train(config, str(tmp_path / "run"))
+  config.train.sample_prompt = ""
+  config.data.update(tokenizer="sentencepiece", tokenizer_path=str(tmp_path / "corpus.txt"))
+  with pytest.raises(ConfigError, match=r"data.tokenizer_path: .*corpus.txt is not a sentencepiece model"):
+    train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "checkpoints").exists()

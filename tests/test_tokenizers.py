@@ -70,7 +70,7 @@ def test_user_defined_and_extra_symbols_are_single_pieces(tmp_path):
 
 @pytest.mark.parametrize('kwargs, message', [
     ({'model_type': 'word'}, "model_type 'word' is not supported; expected one of bpe, unigram"),
-    ({'vocab_size': 200}, 'vocab_size=200: must be an integer above 263'),
+    ({'vocab_size': 200}, 'data.tokenizer_vocab_size=200: sentencepiece needs an integer above 263'),
     ({'vocab_size': 5000}, r'Vocabulary size too high \(5000\)'),
     ({'extra_symbols': ['']}, 'extra_symbols must be non-empty strings'),
 ])

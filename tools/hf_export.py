@@ -15,13 +15,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from model.huggingface import MODEL_TYPES  # noqa: E402
-from training.cli import parse_flags  # noqa: E402
+from training.cli import define_config_flag, parse_flags  # noqa: E402
 from training.huggingface_io import EXPORT_DTYPES, export_hf  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "The run's config file (default: the checkpoint's "
+_CONFIG = define_config_flag(None, "The run's config file (default: the checkpoint's "
                                           "record, i.e. what WORKDIR/config.json holds).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A loom workdir: its latest checkpoint is exported.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "One checkpoint, WORKDIR/checkpoints/STEP.")

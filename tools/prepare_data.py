@@ -16,14 +16,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from data.datasets import prepare_datasets  # noqa: E402
-from training.cli import config_error, parse_flags  # noqa: E402
+from training.cli import config_error, define_config_flag, parse_flags  # noqa: E402
 from training.validation import ConfigError, validate_data  # noqa: E402
 from version import __version__  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config whose data section to prepare.")
+_CONFIG = define_config_flag("configs/quickstart.py", "Config whose data section to prepare.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory; each source goes to OUTPUT/NAME.")
 _SOURCES = flags.DEFINE_list("sources", [], "Names of data.sources to prepare (default: all).")
 _CHUNK_TOKENS = flags.DEFINE_integer("chunk_tokens", 16_000_000,

@@ -14,15 +14,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from data import source_rows  # noqa: E402
 from data.bad_data import BadData  # noqa: E402
 from data.tokenizers import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
-from training.cli import config_error, parse_flags  # noqa: E402
+from training.cli import config_error, define_config_flag, parse_flags  # noqa: E402
 from training.validation import ConfigError, validate_data  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Config whose data.sources to read.")
+_CONFIG = define_config_flag("configs/quickstart.py", "Config whose data.sources to read.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the .model file.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "Pieces; default: the config's data.tokenizer_vocab_size.")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["bpe", "unigram"],

@@ -22,6 +22,13 @@ from training.state import TrainState
 ITEMS = ("params", "opt_state", "progress", "record")
 
 
+REQUIRED = ("params", "record")  # What every loom checkpoint holds, an imported model's included.
+
+
+def _is_loom_checkpoint(step_directory: str) -> bool:
+  return all(os.path.isdir(os.path.join(step_directory, item)) for item in REQUIRED)
+
+
 def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, int]:
   """(checkpoints directory, step) for a workdir, its checkpoints/ directory or one checkpoints/STEP.
 
@@ -35,11 +42,14 @@ def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, i
     directory, named_step = os.path.dirname(path), int(os.path.basename(path))
     if step >= 0 and step != named_step:
       raise ValueError(f"{field} names step {named_step} but step {step} was asked for")
+    if not _is_loom_checkpoint(path):
+      raise ValueError(f"{field}: {path} is not a complete loom checkpoint (no {'/, '.join(REQUIRED)}/ in it)")
     return directory, named_step
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   # Finished checkpoints only: an interrupted save is a temporary directory with another name.
-  steps = sorted(int(name) for name in os.listdir(path) if re.fullmatch(r"\d+", name))
+  steps = sorted(int(name) for name in os.listdir(path)
+                 if re.fullmatch(r"\d+", name) and _is_loom_checkpoint(os.path.join(path, name)))
   if not steps:
     raise ValueError(f"{field}: {path} holds no finished loom checkpoint (directories named by step)")
   if step < 0:

@@ -1,19 +1,91 @@
 """What train.py and the tools under tools/ share: flag parsing that reports bad input in one line."""
+import os
+import re
+import sys
+
 from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+
+def define_config_flag(default: str | None, help_text: str, **kwargs):
+  """`--config` (an ml_collections config file with `--config.a.b=value` overrides).
+
+  Without a --config argument the default file is read, overrides and all, while the flag is
+  defined, so its errors are turned into one line here too.
+  """
+  try:
+    return config_flags.DEFINE_config_file("config", default, help_text, **kwargs)
+  except Exception as e:  # noqa: BLE001 -- whatever get_config() or an override raised.
+    raise _one_line(e, sys.argv) from None
 
 
 def parse_flags(argv):
-  """absl's parsing, with a bad --config override reported in one line instead of a traceback."""
+  """absl's parsing, with a bad config file or --config override reported in one line, not a traceback."""
+  path = _config_file(argv).split(":", 1)[0]  # "file.py:arg" passes arg to get_config().
+  if "config" in flags.FLAGS and any(a.startswith("--config") for a in argv[1:]) and path and \
+      not os.path.isfile(path):
+    raise SystemExit(f"config error: --config={path}: no such file")
   try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    raise SystemExit(f"{argv[0]}: {e}\nPass --helpfull to see the flags.") from None
-  except (AttributeError, KeyError) as e:
+    remaining = flags.FLAGS(argv)
+    if "config" in flags.FLAGS:
+      config = flags.FLAGS.config  # A config file that cannot be read fails here, not mid-run.
+      given = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+      if (config is not None or given) and not isinstance(config, ConfigDict):
+        raise SystemExit(f"config error: {_config_file(argv)}: get_config() returned a "
+                         f"{type(config).__name__}, not an ml_collections ConfigDict "
+                         "(start from configs/base.py's get_config())")
+    return remaining
+  except (SyntaxError, OSError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    raise _one_line(e, argv) from None
+
+
+def _one_line(e: Exception, argv) -> SystemExit:
+  config_file = _config_file(argv)
+  if isinstance(e, SyntaxError):
+    return SystemExit(f"config error: {e.filename}:{e.lineno}: {type(e).__name__}: {e.msg}")
+  if isinstance(e, OSError):  # ml_collections defers a missing file's error to the first use of the config.
+    return SystemExit(f"config error: --config={config_file} cannot be read ({_last_line(str(e))})")
+  message = str(e)
+  if "Traceback" in message:  # An exception inside get_config(), wrapped with its traceback.
+    return SystemExit(f"config error: {_raised_where(message, config_file)}: {_last_line(message)}")
+  if isinstance(e, flags.Error):
+    return SystemExit(f"{argv[0]}: {message}\nPass --helpfull to see the flags.")
+  if isinstance(e, (AttributeError, KeyError)):
+    while e.args and isinstance(e.args[0], Exception):  # ml_collections wraps its KeyError.
+      e = e.args[0]
+    message = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+    if "get_config" in message:
+      return SystemExit(f"config error: {config_file} defines no get_config()")
+    field, _, suggestion = message.partition("\n")  # ml_collections may add a "Did you mean" line.
+    suggestion = f" ({' '.join(suggestion.split())})" if suggestion.strip() else ""
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    raise SystemExit(f"config error: no field {str(e).strip(chr(34))} for the override among {overrides}; "
-                     "configs/base.py lists every field") from None
-  except (TypeError, ValueError) as e:
-    raise SystemExit(f"config error: {e}") from None
+    return SystemExit(f"config error: no field {field.strip()} for the override among {overrides}"
+                      f"{suggestion}; configs/base.py lists every field")
+  return SystemExit(f"config error: {message}")
+
+
+def _config_file(argv) -> str:
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  default = flags.FLAGS["config"].default_as_str if "config" in flags.FLAGS else None
+  return (default or "").strip("'\"") or "the config file"
+
+
+def _last_line(text: str) -> str:
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  return lines[-1] if lines else text
+
+
+def _raised_where(traceback_text: str, config_file: str) -> str:
+  """FILE:LINE of the config file's innermost frame, else of the innermost one outside installed packages."""
+  frames = re.findall(r'File "([^"]+)", line (\d+)', traceback_text)
+  in_config = [(path, line) for path, line in frames if os.path.abspath(path) == os.path.abspath(config_file)]
+  in_user_code = [(path, line) for path, line in frames if "site-packages" not in path]
+  path, line = (in_config or in_user_code or [(config_file, "?")])[-1]
+  return f"{path}:{line}"
 
 
 def config_error(error: Exception) -> SystemExit:

@@ -74,7 +74,10 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   validate(config, jax.device_count())
   if config.compilation_cache_dir:  # Before anything compiles.
     jax.config.update("jax_compilation_cache_dir", _compilation_cache_dir(config.compilation_cache_dir))
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} cannot be used as a directory ({e})") from None
   keep_step_buffers_mapped()  # On a CPU, the step's large buffers stay mapped (training/cpu_memory.py).
 
   # --- Mesh.
@@ -89,6 +92,14 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   except ValueError as e:  # data/ names the data.* field at fault; report it like any config error.
     raise ConfigError(str(e)) from e
   config = validate(config, jax.device_count(), tokenizer_vocab_size=datasets.tokenizer.vocab_size)
+  try:  # Sampling comes at the end of the run; a prompt the tokenizer cannot encode fails now.
+    datasets.tokenizer.encode_batch([config.train.sample_prompt])
+  except ValueError as e:
+    raise ConfigError(f"train.sample_prompt={config.train.sample_prompt!r}: {e}") from None
+  if config.optimizer.warmup_steps >= config.train.num_steps:
+    logging.warning("optimizer.warmup_steps=%d >= train.num_steps=%d: the learning rate warms up for the "
+                    "whole run and never reaches optimizer.learning_rate", config.optimizer.warmup_steps,
+                    config.train.num_steps)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json(indent=2))

@@ -83,6 +83,10 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
 
   for field in ("num_layers", "embed_dim", "num_heads", "mlp_dim", "max_seq_len"):
     _require(m[field] > 0, f"config field 'model.{field}'={m[field]} must be positive")
+  for field in ("num_kv_heads", "head_dim", "vocab_size"):
+    _require(m[field] >= 0, f"config field 'model.{field}'={m[field]} must be positive (or 0 for the default)")
+  for field in ("norm_eps", "rope_theta", "init_std"):
+    _require(m[field] > 0, f"config field 'model.{field}'={m[field]} must be positive")
   if m.num_kv_heads == 0:
     m.num_kv_heads = m.num_heads
   if m.head_dim == 0:
@@ -103,6 +107,9 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
              f"({tokenizer_vocab_size}); raise it or set it to 0 to use the tokenizer's size")
 
   _require(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")
+  _require(not d.tokenizer_path or d.tokenizer in ("sentencepiece", "huggingface"),
+           f"data.tokenizer_path={d.tokenizer_path!r} is set but data.tokenizer={d.tokenizer!r} reads no "
+           "file; it is for data.tokenizer=sentencepiece (a .model) or huggingface (a tokenizer.json)")
   _require(d.seq_len <= m.max_seq_len,
            f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   _require(0.0 < d.validation_fraction < 1.0,
@@ -111,6 +118,7 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
 
   mesh = _mesh_sizes(config, num_devices)
   batch_shards = mesh["data"] * mesh["fsdp"]
+  _require(t.global_batch_size > 0, f"train.global_batch_size={t.global_batch_size} must be positive")
   _require(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1")
   _require(t.global_batch_size % t.microbatches == 0,
            f"train.global_batch_size={t.global_batch_size} is not divisible by "
@@ -131,6 +139,10 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
   _require(0.0 <= o.min_lr_ratio <= 1.0, f"optimizer.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
   _require(0.0 < o.decay_fraction <= 1.0, f"optimizer.decay_fraction={o.decay_fraction} must be in (0, 1]")
   _require(o.grad_clip_norm >= 0, f"optimizer.grad_clip_norm={o.grad_clip_norm} must be >= 0")
+  for field in ("b1", "b2", "momentum"):
+    _require(0.0 <= o[field] < 1.0, f"optimizer.{field}={o[field]} must be in [0, 1)")
+  for field in ("eps", "weight_decay"):
+    _require(o[field] >= 0, f"optimizer.{field}={o[field]} must be >= 0")
 
   _require(t.num_steps > 0, f"train.num_steps={t.num_steps} must be positive")
   _require(0 <= t.stop_at_step <= t.num_steps,
@@ -149,8 +161,9 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
       locate(i.checkpoint, i.step, field="init.checkpoint")
     except ValueError as e:
       raise ConfigError(str(e)) from None
-  for field in ("eval_every", "eval_batches", "num_samples"):
-    _require(t[field] >= 0, f"train.{field}={t[field]} must be >= 0")
+  for field in ("eval_every", "eval_batches", "num_samples", "sample_length", "sample_temperature"):
+    _require(t[field] >= 0, f"train.{field}={t[field]} must be >= 0"
+             + (" (0 samples greedily)" if field == "sample_temperature" else ""))
   return config
 
 
