@@ -15,6 +15,7 @@ POLICIES = ('skip', 'stop')
 REASONS = (
     'empty_file',        # a file with no text in it
     'undecodable',       # bytes that are not UTF-8
+    'binary',            # a text file holding NUL bytes (binary data, UTF-16 text)
     'malformed_json',    # a JSONL line that does not parse
     'missing_field',     # a record without the configured text field / "messages"
     'wrong_type',        # a field of the wrong type (text not a string, messages not a list, ...)

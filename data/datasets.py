@@ -15,10 +15,12 @@ from data import row_cache
 from data import source_rows
 from data import sources as sources_lib
 from data.bad_data import BadData
+from data.bad_data import BadDataError
 from data.prepared import PreparedRows
 from data.prepared import write_prepared
 from data.tokenizers import build_tokenizer
 from data.tokenizers import CharTokenizer
+from data.tokenizers import NoTextError
 from data.tokenizers import Tokenizer
 
 
@@ -82,7 +84,7 @@ def build_datasets(data_config, *, global_batch_size: int, seed: int, workdir: s
   for name, source in named_sources:
     start = time.perf_counter()
     if source.kind == 'prepared':
-      train, validation, info = _open_prepared(name, source, tokenizer)
+      train, validation, info = _open_prepared(name, source, tokenizer, data_config)
     else:
       train, validation, info = _rows_on_the_fly(name, source, tokenizer, data_config, workdir)
     bad_data.merge(info.get('bad_data', {}))
@@ -99,6 +101,11 @@ def build_datasets(data_config, *, global_batch_size: int, seed: int, workdir: s
   for source in built:
     if source.weight > 0:
       pipeline.check_fills_a_batch(source.train, 1, source.name)
+    if source.validation.num_rows == 0:  # Else every evaluation would average nothing and log 0.
+      raise ValueError(
+          f'data.sources.{source.name}: the validation split holds no row of data.seq_len='
+          f'{source.train.seq_len} tokens (data.validation_fraction={data_config.validation_fraction} '
+          f'of {source.num_train_tokens:,} training tokens); raise data.validation_fraction or add data.')
   return Datasets(tokenizer=tokenizer, sources=tuple(built), bad_data_counts=dict(bad_data.counts),
                   global_batch_size=global_batch_size, seed=seed,
                   shuffle=data_config.shuffle, windows=data_config.windows,
@@ -122,12 +129,29 @@ def _tokenizer(data_config, named_sources, workdir: str) -> Tokenizer:
     data_config = ml_collections.ConfigDict(data_config.to_dict())
     data_config.tokenizer_path = path
 
+  stopped = []  # Under 'stop': the bad record, which sentencepiece would wrap in its own error.
+
   def corpus_texts() -> Iterator[str]:
-    quiet = BadData('skip', max_logged=0)  # The real pass reports bad records.
-    return itertools.chain.from_iterable(
-        source_rows.document_texts(name, source, quiet)
-        for name, source in named_sources if source.kind != 'prepared')
-  return build_tokenizer(data_config, corpus_texts, workdir)
+    # The real pass counts bad records; under 'stop' the first one ends the run here, before
+    # a tokenizer is trained without it and cached in the workdir.
+    quiet = BadData(data_config.bad_data, max_logged=0)
+    try:
+      yield from itertools.chain.from_iterable(
+          source_rows.document_texts(name, source, quiet)
+          for name, source in named_sources if source.kind != 'prepared')
+    except BadDataError as e:
+      stopped.append(e)
+      raise
+  try:
+    return build_tokenizer(data_config, corpus_texts, workdir)
+  except NoTextError:
+    names = ', '.join(f'data.sources.{name}' for name, source in named_sources if source.kind != 'prepared')
+    raise ValueError(f'{names}: no text to train the {data_config.tokenizer} tokenizer on (every document '
+                     'is empty or was skipped as bad data)') from None
+  except ValueError:
+    if stopped:
+      raise stopped[0] from None
+    raise
 
 
 def _copy_tokenizer(tokenizer: Tokenizer, data_config, directory: str) -> None:
@@ -143,15 +167,31 @@ def _copy_tokenizer(tokenizer: Tokenizer, data_config, directory: str) -> None:
       shutil.copyfile(config_file, os.path.join(directory, 'tokenizer_config.json'))
 
 
-def _open_prepared(name: str, source, tokenizer: Tokenizer):
-  train = PreparedRows(source.paths, 'train')
-  validation = PreparedRows(source.paths, 'validation')
+def _open_prepared(name: str, source, tokenizer: Tokenizer, data_config):
+  try:  # Also checks meta.json and that every shard of both splits is there.
+    train = PreparedRows(source.paths, 'train')
+    validation = PreparedRows(source.paths, 'validation')
+  except ValueError as e:
+    raise ValueError(f'data.sources.{name}: {e}') from None
   meta = train.metadata.get('metadata', {})
   if meta.get('tokenizer') != tokenizer.identity():
     raise ValueError(
         f'data.sources.{name}: {source.paths} was prepared with another tokenizer '
         f'({meta.get("tokenizer")}) than this run\'s ({tokenizer.identity()}); leave '
         'data.tokenizer_path empty to use the one stored with it, or prepare it again.')
+  # The rows are cut and rendered already: the run's settings for that must be the prepared ones,
+  # or config.json, tokens/s and the model's context would describe data it does not train on.
+  prepared = {'seq_len': train.seq_len}
+  if meta.get('source', {}).get('kind', 'chat') == 'chat':  # Chat settings matter to chat rows only.
+    prepared.update({key: meta[key] for key in ('chat_template', 'chat_loss_on') if key in meta})
+  mismatches = [(key, value) for key, value in prepared.items() if data_config.get(key) != value]
+  if mismatches:
+    raise ValueError(
+        f'data.sources.{name}: {source.paths} was prepared with '
+        + ', '.join(f'data.{key}={value!r}' for key, value in mismatches) + ' but this run has '
+        + ', '.join(f'data.{key}={data_config.get(key)!r}' for key, _ in mismatches) + '; set '
+        + ' '.join(f'--config.data.{key}={value}' for key, value in mismatches)
+        + ', or prepare it again with this run\'s settings (tools/prepare_data.py).')
   return train, validation, {'num_train_tokens': train.num_tokens,
                              'bad_data': meta.get('bad_data', {})}
 

@@ -337,15 +337,89 @@ def read_metadata(directory: str) -> dict:
     raise ValueError(f'{meta_path}: format_version {version!r}, this loom reads '
                      f'format_version {FORMAT_VERSION}; prepare the dataset '
                      'again with this version.')
+  _check_meta_keys(meta, meta_path)
   return meta
+
+
+# What write_prepared puts in meta.json and the reader relies on.
+_REQUIRED_KEYS = ('seq_len', 'stream', 'splits', 'metadata')
+_REQUIRED_SPLIT_KEYS = ('num_rows', 'num_tokens', 'shards', 'shard_rows')
+
+
+def _check_meta_keys(meta: dict, meta_path: str) -> None:
+  """ValueError naming what a meta.json lacks, instead of a KeyError later."""
+  again = 'not written by data.prepared.write_prepared, or edited; prepare it again.'
+  missing = [key for key in _REQUIRED_KEYS if key not in meta]
+  if missing:
+    raise ValueError(f'{meta_path}: missing keys {", ".join(missing)} (a '
+                     f'prepared dataset has {", ".join(_REQUIRED_KEYS)}); '
+                     f'{again}')
+  seq_len, splits = meta['seq_len'], meta['splits']
+  if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+    raise ValueError(f'{meta_path}: seq_len {seq_len!r}, expected an integer '
+                     f'>= 1; {again}')
+  if not isinstance(splits, dict) or not splits:
+    raise ValueError(f'{meta_path}: splits {splits!r}, expected a non-empty '
+                     f'mapping of split name to its shards; {again}')
+  for split, info in splits.items():
+    where = f'{meta_path}: split {split!r}'
+    if not isinstance(info, dict):
+      raise ValueError(f'{where} is {info!r}, expected a mapping with '
+                       f'{", ".join(_REQUIRED_SPLIT_KEYS)}; {again}')
+    missing = [key for key in _REQUIRED_SPLIT_KEYS if key not in info]
+    if missing:
+      raise ValueError(f'{where}: missing keys {", ".join(missing)} (each '
+                       f'split has {", ".join(_REQUIRED_SPLIT_KEYS)}); {again}')
+    shards, shard_rows = info['shards'], info['shard_rows']
+    if (not isinstance(shards, list) or not isinstance(shard_rows, list)
+        or not all(isinstance(s, str) for s in shards)
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                   for n in shard_rows)
+        or len(shards) != len(shard_rows)):
+      raise ValueError(f'{where}: shards must be a list of file names and '
+                       'shard_rows a list of row counts >= 0 of the same '
+                       f'length, got shards {shards!r:.200} and shard_rows '
+                       f'{shard_rows!r:.200}; {again}')
+
+
+def _check_shards(directory: str, split: str, paths: list[str],
+                  shard_rows: list[int]) -> None:
+  """ValueError now, not at the first read, for missing or truncated shards.
+
+  Opening an ArrayRecordReader reads only the file's footer and chunk index
+  (under 1 ms for a shard of 8192 rows), not its records, so every shard's
+  record count is checked against meta.json too.
+  """
+  missing = [path for path in paths if not os.path.isfile(path)]
+  if missing:
+    shown = ', '.join(missing[:5]) + (f' and {len(missing) - 5} more'
+                                      if len(missing) > 5 else '')
+    raise ValueError(f'{directory}: split {split!r}: {len(missing)} of '
+                     f'{len(paths)} shard files listed in {META_FILE} are '
+                     f'missing: {shown}; the prepared dataset is incomplete, '
+                     'prepare it again.')
+  for path, expected in zip(paths, shard_rows):
+    try:  # A damaged file opens with ok() False; close() raises its status.
+      reader = array_record_module.ArrayRecordReader(path, READER_OPTIONS)
+      found = reader.num_records()
+      reader.close()
+    except RuntimeError as e:
+      raise ValueError(f'{path}: not a readable ArrayRecord shard ({e}); the '
+                       'prepared dataset is damaged, prepare it again.') from None
+    if found != expected:
+      raise ValueError(f'{path}: {found} rows, {META_FILE} says {expected}; '
+                       'the shard is truncated or not from this preparation, '
+                       'prepare it again.')
 
 
 class PreparedRows:
   """Random access to the rows of one split of a prepared directory.
 
-  Same `read` interface as data.packing.PackedRows. Readers are opened lazily,
-  on the first read of a shard, so opening is cheap and an instance pickles
-  (to worker processes) without open files.
+  Same `read` interface as data.packing.PackedRows. Opening checks that every
+  shard of the split exists and holds the rows meta.json says (so a damaged
+  directory fails before training, not at its first read or evaluation);
+  readers for reading are opened lazily, on the first read of a shard, so an
+  instance pickles (to worker processes) without open files.
 
   Thread safety: `read` may be called from several threads at once.
   ArrayRecordReader is thread-compatible, not thread-safe: its sequential
@@ -382,7 +456,8 @@ class PreparedRows:
     if self._shard_starts[-1] != self.num_rows:
       raise ValueError(f'{directory}/{META_FILE}: split {split!r} has num_rows '
                        f'{self.num_rows} but its shard_rows add up to '
-                       f'{self._shard_starts[-1]}.')
+                       f'{self._shard_starts[-1]}; prepare it again.')
+    _check_shards(directory, split, self._shard_paths, self._shard_rows)
     self.rows_read = 0
     self._lock = threading.Lock()
     self._readers: list[Any] = [None] * len(self._shard_paths)

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import itertools
 import json
+import math
 import os
 import re
 import sysconfig
@@ -120,8 +121,8 @@ def check_source(name: str, source: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
       raise ValueError(f'{prefix}.{key}={value!r}; allowed: an integer >= 0 (0: no limit).')
   weight = fields['weight']
-  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
-    raise ValueError(f'{prefix}.weight={weight!r}; allowed: a number >= 0.')
+  if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < math.inf:
+    raise ValueError(f'{prefix}.weight={weight!r}; allowed: a finite number >= 0.')
 
   paths = fields['paths']
   if kind in _PATHLESS_KINDS and paths.strip():
@@ -224,6 +225,11 @@ def _read_text_file(path: str, bad_data: BadData) -> Iterator[Document]:
   if not text.strip():
     bad_data.report('empty_file', path,
                     'file is empty' if not data else 'file has only whitespace')
+    return
+  if '\x00' in text:  # Valid UTF-8, but no text file holds NUL: binary data, or UTF-16 text.
+    line = text.count('\n', 0, text.index('\x00')) + 1
+    bad_data.report('binary', path, f'a NUL byte at byte offset {data.index(0)} (line {line}): '
+                    'binary data or UTF-16 text, not UTF-8 text')
     return
   yield Document(text=text, messages=None, where=path)
 
@@ -461,7 +467,9 @@ def _file_stats(paths: Iterable[str]) -> list[tuple[str, int, int]]:
   stats = []
   for path in paths:
     stat = os.stat(path)
-    stats.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns))
+    # The inode change time too: `cp -p`, `rsync -t`, `touch -r` and unpacking an archive set
+    # the modification time back, but any write moves ctime, and nothing can set it back.
+    stats.append((os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino))
   return stats
 
 
@@ -469,8 +477,8 @@ def source_identity(name: str, source: Any) -> str:
   """A short hex hash that changes whenever read_documents could yield otherwise.
 
   It covers the source's fields (except weight, which does not change the
-  documents) and, for file kinds, each file's absolute path, size and
-  modification time; for tfds, the dataset name, split, data_dir and the
+  documents) and, for file kinds, each file's absolute path, size, inode and
+  modification and change times; for tfds, the dataset name, split, data_dir and the
   builder's version (read from metadata, not from the data). Meant as a cache key.
   """
   check_source(name, source)

@@ -255,13 +255,23 @@ def _write_atomically(path: str, data: bytes) -> None:
 MODEL_TYPES = ('bpe', 'unigram')
 
 
+class NoTextError(ValueError):
+  """There is no text to learn a vocabulary from."""
+
+
+# Sentencepiece silently drops "sentences" over its max_sentence_length (4192 bytes), so it
+# is fed lines, never whole documents, and a longer line in pieces of at most this many
+# characters (4 UTF-8 bytes each at most).
+_MAX_PIECE_CHARS = 1024
+
+
 def _lines_of(texts: Iterable[str]) -> Iterator[str]:
-  # Sentencepiece silently drops "sentences" longer than max_sentence_length,
-  # so it is fed lines, never whole documents.
   for text in texts:
     for line in text.split('\n'):
-      if line.strip():
-        yield line
+      for start in range(0, len(line), _MAX_PIECE_CHARS):
+        piece = line[start:start + _MAX_PIECE_CHARS]
+        if piece.strip():
+          yield piece
 
 
 def train_sentencepiece(texts: Iterable[str], output_path: str, *,
@@ -294,7 +304,7 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, *,
   lines = _lines_of(texts)
   first_line = next(lines, None)
   if first_line is None:
-    raise ValueError('train_sentencepiece: the texts hold no non-empty line.')
+    raise NoTextError('train_sentencepiece: the texts hold no non-empty line.')
 
   spm.set_random_generator_seed(0)  # Sentence sampling must be reproducible.
   model = io.BytesIO()

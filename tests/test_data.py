@@ -440,3 +440,33 @@ def test_random_windows_are_stream_slices_at_any_offset():
                      process_index=p, process_count=2) for p in range(2)]
   for full, first, second in zip(batches, *halves):
     np.testing.assert_array_equal(full['inputs'], np.concatenate([first['inputs'], second['inputs']]))
+
+
+def test_a_validation_split_without_a_row_is_refused(tmp_path):
+  (tmp_path / 'small.txt').write_text('abcdefghij' * 60)  # 600 tokens: 0.001 of it is under one row.
+  config = make_config(str(tmp_path / 'small.txt'), validation_fraction=0.001)
+  with pytest.raises(ValueError, match=r'data.sources.main: the validation split holds no row of '
+                     r'data.seq_len=16 tokens \(data.validation_fraction=0.001 of .* training tokens\)'):
+    build_datasets(config, global_batch_size=4, seed=0, workdir=str(tmp_path / 'run'))
+  config = make_config(str(tmp_path / 'small.txt'), validation_fraction=0.1)
+  assert build_datasets(config, global_batch_size=4, seed=0, workdir=str(tmp_path / 'run')).sources[0].validation.num_rows > 0
+
+
+def test_tokenizer_training_follows_bad_data_and_names_an_empty_corpus(tmp_path):
+  corpus = tmp_path / 'corpus'
+  corpus.mkdir()
+  write_corpus(corpus)
+  (corpus / 'zz_bad.txt').write_bytes(b'ok \xff bad\n')
+  config = make_config(str(corpus / '*.txt'), tokenizer='sentencepiece', bad_data='stop')
+  with pytest.raises(BadDataError, match=r'zz_bad.txt: .*not UTF-8'):
+    build_datasets(config, global_batch_size=4, seed=0, workdir=str(tmp_path / 'run'))
+  # Stopped before a tokenizer was trained without that file and cached for the next run.
+  assert not os.path.exists(tmp_path / 'run' / 'tokenizer' / 'sp.model')
+
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  (empty / 'a.txt').write_text('')
+  (empty / 'b.txt').write_text(' \n')
+  config = make_config(str(empty / '*.txt'), tokenizer='sentencepiece')
+  with pytest.raises(ValueError, match=r'^data.sources.main: no text to train the sentencepiece tokenizer on'):
+    build_datasets(config, global_batch_size=4, seed=0, workdir=str(tmp_path / 'run2'))

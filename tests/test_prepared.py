@@ -2,14 +2,17 @@
 import json
 import os
 import pickle
+import re
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from configs import base
 from data import packing
 from data import prepared
+from data.datasets import build_datasets
 
 SEQ_LEN = 16
 ROWS_PER_SHARD = 7  # Small, so that rows and chunks span several shards.
@@ -296,6 +299,125 @@ def test_bad_arguments_and_lookups(tmp_path, stream_data):
   with pytest.raises(ValueError, match='format_version 2, this loom reads '
                      'format_version 1'):
     prepared.PreparedRows(str(tmp_path), 'train')
+
+
+def build_from_prepared(directory, **data_fields):
+  """build_datasets of a run whose one source is the prepared `directory`."""
+  data = base.get_config().data
+  data.sources = {'main': base.source(kind='prepared', paths=str(directory))}
+  data.update(tokenizer='byte', seq_len=SEQ_LEN)  # write_stream_data's tokenizer 'byte'.
+  data.update(data_fields)
+  return build_datasets(data, global_batch_size=4, seed=0,
+                        workdir=str(directory / 'workdir'))
+
+
+@pytest.mark.parametrize('seq_len', [8, 32])
+def test_run_seq_len_must_be_the_prepared_one(tmp_path, stream_data, seq_len):
+  write_stream_data(tmp_path, stream_data)
+  with pytest.raises(ValueError) as error:
+    build_from_prepared(tmp_path, seq_len=seq_len)
+  assert str(error.value) == (
+      f'data.sources.main: {tmp_path} was prepared with data.seq_len=16 but '
+      f'this run has data.seq_len={seq_len}; set --config.data.seq_len=16, or '
+      "prepare it again with this run's settings (tools/prepare_data.py).")
+  datasets = build_from_prepared(tmp_path, seq_len=SEQ_LEN)
+  assert datasets.sources[0].train.seq_len == SEQ_LEN
+
+
+def test_chat_settings_must_be_the_prepared_ones(tmp_path, stream_data):
+  def write(directory, kind):
+    prepared.write_prepared(
+        str(directory), {'train': stream_data['train_chunks'],
+                         'validation': [stream_data['val']]},
+        metadata={'tokenizer': 'byte', 'source': {'kind': kind},
+                  'seq_len': SEQ_LEN, 'chat_template': 'chatml',
+                  'chat_loss_on': 'all'},
+        rows_per_shard=ROWS_PER_SHARD)
+
+  write(tmp_path / 'chat', 'chat')
+  with pytest.raises(ValueError, match=re.escape(
+      "was prepared with data.chat_loss_on='all' but this run has "
+      "data.chat_loss_on='assistant'; set --config.data.chat_loss_on=all, or "
+      'prepare it again')):
+    build_from_prepared(tmp_path / 'chat', chat_loss_on='assistant')
+  with pytest.raises(ValueError, match=re.escape(
+      "with data.seq_len=16, data.chat_loss_on='all' but this run has "
+      "data.seq_len=32, data.chat_loss_on='assistant'; set "
+      '--config.data.seq_len=16 --config.data.chat_loss_on=all, or')):
+    build_from_prepared(tmp_path / 'chat', seq_len=32, chat_loss_on='assistant')
+  build_from_prepared(tmp_path / 'chat', chat_loss_on='all')
+  # Rows of a text source carry no chat rendering: its chat settings are moot.
+  write(tmp_path / 'text', 'text')
+  build_from_prepared(tmp_path / 'text', chat_loss_on='assistant')
+
+
+def test_meta_json_without_required_keys(tmp_path, stream_data):
+  meta_path = tmp_path / 'meta.json'
+  meta_path.write_text(json.dumps({'format_version': prepared.FORMAT_VERSION}))
+  for open_it in (lambda: prepared.read_metadata(str(tmp_path)),
+                  lambda: prepared.PreparedRows(str(tmp_path), 'train')):
+    with pytest.raises(ValueError) as error:
+      open_it()
+    assert str(error.value) == (
+        f'{meta_path}: missing keys seq_len, stream, splits, metadata (a '
+        'prepared dataset has seq_len, stream, splits, metadata); not written '
+        'by data.prepared.write_prepared, or edited; prepare it again.')
+
+  meta = write_stream_data(tmp_path / 'prep', stream_data)
+  del meta['splits']['validation']['shard_rows']
+  (tmp_path / 'prep' / 'meta.json').write_text(json.dumps(meta))
+  with pytest.raises(ValueError, match=re.escape(
+      "meta.json: split 'validation': missing keys shard_rows (each split has "
+      'num_rows, num_tokens, shards, shard_rows); not written by '
+      'data.prepared.write_prepared, or edited; prepare it again.')):
+    prepared.PreparedRows(str(tmp_path / 'prep'), 'train')
+  with pytest.raises(ValueError, match=re.escape(
+      'data.sources.main: ' + str(tmp_path / 'prep' / 'meta.json')
+      + ": split 'validation': missing keys shard_rows")):
+    build_from_prepared(tmp_path / 'prep')
+
+
+@pytest.mark.parametrize('split,shard', [('train', 1), ('validation', 0)])
+def test_missing_shard_fails_when_the_split_is_opened(tmp_path, stream_data,
+                                                      split, shard):
+  meta = write_stream_data(tmp_path, stream_data)
+  names = meta['splits'][split]['shards']
+  missing = tmp_path / names[shard]
+  os.remove(missing)
+  with pytest.raises(ValueError) as error:
+    prepared.PreparedRows(str(tmp_path), split)
+  assert str(error.value) == (
+      f"{tmp_path}: split {split!r}: 1 of {len(names)} shard files listed in "
+      f'meta.json are missing: {missing}; the prepared dataset is incomplete, '
+      'prepare it again.')
+  other = {'train': 'validation', 'validation': 'train'}[split]
+  prepared.PreparedRows(str(tmp_path), other)  # Whole: opens.
+  # A run stops while building its data: before model init, not at the first
+  # read (train) or the first evaluation (validation).
+  with pytest.raises(ValueError, match=re.escape(
+      f"data.sources.main: {tmp_path}: split {split!r}: 1 of {len(names)} "
+      f'shard files listed in meta.json are missing: {missing}')):
+    build_from_prepared(tmp_path)
+
+
+def test_damaged_shard_fails_when_the_split_is_opened(tmp_path, stream_data):
+  meta = write_stream_data(tmp_path, stream_data)
+  path = tmp_path / meta['splits']['train']['shards'][0]
+  path.write_bytes(path.read_bytes()[:100])
+  with pytest.raises(ValueError, match=re.escape(
+      f'{path}: not a readable ArrayRecord shard (') + r'.+\); the prepared '
+      'dataset is damaged, prepare it again.'):
+    prepared.PreparedRows(str(tmp_path), 'train')
+
+  # A shard from another preparation: meta.json's row count is checked too.
+  meta['splits']['validation'].update(num_rows=5, shard_rows=[5])
+  (tmp_path / 'meta.json').write_text(json.dumps(meta))
+  with pytest.raises(ValueError) as error:
+    prepared.PreparedRows(str(tmp_path), 'validation')
+  assert str(error.value) == (
+      f'{tmp_path / "validation-00000-of-00001.array_record"}: 4 rows, '
+      'meta.json says 5; the shard is truncated or not from this preparation, '
+      'prepare it again.')
 
 
 def test_random_read_throughput(tmp_path):

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import sysconfig
+import time
 
 import ml_collections
 import pyarrow as pa
@@ -146,6 +147,8 @@ _BAD_CASES = [
     ('text', 'blank.txt', b' \n\t\n', 'empty_file', '', 'only whitespace'),
     ('text', 'latin1.txt', b'ok\nbad \xff here', 'undecodable', '',
      'byte offset 7 (line 2)'),
+    ('text', 'utf16.txt', 'hi\nthere'.encode('utf-16-le'), 'binary', '', 'NUL byte at byte offset 1 (line 1)'),
+    ('text', 'zeros.bin', b'ok\n' + bytes(100), 'binary', '', 'NUL byte at byte offset 3 (line 2)'),
     ('jsonl', 'empty.jsonl', b'', 'empty_file', '', 'file is empty'),
     ('jsonl', 'blank.jsonl', b'\n \n', 'empty_file', '', 'no JSON lines'),
     ('jsonl', 'broken.jsonl', b'{"text": "fine"}\n{"text": "no end\n', 'malformed_json', ':2',
@@ -255,7 +258,8 @@ def test_check_source_accepts_configdict_and_dict(tmp_path):
                                             'matches no files.'),
     (dict(kind='tfds'), "data.sources.s.name is empty; kind='tfds' needs a TFDS dataset name"),
     (dict(kind='tfds', name='lm1b', paths='x'), "data.sources.s.paths='x' but kind='tfds'"),
-    (dict(kind='stdlib', weight=-1.0), 'data.sources.s.weight=-1.0; allowed: a number >= 0.'),
+    (dict(kind='stdlib', weight=-1.0), 'data.sources.s.weight=-1.0; allowed: a finite number >= 0.'),
+    (dict(kind='stdlib', weight=float('inf')), 'data.sources.s.weight=inf; allowed: a finite number >= 0.'),
     (dict(kind='stdlib', max_files=-2), 'data.sources.s.max_files=-2; allowed: an integer >= 0'),
     (dict(kind='stdlib', max_documents=-1), 'data.sources.s.max_documents=-1; allowed'),
     (dict(kind='stdlib', max_documents=1.5), 'data.sources.s.max_documents=1.5; allowed'),
@@ -309,7 +313,16 @@ def test_source_identity_tracks_files_and_config(tmp_path):
   assert resized not in (identity, changed)
 
   _write(tmp_path / 'b.txt', 'more')
-  assert sources.source_identity('s', source) != resized
+  with_b = sources.source_identity('s', source)
+  assert with_b != resized
+
+  # Rewritten with its old size and modification time restored, as `cp -p` or `touch -r` leave it.
+  stat = os.stat(path)
+  time.sleep(0.02)  # File times tick with the kernel's clock (a few ms).
+  _write(path, 'HELLO, WORLD')
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert os.stat(path).st_size == stat.st_size and os.stat(path).st_mtime_ns == stat.st_mtime_ns
+  assert sources.source_identity('s', source) != with_b
 
 
 def test_source_identity_of_stdlib_is_stable():

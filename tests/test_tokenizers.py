@@ -124,3 +124,12 @@ def test_special_id_of_byte_and_char_tokenizers_is_none():
   assert ByteTokenizer().special_id(IM_START) is None
   assert ByteTokenizer().special_id('a') is None
   assert CharTokenizer.from_texts(['ab']).special_id('a') is None
+
+
+def test_lines_longer_than_sentencepiece_takes_are_trained_on_in_pieces(tmp_path):
+  # One 40 KB line (a minified file, say): sentencepiece drops any sentence over 4192 bytes,
+  # so whole it left nothing to train on; in pieces it is learned like any other text.
+  words = ' '.join(['alpha', 'beta', 'gamma', 'delta', 'épsilon'] * 1400)
+  path = train_sentencepiece([words], str(tmp_path / 'sp.model'), vocab_size=300)
+  (ids,) = SentencePieceTokenizer(path).encode_batch(['alpha beta gamma'])
+  assert len(ids) < len('alpha beta gamma') // 2  # Merged pieces, not bytes.
