@@ -1,6 +1,8 @@
 """build_datasets: data config -> tokenizer, each source's packed rows, batch iterators."""
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import shutil
 import time
@@ -8,6 +10,7 @@ from typing import Iterator
 
 from absl import logging
 import ml_collections
+import numpy as np
 
 from data import packing
 from data import pipeline
@@ -32,6 +35,7 @@ class SourceData:
   train: pipeline.RowStore
   validation: pipeline.RowStore
   num_train_tokens: int
+  rows_id: str = ''  # Changes whenever the rows would: files, tokenizer, packing settings.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +58,11 @@ class Datasets:
   @property
   def weights(self) -> tuple[float, ...]:
     return tuple(source.weight for source in self.sources)
+
+  @property
+  def rows_ids(self) -> dict[str, str]:
+    """Source name -> an id of its rows: a checkpoint keeps them to tell whether resumed data differ."""
+    return {source.name: source.rows_id for source in self.sources}
 
   def train_batches(self, start_step: int = 0, stop_step: int | None = None) -> Iterator[pipeline.Batch]:
     """This process's slices of the global batches start_step..stop_step-1 (endless if None)."""
@@ -92,7 +101,8 @@ def build_datasets(data_config, *, global_batch_size: int, seed: int, workdir: s
                  name, train.num_rows, info['num_train_tokens'], validation.num_rows,
                  train.seq_len, time.perf_counter() - start)
     built.append(SourceData(name=name, weight=float(source.weight), train=train,
-                            validation=validation, num_train_tokens=info['num_train_tokens']))
+                            validation=validation, num_train_tokens=info['num_train_tokens'],
+                            rows_id=info['rows_id']))
   if bad_data.counts:
     logging.warning('bad data skipped: %s', bad_data.summary())
   # Fail now, not at the first training step, if a batch cannot be filled.
@@ -192,8 +202,9 @@ def _open_prepared(name: str, source, tokenizer: Tokenizer, data_config):
         + ', '.join(f'data.{key}={data_config.get(key)!r}' for key, _ in mismatches) + '; set '
         + ' '.join(f'--config.data.{key}={value}' for key, value in mismatches)
         + ', or prepare it again with this run\'s settings (tools/prepare_data.py).')
+  rows_id = hashlib.sha256(json.dumps(train.metadata, sort_keys=True).encode('utf-8')).hexdigest()[:24]
   return train, validation, {'num_train_tokens': train.num_tokens,
-                             'bad_data': meta.get('bad_data', {})}
+                             'bad_data': meta.get('bad_data', {}), 'rows_id': rows_id}
 
 
 def _rows_on_the_fly(name: str, source, tokenizer: Tokenizer, data_config, workdir: str):
@@ -206,7 +217,8 @@ def _rows_on_the_fly(name: str, source, tokenizer: Tokenizer, data_config, workd
   cached = row_cache.load(path)
   if cached is not None:
     logging.info('data.sources.%s: packed rows from the cache %s', name, path)
-    return cached
+    train, validation, info = cached
+    return train, validation, {**info, 'rows_id': info.get('rows_id') or _rows_digest(train, validation)}
   bad_data = BadData(data_config.bad_data)
   chunks = list(source_rows.packed_chunks(name, source, tokenizer, data_config, bad_data))
   if not chunks:
@@ -214,9 +226,19 @@ def _rows_on_the_fly(name: str, source, tokenizer: Tokenizer, data_config, workd
                      f'({bad_data.summary()}).')
   train = packing.concatenate_rows([train for train, _, _ in chunks])
   validation = packing.concatenate_rows([val for _, val, _ in chunks])
-  info = {'num_train_tokens': sum(tokens for _, _, tokens in chunks), 'bad_data': dict(bad_data.counts)}
+  info = {'num_train_tokens': sum(tokens for _, _, tokens in chunks), 'bad_data': dict(bad_data.counts),
+          'rows_id': _rows_digest(train, validation)}
   row_cache.save(path, train, validation, info)
   return train, validation, info
+
+
+def _rows_digest(*splits: packing.PackedRows) -> str:
+  """A hash of the rows' contents (about 1 GB/s): equal whenever the same rows were built again."""
+  digest = hashlib.sha256()
+  for rows in splits:
+    for array in (rows.tokens, rows.segment_ids, rows.full_loss_mask()):
+      digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:24]
 
 
 def prepare_datasets(data_config, output_dir: str, *, names: list[str] | None = None,

@@ -97,15 +97,17 @@ def test_tiny_model_learns_the_corpus(tmp_path):
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "run" / "tensorboard"))
 
 
-def test_resume_is_bit_identical(tmp_path):
+def test_resume_is_bit_identical(tmp_path, capsys):
   base = dict(num_steps=30, eval_every=0, checkpoint_every=10, log_every=5, num_samples=0)
   straight = train(corpus_config(tmp_path, **base), str(tmp_path / "straight"))
   # The same command twice: the first run is cut off at step 15 (checkpoint there), the second resumes.
   interrupted = str(tmp_path / "interrupted")
   first = train(corpus_config(tmp_path, stop_at_step=15, **base), interrupted)
   assert int(first.state.step) == 15 and first.resumed_from is None
-  resumed = train(corpus_config(tmp_path, **base), interrupted)
+  capsys.readouterr()
+  resumed = train(corpus_config(tmp_path, **base), interrupted)  # The corpus is written again, unchanged.
   assert resumed.resumed_from == 15
+  assert "rows differ" not in capsys.readouterr().out
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.state)), jax.tree.leaves(jax.device_get(resumed.state))):
     np.testing.assert_array_equal(a, b)
   records = [json.loads(line) for line in open(os.path.join(interrupted, "metrics.jsonl"))]
@@ -121,13 +123,16 @@ def test_resume_takes_compute_changes_and_refuses_a_different_model(tmp_path, ca
   changed.model.update(remat="full", scan_layers=not changed.model.scan_layers)
   changed.mesh.update(data=8, fsdp=1, tensor=1)
   changed.optimizer.learning_rate = 5e-4
+  with open(tmp_path / "corpus" / "part0.txt", "a") as f:
+    f.write("five plus four is nine.\n")
   capsys.readouterr()
   resumed = train(changed, workdir)
   assert resumed.resumed_from == 4 and int(resumed.state.step) == 8
   reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resumed with")]
   assert len(reported) == 1
   for change in ("model.remat: 'none' -> 'full'", "model.scan_layers: True -> False", "mesh.data: 2 -> 8",
-                 "optimizer.learning_rate: 0.003 -> 0.0005", "train.num_steps: 4 -> 8"):
+                 "optimizer.learning_rate: 0.003 -> 0.0005", "train.num_steps: 4 -> 8",
+                 "data.sources.main: its rows differ from the checkpointed run's"):
     assert change in reported[0]
   # ...but not what the parameters mean.
   changed.model.num_layers = 3

@@ -133,7 +133,12 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   elif resumed_from is None:
     state = init_train_state(config.model, tx, config.seed, shardings)
   else:
-    resume_changes = _resume_changes(checkpointer.record(resumed_from), config, workdir)
+    resume_record = checkpointer.record(resumed_from)
+    resume_changes = _resume_changes(resume_record, config, workdir)
+    saved_rows = resume_record.get("data", {}).get("rows", {})
+    resume_changes += [f"data.sources.{name}: its rows differ from the checkpointed run's (files, tokenizer "
+                       "or packing changed), so the batches from here on are not the ones that run would have read"
+                       for name, rows_id in datasets.rows_ids.items() if saved_rows.get(name, rows_id) != rows_id]
     state, record = checkpointer.restore(resumed_from, abstract_train_state(config.model, tx, shardings))
     logging.info("resumed from step %d (data position %s)", resumed_from, record.get("data"))
   start_step = int(jax.device_get(state.step))
@@ -160,7 +165,7 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
               f"mesh {dict(mesh.shape)}, " + (f"resumed at step {start_step}" if resumed_from is not None
                                              else "fresh start"))
   if resume_changes:
-    writer.text("resumed with a changed config: " + "; ".join(resume_changes))
+    writer.text("resumed with changes from the checkpointed run: " + "; ".join(resume_changes))
   if datasets.bad_data_counts:  # Counted while the data was read, before the first step.
     writer.write(start_step, {f"data/skipped/{reason}": count
                               for reason, count in datasets.bad_data_counts.items()})
@@ -173,7 +178,8 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
       train_cfg.checkpoint_every, checkpointer,
       lambda step: {"step": step, "loom_version": __version__,
                     "data": {"seed": config.seed, "next_step": step,
-                             "sources": dict(zip(datasets.names, datasets.weights))},
+                             "sources": dict(zip(datasets.names, datasets.weights)),
+                             "rows": datasets.rows_ids},
                     "config": json.loads(config.to_json()),
                     "init": init_record and {k: init_record.get(k) for k in ("directory", "restored_step")}})
   hooks = [logging_hook, eval_hook, checkpoint_hook]
