@@ -19,6 +19,7 @@ from data import source_rows
 from data import sources as sources_lib
 from data.bad_data import BadData
 from data.bad_data import BadDataError
+from data.prepared import NothingToWrite
 from data.prepared import PreparedRows
 from data.prepared import write_prepared
 from data.tokenizers import build_tokenizer
@@ -280,8 +281,11 @@ def prepare_datasets(data_config, output_dir: str, *, names: list[str] | None = 
                 'seq_len': data_config.seq_len, 'validation_fraction': data_config.validation_fraction,
                 'chat_template': data_config.chat_template, 'chat_loss_on': data_config.chat_loss_on,
                 'loom_version': loom_version, 'bad_data': {}}
-    meta = write_prepared(directory, {'train': train_chunks(), 'validation': iter(validation_chunks)},
-                          metadata=metadata, rows_per_shard=rows_per_shard, overwrite=overwrite)
+    try:
+      meta = write_prepared(directory, {'train': train_chunks(), 'validation': iter(validation_chunks)},
+                            metadata=metadata, rows_per_shard=rows_per_shard, overwrite=overwrite)
+    except NothingToWrite:
+      raise ValueError(f'data.sources.{name}: no usable documents ({bad_data.summary()}).') from None
     _copy_tokenizer(tokenizer, data_config, directory)
     logging.info('prepared data.sources.%s into %s in %.1fs: %s', name, directory,
                  time.perf_counter() - start, {s: v['num_rows'] for s, v in meta['splits'].items()})

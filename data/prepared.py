@@ -214,6 +214,10 @@ def _check_chunk(rows: Any, split: str, chunk: int) -> None:
                        'format stores.')
 
 
+class NothingToWrite(ValueError):
+  """Every split was empty: the source had no usable rows."""
+
+
 def write_prepared(directory: str, splits: dict[str, Iterable[PackedRows]], *,
                    metadata: dict, rows_per_shard: int = 8192,
                    overwrite: bool = False) -> dict:
@@ -264,7 +268,7 @@ def write_prepared(directory: str, splits: dict[str, Iterable[PackedRows]], *,
   if os.path.exists(meta_path):
     if not overwrite:
       raise ValueError(f'{directory}: already holds a prepared dataset '
-                       f'({META_FILE}); pass overwrite=True to replace it, or '
+                       f'({META_FILE}); pass overwrite=True (tools/prepare_data.py: --overwrite) to replace it, or '
                        'choose another directory.')
     # First, so that a replacement interrupted midway cannot look finished.
     os.remove(meta_path)
@@ -300,8 +304,8 @@ def write_prepared(directory: str, splits: dict[str, Iterable[PackedRows]], *,
         'shard_rows': writer.shard_rows,
     }
   if seq_len is None:
-    raise ValueError('write_prepared: every split was empty (no PackedRows '
-                     'chunks), so there is no seq_len to record.')
+    raise NothingToWrite('write_prepared: every split was empty (no PackedRows '
+                         'chunks), so there is no seq_len to record.')
 
   meta = {
       'format_version': FORMAT_VERSION,

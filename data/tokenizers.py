@@ -247,9 +247,13 @@ def _write_atomically(path: str, data: bytes) -> None:
   """Write-then-rename so concurrent processes never read a half file."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path) or '.')
-  with os.fdopen(fd, 'wb') as f:
-    f.write(data)
-  os.replace(tmp_path, path)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.replace(tmp_path, path)
+  except BaseException:
+    os.remove(tmp_path)  # Never leave the temporary file behind.
+    raise
 
 
 MODEL_TYPES = ('bpe', 'unigram')

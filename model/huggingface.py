@@ -49,6 +49,31 @@ def _refuse(field: str, value: Any, why: str) -> ValueError:
   return ValueError(f"config.json field '{field}'={value!r}: {why}; loom cannot represent this model")
 
 
+def _int(hf: Mapping[str, Any], key: str, default: Any = None, required: bool = False) -> int:
+  """A positive integer field of config.json; a ValueError naming it otherwise (e.g. "four", 0, 2.5)."""
+  value = _get(hf, key, default, required)
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"config.json field '{key}'={value!r}: expected a positive integer")
+  return value
+
+
+def _float(hf: Mapping[str, Any], key: str, default: Any = None) -> float:
+  """A positive number field of config.json; a ValueError naming it otherwise."""
+  value = _get(hf, key, default)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    raise ValueError(f"config.json field '{key}'={value!r}: expected a positive number")
+  return float(value)
+
+
+def _bool(hf: Mapping[str, Any], key: str, default: bool) -> bool:
+  value = _get(hf, key, default)
+  if not isinstance(value, bool):
+    raise ValueError(f"config.json field '{key}'={value!r}: expected true or false")
+  return value
+
+
 def _rope_theta(hf: Mapping[str, Any]) -> float:
   """rope_theta from transformers 5's rope_parameters or 4's rope_theta; refuses any rope scaling."""
   for field in ("rope_parameters", "rope_scaling"):
@@ -66,8 +91,9 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
   if hf.get("partial_rotary_factor", 1.0) != 1.0:
     raise _refuse("partial_rotary_factor", hf["partial_rotary_factor"], "loom rotates whole heads")
   parameters = hf.get("rope_parameters") or {}
-  theta = parameters.get("rope_theta", hf.get("rope_theta", 10000.0))
-  return float(theta)
+  if parameters.get("rope_theta") is not None:
+    return _float({"rope_parameters.rope_theta": parameters["rope_theta"]}, "rope_parameters.rope_theta")
+  return _float(hf, "rope_theta", 10000.0)
 
 
 def _check_sliding_window(hf: Mapping[str, Any], max_positions: int) -> None:
@@ -76,6 +102,8 @@ def _check_sliding_window(hf: Mapping[str, Any], max_positions: int) -> None:
   if hf["model_type"] == "qwen2" and not hf.get("use_sliding_window", False):
     return
   window = hf.get("sliding_window")
+  if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
+    raise _refuse("sliding_window", window, "expected an integer or null")
   if window is not None and window < max_positions:
     raise _refuse("sliding_window", window,
                   f"attention limited to the last {window} tokens, shorter than max_position_embeddings="
@@ -106,9 +134,9 @@ def loom_model_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _llama_to_loom(hf: Mapping[str, Any]) -> dict[str, Any]:
   model_type = hf["model_type"]
-  embed_dim = int(_get(hf, "hidden_size", required=True))
-  num_heads = int(_get(hf, "num_attention_heads", required=True))
-  max_positions = int(_get(hf, "max_position_embeddings", required=True))
+  embed_dim = _int(hf, "hidden_size", required=True)
+  num_heads = _int(hf, "num_attention_heads", required=True)
+  max_positions = _int(hf, "max_position_embeddings", required=True)
   activation = _get(hf, "hidden_act", "silu")
   if activation != "silu":
     raise _refuse("hidden_act", activation, "loom's gated MLP is SwiGLU (silu)")
@@ -119,25 +147,25 @@ def _llama_to_loom(hf: Mapping[str, Any]) -> dict[str, Any]:
   if hf.get("qk_norm") or hf.get("use_qk_norm"):
     raise _refuse("qk_norm", True, "loom has no query/key norms")
   _check_sliding_window(hf, max_positions)
-  head_dim = int(_get(hf, "head_dim", embed_dim // num_heads))
+  head_dim = _int(hf, "head_dim", embed_dim // num_heads)
   if model_type == "qwen2" and head_dim * num_heads != embed_dim:
     raise _refuse("head_dim", head_dim, "Qwen2's head_dim is hidden_size // num_attention_heads")
   return dict(
-      vocab_size=int(_get(hf, "vocab_size", required=True)),
-      num_layers=int(_get(hf, "num_hidden_layers", required=True)),
+      vocab_size=_int(hf, "vocab_size", required=True),
+      num_layers=_int(hf, "num_hidden_layers", required=True),
       embed_dim=embed_dim,
       num_heads=num_heads,
-      num_kv_heads=int(_get(hf, "num_key_value_heads", num_heads)),
+      num_kv_heads=_int(hf, "num_key_value_heads", num_heads),
       head_dim=head_dim,
-      mlp_dim=int(_get(hf, "intermediate_size", required=True)),
+      mlp_dim=_int(hf, "intermediate_size", required=True),
       max_seq_len=max_positions,
       norm="rmsnorm",
-      norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
+      norm_eps=_float(hf, "rms_norm_eps", 1e-6),
       position="rope",
       rope_theta=_rope_theta(hf),
       mlp="swiglu",
       gelu_approximate=False,
-      tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
+      tie_embeddings=_bool(hf, "tie_word_embeddings", False),
       use_bias=False,
       qkv_bias=model_type == "qwen2",
   )
@@ -153,25 +181,25 @@ def _gpt2_to_loom(hf: Mapping[str, Any]) -> dict[str, Any]:
   for field in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
     if hf.get(field):
       raise _refuse(field, hf[field], "not supported")
-  embed_dim = int(_get(hf, "n_embd", required=True))
-  num_heads = int(_get(hf, "n_head", required=True))
+  embed_dim = _int(hf, "n_embd", required=True)
+  num_heads = _int(hf, "n_head", required=True)
   if embed_dim % num_heads:
     raise _refuse("n_head", num_heads, f"n_embd={embed_dim} is not divisible by it")
   return dict(
-      vocab_size=int(_get(hf, "vocab_size", required=True)),
-      num_layers=int(_get(hf, "n_layer", required=True)),
+      vocab_size=_int(hf, "vocab_size", required=True),
+      num_layers=_int(hf, "n_layer", required=True),
       embed_dim=embed_dim,
       num_heads=num_heads,
       num_kv_heads=num_heads,
       head_dim=embed_dim // num_heads,
-      mlp_dim=int(_get(hf, "n_inner", 4 * embed_dim)),
-      max_seq_len=int(_get(hf, "n_positions", required=True)),
+      mlp_dim=_int(hf, "n_inner", 4 * embed_dim),
+      max_seq_len=_int(hf, "n_positions", required=True),
       norm="layernorm",
-      norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)),
+      norm_eps=_float(hf, "layer_norm_epsilon", 1e-5),
       position="learned",
       mlp="gelu",
       gelu_approximate=_GPT2_ACTIVATIONS[activation],
-      tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
+      tie_embeddings=_bool(hf, "tie_word_embeddings", True),
       use_bias=True,
       qkv_bias=False,
   )
@@ -183,8 +211,9 @@ def _dims(m: Mapping[str, Any]) -> tuple[int, int, int, int, int, int, int]:
   kv_heads = m["num_kv_heads"] or heads
   head_dim = m["head_dim"] or m["embed_dim"] // heads
   if not m["vocab_size"]:
-    raise ValueError("model.vocab_size is 0 (the tokenizer's size, filled in by validation); "
-                     "pass the validated config, e.g. WORKDIR/config.json or the checkpoint's record")
+    raise ValueError("model.vocab_size is 0 (the tokenizer's size, filled in by validation); pass a "
+                     "validated model config, such as the one in the checkpoint's record (what "
+                     "tools/hf_export.py uses without --config), or set model.vocab_size")
   return m["num_layers"], m["vocab_size"], m["embed_dim"], heads, kv_heads, head_dim, m["mlp_dim"]
 
 

@@ -6,6 +6,7 @@ is downloaded); needs tests/requirements.txt (transformers, torch).
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -198,11 +199,15 @@ def test_pickle_only_directory_is_refused_without_opening_it(tmp_path):
     ("gpt2", {"activation_function": "relu"}, "activation_function"),
     ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ("gpt2", {"model_type": "bert"}, "model_type"),
+    ("llama", {"num_attention_heads": "four"}, "num_attention_heads'='four': expected a positive integer"),
+    ("gpt2", {"n_layer": 0}, "n_layer'=0: expected a positive integer"),
+    ("llama", {"rms_norm_eps": "small"}, "rms_norm_eps'='small': expected a positive number"),
+    ("gpt2", {"tie_word_embeddings": "yes"}, "tie_word_embeddings'='yes': expected true or false"),
 ])
 def test_features_loom_cannot_compute_are_refused_by_name(kind, change, field):
   hf = HF_CONFIGS[kind](VOCAB).to_dict()
   hf.update(change)
-  with pytest.raises(ValueError, match=f"config.json field '{field}"):
+  with pytest.raises(ValueError, match=re.escape(f"config.json field '{field}")):
     huggingface.loom_model_config(hf)
   # A sliding window as long as the context is full attention: accepted.
   if kind == "mistral":
@@ -353,3 +358,96 @@ def test_tools_import_and_export_as_a_user_would(tmp_path):
   written = huggingface_io.read_safetensors(str(tmp_path / "out"))
   assert sorted(written) == sorted(original)
   assert all(np.array_equal(written[name], value) for name, value in original.items())
+
+
+def _no_weights_read(monkeypatch):
+  """Makes reading a Hugging Face model's weights or restoring a loom checkpoint's parameters fail the test."""
+  def fail(*args, **kwargs):
+    raise AssertionError("weights were read before the output was checked")
+  monkeypatch.setattr(huggingface_io, "read_safetensors", fail)
+  monkeypatch.setattr(huggingface_io, "load_params", fail)
+
+
+def test_import_refuses_an_output_it_must_not_write_before_reading_weights(tmp_path, monkeypatch):
+  make_hf_model("gpt2", tmp_path / "hf")
+  (tmp_path / "stale").mkdir()
+  (tmp_path / "stale" / "config.py").write_text("# the user's own config\n")
+  (tmp_path / "stale" / "tokenizer.json").write_text("{}")
+  (tmp_path / "a_file").write_text("")
+  _no_weights_read(monkeypatch)
+  hf = str(tmp_path / "hf")
+  cases = [
+      (tmp_path / "stale", r"--output=\S+/stale is not empty: it holds config\.py, tokenizer\.json; "
+                           "a new or empty directory is expected"),
+      (tmp_path / "a_file", r"--output=\S+/a_file is a file; a new or empty directory is expected"),
+      (tmp_path / "hf", r"--output=\S+/hf is the same directory as --hf_dir=\S+/hf; choose"),
+      (tmp_path / "hf" / "loom", r"--output=\S+/hf/loom is inside --hf_dir=\S+/hf; choose"),
+  ]
+  for output, message in cases:
+    with pytest.raises(ValueError, match=message):
+      huggingface_io.import_hf(hf, str(output))
+  assert (tmp_path / "stale" / "config.py").read_text() == "# the user's own config\n"
+  assert not os.path.exists(tmp_path / "hf" / "loom")
+
+
+def test_export_refuses_an_output_it_must_not_write_before_restoring(tmp_path, monkeypatch):
+  make_hf_model("gpt2", tmp_path / "hf")
+  huggingface_io.import_hf(str(tmp_path / "hf"), str(tmp_path / "loom"))
+  huggingface_io.export_hf(str(tmp_path / "loom"), None, str(tmp_path / "exported"), "gpt2")
+  config_py = (tmp_path / "loom" / "config.py").read_text()
+  _no_weights_read(monkeypatch)
+  loom = str(tmp_path / "loom")
+  with pytest.raises(ValueError, match=r"--output=\S+/exported is not empty: it holds config\.json, "
+                     r"generation_config\.json, model\.safetensors; a new or empty directory is expected"):
+    huggingface_io.export_hf(loom, None, str(tmp_path / "exported"), "gpt2")
+  with pytest.raises(ValueError, match=r"--output=\S+/loom is not empty \(a loom workdir or checkpoint "
+                     r"directory\): it holds checkpoints, config\.py"):
+    huggingface_io.export_hf(loom, None, loom, "gpt2")
+  with pytest.raises(ValueError, match=r"--output=\S+/loom/checkpoints/hf is inside the run's checkpoint "
+                     r"directory \S+/loom/checkpoints"):
+    huggingface_io.export_hf(loom, None, str(tmp_path / "loom" / "checkpoints" / "hf"), "gpt2")
+  assert (tmp_path / "loom" / "config.py").read_text() == config_py
+  assert sorted(os.listdir(tmp_path / "loom")) == ["checkpoints", "config.py"]
+
+
+def test_export_refuses_a_config_whose_model_differs_from_the_checkpoint(tmp_path, monkeypatch):
+  make_hf_model("llama", tmp_path / "hf")
+  config, _ = huggingface_io.import_hf(str(tmp_path / "hf"), str(tmp_path / "loom"))
+  _no_weights_read(monkeypatch)
+  given = base.get_config()  # A config file's model: another size, num_kv_heads and head_dim left 0.
+  given.model.update(norm="rmsnorm", position="rope", mlp="swiglu", num_layers=3, embed_dim=64,
+                     num_heads=4, max_seq_len=64, mlp_dim=128, tie_embeddings=False)
+  with pytest.raises(ValueError, match=r"checkpoints/0: the given config's model differs from the one the "
+                     r"checkpoint was saved with \(norm_eps: saved 1e-06 vs given 1e-05; num_kv_heads: saved 2 vs "
+                     r"given 4 \(0: num_heads\); num_layers: saved 2 vs given 3\); omit --config to use the "
+                     "checkpoint's own"):
+    huggingface_io.export_hf(str(tmp_path / "loom"), given, str(tmp_path / "exported"), "llama")
+  assert not os.path.exists(tmp_path / "exported")
+  # The run's own config, as a config file gives it (0 for the derived fields) and with other
+  # runtime settings, is accepted.
+  same = base.get_config()
+  same.model.update({**config.model.to_dict(), "vocab_size": 0, "head_dim": 0, "dtype": "bfloat16",
+                     "scan_layers": False})
+  full, _ = huggingface_io.checkpoint_config(str(tmp_path / "loom"), same)
+  assert (full.model.vocab_size, full.model.head_dim, full.model.num_kv_heads) == (VOCAB, 16, 2)
+
+
+def test_failed_import_leaves_no_output_behind(tmp_path, monkeypatch):
+  make_hf_model("gpt2", tmp_path / "hf")
+  write_config_py = huggingface_io._write_config_py
+
+  def fail_mid_write(path, *args):
+    with open(path, "w") as f:
+      f.write('"""loom config')
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(huggingface_io, "_write_config_py", fail_mid_write)
+  with pytest.raises(OSError, match="No space left"):
+    huggingface_io.import_hf(str(tmp_path / "hf"), str(tmp_path / "out" / "loom"))
+  assert os.listdir(tmp_path / "out") == []  # Neither the output nor a temporary directory.
+
+  # The rerun is not refused, and writes a complete output.
+  monkeypatch.setattr(huggingface_io, "_write_config_py", write_config_py)
+  huggingface_io.import_hf(str(tmp_path / "hf"), str(tmp_path / "out" / "loom"))
+  assert sorted(os.listdir(tmp_path / "out")) == ["loom"]
+  assert sorted(os.listdir(tmp_path / "out" / "loom")) == ["checkpoints", "config.py"]

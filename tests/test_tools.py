@@ -12,8 +12,8 @@ from data.special_tokens import IM_END, IM_START
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _write_config(tmp_path, paths: str) -> str:
-  path = tmp_path / 'corpus_config.py'
+def _write_config(tmp_path, paths: str, name: str = 'corpus_config.py') -> str:
+  path = tmp_path / name
   path.write_text(
       'from configs import base\n\n\n'
       'def get_config():\n'
@@ -72,3 +72,36 @@ def test_tools_report_an_unknown_source_in_one_line(tmp_path):
                 '--sources=nope')
   assert result.returncode != 0 and 'Traceback' not in result.stderr
   assert "no data.sources named ['nope']" in result.stderr
+
+
+def test_tools_refuse_bad_outputs_and_inputs_in_one_line(tmp_path):
+  corpus = _corpus(tmp_path)
+  config = _write_config(tmp_path, corpus)
+  recursive = _write_config(tmp_path, str(tmp_path / 'corpus' / '**'), name='recursive_config.py')
+  (tmp_path / 'empty').mkdir()
+  (tmp_path / 'empty' / 'a.txt').write_text('')
+  empty = _write_config(tmp_path, str(tmp_path / 'empty' / '*.txt'), name='empty_config.py')
+  (tmp_path / 'a_file').write_text('')
+  cases = {  # arguments -> what the one line says
+      ('tools/prepare_data.py', f'--config={config}', f'--output={tmp_path / "a_file"}'):
+          'flag error: --output=' + str(tmp_path / 'a_file') + ' is a file; a directory path is expected',
+      ('tools/prepare_data.py', f'--config={recursive}', f'--output={tmp_path / "corpus" / "prepared"}'):
+          "is inside data.sources.main.paths=",
+      ('tools/prepare_data.py', f'--config={empty}', f'--output={tmp_path / "p2"}', '--config.data.tokenizer=byte'):
+          'data.sources.main: no usable documents (1 empty_file)',
+      ('tools/train_tokenizer.py', f'--config={config}', f'--output={tmp_path}', '--vocab_size=300'):
+          'flag error: --output=' + str(tmp_path) + ' is a directory; a file path is expected',
+      ('tools/train_tokenizer.py', f'--config={empty}', f'--output={tmp_path / "t.model"}'):
+          'data.sources main: no text to train a tokenizer on (every document is empty or bad: 1 empty_file)',
+      ('tools/make_tfds_dataset.py', '--name=c', '--version=1.0', f'--paths={corpus}',
+       f'--data_dir={tmp_path / "tfds"}'): "make_tfds_dataset: version='1.0'",
+  }
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
+  processes = {args: subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args in cases}
+  for args, process in processes.items():
+    _, stderr = process.communicate(timeout=180)
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith(('W', 'I'))]  # absl logs
+    assert process.returncode != 0 and 'Traceback' not in stderr, (args, stderr)
+    assert len(lines) == 1 and cases[args] in lines[0], (args, stderr)
+  assert not (tmp_path / 'corpus' / 'prepared').exists()

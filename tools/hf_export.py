@@ -4,9 +4,12 @@
   python tools/hf_export.py --checkpoint=/runs/gpt/checkpoints/4000 --output=/models/my-gpt --model_type=gpt2
 
 The model config comes from the checkpoint's own record (what the run trained
-with); --config=FILE replaces it. OUTPUT gets config.json, model.safetensors,
-generation_config.json and the run's tokenizer (tokenizer.model or
-tokenizer.json) with a tokenizer_config.json holding the ChatML chat template.
+with); --config=FILE.py (e.g. the config the run was started with) replaces its
+data fields, while its model fields must match the checkpoint's (a difference
+is refused, naming the fields). OUTPUT, a new or empty directory, gets
+config.json, model.safetensors, generation_config.json and the run's tokenizer
+(tokenizer.model or tokenizer.json) with a tokenizer_config.json holding the
+ChatML chat template; they are written beside it and moved into place at the end.
 """
 import os
 import sys
@@ -20,11 +23,11 @@ from model.huggingface import MODEL_TYPES  # noqa: E402
 from training.cli import define_config_flag, parse_flags  # noqa: E402
 from training.huggingface_io import EXPORT_DTYPES, export_hf  # noqa: E402
 
-_CONFIG = define_config_flag(None, "The run's config file (default: the checkpoint's "
-                                          "record, i.e. what WORKDIR/config.json holds).")
+_CONFIG = define_config_flag(None, "The run's .py config file (default: the config saved in the "
+                                   "checkpoint's record); its model fields must match the checkpoint's.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A loom workdir: its latest checkpoint is exported.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "One checkpoint, WORKDIR/checkpoints/STEP.")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory for the Hugging Face files.")
+_OUTPUT = flags.DEFINE_string("output", None, "A new or empty directory for the Hugging Face files.")
 _MODEL_TYPE = flags.DEFINE_enum("model_type", None, list(MODEL_TYPES), "The Hugging Face architecture.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(EXPORT_DTYPES), "dtype of the written weights.")
 

@@ -4,9 +4,11 @@
   python train.py --config=/models/llama-3.2-1b-loom/config.py --workdir=/runs/finetune
 
 Llama, Mistral, Qwen2 and GPT-2 models are supported (model/huggingface.py
-says what exactly). OUTPUT gets checkpoints/0 (parameters only), config.py (a
-loom config that starts a run from them) and the tokenizer files. Weights are
-read from safetensors only: a directory with only pytorch_model.bin is refused.
+says what exactly). OUTPUT, a new or empty directory outside HF_DIR, gets
+checkpoints/0 (parameters only), config.py (a loom config that starts a run
+from them) and the tokenizer files; they are written beside it and moved into
+place at the end, so a failed import leaves no OUTPUT. Weights are read from
+safetensors only: a directory with only pytorch_model.bin is refused.
 """
 import os
 import sys
@@ -20,7 +22,8 @@ from training.cli import parse_flags  # noqa: E402
 from training.huggingface_io import import_hf  # noqa: E402
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory (config.json, *.safetensors).")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory for the loom checkpoint, config.py and tokenizer.")
+_OUTPUT = flags.DEFINE_string("output", None,
+                              "A new or empty directory for the loom checkpoint, config.py and tokenizer.")
 
 
 def main(argv):

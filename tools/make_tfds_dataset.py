@@ -21,6 +21,7 @@ from absl import flags
 
 from data import sources
 from data.bad_data import BadData
+from training.cli import parse_flags
 
 _NAME = flags.DEFINE_string('name', None, 'TFDS dataset name (lower_snake_case).', required=True)
 _VERSION = flags.DEFINE_string('version', '1.0.0', "Dataset version 'MAJOR.MINOR.PATCH'.")
@@ -42,10 +43,14 @@ def main(argv):
   source = dict(kind=_KIND.value, paths=_PATHS.value, field=_FIELD.value,
                 max_files=_MAX_FILES.value, max_documents=_MAX_DOCUMENTS.value)
   bad_data = BadData('skip')
-  written = sources.write_tfds_dataset(
-      _NAME.value, _VERSION.value, source, data_dir=_DATA_DIR.value,
-      validation_fraction=_VALIDATION_FRACTION.value, bad_data=bad_data,
-      description=_DESCRIPTION.value)
+  try:
+    written = sources.write_tfds_dataset(
+        _NAME.value, _VERSION.value, source, data_dir=_DATA_DIR.value,
+        validation_fraction=_VALIDATION_FRACTION.value, bad_data=bad_data,
+        description=_DESCRIPTION.value)
+  except (ValueError, OSError) as e:
+    # The flags fill a source named "input": name them as the user typed them.
+    raise SystemExit('make_tfds_dataset: ' + str(e).replace('data.sources.input.', '--')) from None
   sizes = ', '.join(f'{split}: {n}' for split, n in sorted(written.num_examples.items()))
   print(f'Wrote {_NAME.value}:{_VERSION.value} to {written.directory} ({sizes} documents).')
   print(f'Skipped bad records: {bad_data.summary()}.')
@@ -55,4 +60,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

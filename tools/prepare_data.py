@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 from data.datasets import prepare_datasets  # noqa: E402
-from training.cli import config_error, define_config_flag, parse_flags  # noqa: E402
+from training.cli import check_output_path, config_error, define_config_flag, parse_flags  # noqa: E402
 from training.validation import ConfigError, validate_data  # noqa: E402
 from version import __version__  # noqa: E402
 
@@ -34,18 +34,41 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace finished preparation
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
+  if _CHUNK_TOKENS.value < 1:
+    raise SystemExit(f"flag error: --chunk_tokens={_CHUNK_TOKENS.value} must be at least 1 (it bounds memory)")
   try:
     data = validate_data(_CONFIG.value).data
-    metas = prepare_datasets(data, _OUTPUT.value, names=_SOURCES.value or None,
+  except ConfigError as e:
+    raise config_error(e) from None
+  output = os.path.abspath(os.path.expanduser(_OUTPUT.value))
+  try:
+    _check_not_in_a_recursive_glob(data, output)
+  except ValueError as e:
+    raise config_error(e) from None
+  check_output_path(output, "--output", "directory")
+  try:
+    metas = prepare_datasets(data, output, names=_SOURCES.value or None,
                              chunk_tokens=_CHUNK_TOKENS.value, rows_per_shard=_ROWS_PER_SHARD.value,
                              overwrite=_OVERWRITE.value, loom_version=__version__)
-  except (ConfigError, ValueError) as e:
+  except (ConfigError, ValueError, OSError) as e:
     raise config_error(e) from None
   for name, meta in metas.items():
     splits = ", ".join(f"{split}: {v['num_rows']} rows, {v['num_tokens']} tokens"
                        for split, v in meta["splits"].items())
     skipped = meta["metadata"]["bad_data"]
-    print(f"{os.path.join(_OUTPUT.value, name)}: {splits}" + (f"; skipped {skipped}" if skipped else ""))
+    print(f"{os.path.join(output, name)}: {splits}" + (f"; skipped {skipped}" if skipped else ""))
+
+
+def _check_not_in_a_recursive_glob(data, output: str) -> None:
+  """A source globbing `DIR/**` would read this preparation (and earlier ones) as text."""
+  for name, source in data.sources.items():
+    for pattern in filter(None, (p.strip() for p in source.paths.split(","))):
+      if "**" not in pattern:
+        continue
+      fixed = os.path.abspath(os.path.expanduser(pattern.split("**", 1)[0].rstrip("*?[")))
+      if output == fixed.rstrip("/") or output.startswith(fixed.rstrip("/") + "/"):
+        raise ValueError(f"--output={output} is inside data.sources.{name}.paths={pattern!r}: the source "
+                         "would read prepared files as documents; write the output elsewhere")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ from absl import app, flags  # noqa: E402
 
 from data import source_rows  # noqa: E402
 from data.bad_data import BadData  # noqa: E402
-from data.tokenizers import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
-from training.cli import config_error, define_config_flag, parse_flags  # noqa: E402
+from data.tokenizers import NoTextError, SentencePieceTokenizer, train_sentencepiece  # noqa: E402
+from training.cli import check_output_path, config_error, define_config_flag, parse_flags  # noqa: E402
 from training.validation import ConfigError, validate_data  # noqa: E402
 
 _CONFIG = define_config_flag("configs/quickstart.py", "Config whose data.sources to read.")
@@ -41,14 +41,22 @@ def main(argv):
   if unknown:
     raise config_error(ValueError(f"--sources: no data.sources named {unknown}; "
                                   f"there are {', '.join(data.sources.keys())}"))
+  if not names:
+    raise config_error(ValueError("every data.sources entry is prepared (already tokenized); "
+                                  "a tokenizer is trained on sources of text"))
+  output = check_output_path(_OUTPUT.value, "--output", "file")
   bad_data = BadData("skip")
   texts = itertools.chain.from_iterable(
       source_rows.document_texts(name, data.sources[name], bad_data) for name in names)
   try:
-    path = train_sentencepiece(texts, _OUTPUT.value,
+    path = train_sentencepiece(texts, output,
                                vocab_size=_VOCAB_SIZE.value or data.tokenizer_vocab_size,
                                model_type=_MODEL_TYPE.value or data.tokenizer_model_type,
                                extra_symbols=tuple(_SPECIAL_TOKENS.value))
+  except NoTextError:
+    raise config_error(ValueError(
+        f"data.sources {', '.join(names)}: no text to train a tokenizer on (every document is empty or "
+        f"bad: {bad_data.summary()})")) from None
   except ValueError as e:
     raise config_error(e) from None
   tokenizer = SentencePieceTokenizer(path)

@@ -35,6 +35,10 @@ def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, i
   step=-1 takes the latest finished checkpoint; errors name `field`.
   """
   path = os.path.abspath(os.path.expanduser(path))
+  parent, base = os.path.split(path)
+  if not os.path.isdir(path) and re.fullmatch(r"\d+", base) and os.path.isdir(parent):
+    steps = sorted(int(n) for n in os.listdir(parent) if re.fullmatch(r"\d+", n))
+    raise ValueError(f"{field}: {parent} has no step {base}; its steps: {steps or 'none'}")
   if not os.path.isdir(path):
     raise ValueError(f"{field}: {path} is not a directory (a loom workdir, its checkpoints/ directory "
                      "or checkpoints/STEP is expected)")

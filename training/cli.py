@@ -2,6 +2,7 @@
 import os
 import re
 import sys
+import traceback
 
 from absl import flags
 from ml_collections import ConfigDict, config_flags
@@ -35,7 +36,7 @@ def parse_flags(argv):
                          f"{type(config).__name__}, not an ml_collections ConfigDict "
                          "(start from configs/base.py's get_config())")
     return remaining
-  except (SyntaxError, OSError, flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except Exception as e:  # noqa: BLE001 -- whatever parsing or the config file's code raised.
     raise _one_line(e, argv) from None
 
 
@@ -50,6 +51,8 @@ def _one_line(e: Exception, argv) -> SystemExit:
     return SystemExit(f"config error: {_raised_where(message, config_file)}: {_last_line(message)}")
   if isinstance(e, flags.Error):
     return SystemExit(f"{argv[0]}: {message}\nPass --helpfull to see the flags.")
+  frames = [(frame.filename, str(frame.lineno)) for frame in traceback.extract_tb(e.__traceback__)]
+  in_config_file = any(os.path.abspath(path) == os.path.abspath(config_file) for path, _ in frames)
   if isinstance(e, (AttributeError, KeyError)):
     while e.args and isinstance(e.args[0], Exception):  # ml_collections wraps its KeyError.
       e = e.args[0]
@@ -58,9 +61,13 @@ def _one_line(e: Exception, argv) -> SystemExit:
       return SystemExit(f"config error: {config_file} defines no get_config()")
     field, _, suggestion = message.partition("\n")  # ml_collections may add a "Did you mean" line.
     suggestion = f" ({' '.join(suggestion.split())})" if suggestion.strip() else ""
+    if in_config_file:  # A mistyped field in the config file's own code.
+      return SystemExit(f"config error: {_innermost(frames, config_file)}: no field {field.strip()}{suggestion}")
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
     return SystemExit(f"config error: no field {field.strip()} for the override among {overrides}"
                       f"{suggestion}; configs/base.py lists every field")
+  if in_config_file:
+    return SystemExit(f"config error: {_innermost(frames, config_file)}: {type(e).__name__}: {message}")
   return SystemExit(f"config error: {message}")
 
 
@@ -81,11 +88,34 @@ def _last_line(text: str) -> str:
 
 def _raised_where(traceback_text: str, config_file: str) -> str:
   """FILE:LINE of the config file's innermost frame, else of the innermost one outside installed packages."""
-  frames = re.findall(r'File "([^"]+)", line (\d+)', traceback_text)
+  return _innermost(re.findall(r'File "([^"]+)", line (\d+)', traceback_text), config_file)
+
+
+def _innermost(frames: list[tuple[str, str]], config_file: str) -> str:
   in_config = [(path, line) for path, line in frames if os.path.abspath(path) == os.path.abspath(config_file)]
   in_user_code = [(path, line) for path, line in frames if "site-packages" not in path]
   path, line = (in_config or in_user_code or [(config_file, "?")])[-1]
   return f"{path}:{line}"
+
+
+def check_output_path(path: str, flag: str, kind: str) -> str:
+  """The absolute path a tool may write `kind` ("file" or "directory") to, its directory created.
+
+  Checked before any work, so a tool never reads and converts for minutes and then fails to write;
+  a bad path is one line naming the flag.
+  """
+  path = os.path.abspath(os.path.expanduser(path))
+  if os.path.isdir(path) if kind == "file" else os.path.exists(path) and not os.path.isdir(path):
+    raise SystemExit(f"flag error: {flag}={path} is a {'directory' if kind == 'file' else 'file'}; "
+                     f"a {kind} path is expected")
+  directory = path if kind == "directory" else os.path.dirname(path)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    if not os.access(directory, os.W_OK):
+      raise PermissionError("not writable")
+  except OSError as e:
+    raise SystemExit(f"flag error: {flag}={path}: cannot write to {directory} ({e})") from None
+  return path
 
 
 def config_error(error: Exception) -> SystemExit:

@@ -16,7 +16,8 @@ import glob
 import json
 import os
 import shutil
-from collections.abc import Mapping
+import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -108,6 +109,11 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[ConfigDict, dict[str, Any]]:
   the source directory, its config.json and loom's version), OUT/config.py
   and the tokenizer files. Returns the loom config and the parameters (loom's
   pure dict of float32 numpy arrays).
+
+  `out_dir` must be new or an empty directory outside `hf_dir` (checked, with
+  a ValueError naming --output, before any weight is read). Everything is
+  written into a temporary sibling directory that is renamed to `out_dir` at
+  the end, so a failed import leaves no `out_dir` behind.
   """
   hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
   files = safetensors_files(hf_dir)  # First: a pickle-only directory is refused before anything else.
@@ -116,8 +122,7 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[ConfigDict, dict[str, Any]]:
     fields = huggingface.loom_model_config(hf_cfg)
   except ValueError as e:
     raise ValueError(f"{os.path.join(hf_dir, 'config.json')}: {e}") from None
-  if os.path.exists(os.path.join(out_dir, "checkpoints")):
-    raise ValueError(f"{out_dir} already holds a loom checkpoint; choose a new --output")
+  check_output_dir(out_dir, "--output", within=(("--hf_dir", hf_dir),))
 
   config = base.get_config()
   config.model.update(**fields)
@@ -127,34 +132,100 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[ConfigDict, dict[str, Any]]:
   except ValueError as e:
     raise ValueError(f"{hf_dir}: {e}") from None
 
-  os.makedirs(out_dir, exist_ok=True)
-  tokenizer = _copy_tokenizer(hf_dir, out_dir)
-  if tokenizer:
+  tokenizer = _hf_tokenizer(hf_dir)
+  if tokenizer:  # The paths a run reads: out_dir's, where the files are once the import is complete.
     config.data.update(tokenizer=tokenizer[0], tokenizer_path=os.path.join(out_dir, tokenizer[1]))
   if "init" in config:
     config.init.checkpoint = out_dir
   record = {"step": 0, "config": json.loads(config.to_json()), "loom_version": __version__,
             "imported_from": {"path": hf_dir, "files": [os.path.basename(f) for f in files],
                               "hf_config": hf_cfg}}
-  _save_params(os.path.join(out_dir, "checkpoints"), config.model, params, record)
-  _write_config_py(os.path.join(out_dir, "config.py"), fields, config, tokenizer, hf_dir)
+
+  def write(directory: str) -> None:
+    for name in TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(hf_dir, name)):
+        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(directory, name))
+    _save_params(os.path.join(directory, "checkpoints"), config.model, params, record)
+    _write_config_py(os.path.join(directory, "config.py"), fields, config, tokenizer, hf_dir)
+
+  _write_atomically(out_dir, "--output", write)
   return config, params
 
 
-def _copy_tokenizer(hf_dir: str, out_dir: str) -> tuple[str, str] | None:
-  """Copies the tokenizer files; (data.tokenizer, file name) for loom, or None when there is none.
+def _hf_tokenizer(hf_dir: str) -> tuple[str, str] | None:
+  """(data.tokenizer, file name) of the tokenizer that `hf_dir` holds, for loom; None when there is none.
 
   A sentencepiece tokenizer.model (Llama 2, Mistral) is preferred to a
   tokenizer.json, since loom then tokenizes with sentencepiece itself.
   """
-  for name in TOKENIZER_FILES:
-    if os.path.isfile(os.path.join(hf_dir, name)):
-      shutil.copyfile(os.path.join(hf_dir, name), os.path.join(out_dir, name))
-  if os.path.isfile(os.path.join(out_dir, "tokenizer.model")):
+  if os.path.isfile(os.path.join(hf_dir, "tokenizer.model")):
     return "sentencepiece", "tokenizer.model"
-  if os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+  if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
     return "huggingface", "tokenizer.json"
   return None
+
+
+def check_output_dir(out_dir: str, flag: str, within: tuple[tuple[str, str], ...] = ()) -> None:
+  """Refuses, in one line naming `flag`, an output directory a converter must not write into.
+
+  Allowed: a path that does not exist yet (its nearest existing ancestor must let
+  us create directories) or an empty directory, not equal to or inside any of
+  `within`'s (flag, directory) pairs. A non-empty directory is refused: files
+  of an earlier run left beside the new ones would be read with them.
+  """
+  path = os.path.abspath(out_dir)
+  real = os.path.realpath(path)
+  for label, other in within:  # label: a flag ("--hf_dir") or a description.
+    other = os.path.realpath(other)
+    if real == other or real.startswith(other.rstrip(os.sep) + os.sep):
+      named = f"{label}={other}" if label.startswith("--") else f"{label} {other}"
+      raise ValueError(f"{flag}={path} is {'the same directory as' if real == other else 'inside'} "
+                       f"{named}; choose a new or empty directory outside it")
+  if os.path.exists(real) and not os.path.isdir(real):
+    raise ValueError(f"{flag}={path} is a file; a new or empty directory is expected")
+  if os.path.isdir(real):
+    contents = sorted(os.listdir(real))
+    if contents:
+      shown = ", ".join(contents[:4]) + (f" and {len(contents) - 4} more" if len(contents) > 4 else "")
+      what = " (a loom workdir or checkpoint directory)" if "checkpoints" in contents or any(
+          name.isdigit() for name in contents) else ""
+      raise ValueError(f"{flag}={path} is not empty{what}: it holds {shown}; a new or empty directory "
+                       "is expected, so nothing stale is mixed with what is written")
+  ancestor = os.path.dirname(real)
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise ValueError(f"{flag}={path}: {ancestor} is a file, so no directory can be created under it")
+  probe = os.path.join(ancestor, f".loom-write-check-{uuid.uuid4().hex[:8]}")
+  try:  # os.access says yes to root even where nothing can be created (/proc, a read-only mount).
+    os.mkdir(probe)
+    os.rmdir(probe)
+  except OSError as e:
+    raise ValueError(f"{flag}={path}: cannot create a directory in {ancestor} "
+                     f"({e.strerror or e}); choose a writable location") from None
+
+
+def _write_atomically(out_dir: str, flag: str, write: Callable[[str], Any]) -> str:
+  """Runs write(temporary directory) beside `out_dir`, then renames it to `out_dir`; returns the temporary path.
+
+  On any failure the temporary directory is removed, so `out_dir` is either complete or absent.
+  """
+  target = os.path.realpath(out_dir)  # A symlink to an empty directory: that directory is replaced.
+  parent = os.path.dirname(target)
+  os.makedirs(parent, exist_ok=True)
+  temporary = os.path.join(parent, f".{os.path.basename(target)}.partial-{uuid.uuid4().hex[:8]}")
+  os.mkdir(temporary)
+  try:
+    write(temporary)
+    try:
+      os.rename(temporary, target)  # Replaces an empty directory; refuses one that filled up meanwhile.
+    except OSError as e:
+      raise ValueError(f"{flag}={out_dir}: cannot move the finished output into place ({e.strerror or e}); "
+                       "it must stay new or empty while the tool runs") from None
+  except BaseException:
+    shutil.rmtree(temporary, ignore_errors=True)
+    raise
+  return temporary
 
 
 def _save_params(directory: str, model_cfg: ConfigDict, params: Mapping[str, Any],
@@ -247,11 +318,55 @@ def _host_device() -> jax.Device:
 _UNSET = {"model": {"vocab_size": 0, "num_kv_heads": 0, "head_dim": 0}, "data": {"tokenizer_path": ""}}
 
 
+# Model fields that change how the model runs, not what it computes or its parameters' shapes:
+# a given config may differ from the checkpoint's in these.
+_RUNTIME_FIELDS = ("dtype", "scan_layers", "remat", "dropout_rate", "init_std")
+
+
+def _model_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+  """'field: saved X vs given Y' for each model field of `given` that `saved` sets otherwise.
+
+  The fields left 0 for their defaults compare by what they stand for: num_kv_heads
+  and head_dim as num_heads and embed_dim // num_heads, vocab_size (the
+  tokenizer's size) not at all.
+  """
+  def effective(m: Mapping[str, Any], other: Mapping[str, Any], key: str) -> Any:
+    value = m.get(key)
+    heads = m.get("num_heads") or other.get("num_heads")
+    if key == "num_kv_heads" and value == 0:
+      return heads
+    if key == "head_dim" and value == 0 and heads:
+      return (m.get("embed_dim") or other.get("embed_dim") or 0) // heads
+    return value
+
+  differences = []
+  for key in given:
+    if key not in saved or key in _RUNTIME_FIELDS or (key == "vocab_size" and given[key] == 0):
+      continue
+    ours, theirs = effective(saved, given, key), effective(given, saved, key)
+    if ours != theirs:
+      derived = {"num_kv_heads": " (0: num_heads)", "head_dim": " (0: embed_dim // num_heads)"}
+      note = derived[key] if given[key] == 0 and key in derived else ""
+      differences.append(f"{key}: saved {ours!r} vs given {theirs!r}{note}")
+  return differences
+
+
 def _full_config(config, saved: Mapping[str, Any] | None, where: str) -> ConfigDict:
-  """configs/base.py's config with the model and data fields of the record's config, then `config`'s."""
+  """configs/base.py's config with the model and data fields of the record's config, then `config`'s.
+
+  Raises ValueError when `config`'s model fields differ from the record's (its
+  parameters would not fit that model), naming each field.
+  """
   if config is None and not saved:
-    raise ValueError(f"{where}: the checkpoint's record has no config; pass the run's config")
+    raise ValueError(f"{where}: the checkpoint's record has no config; pass --config=the .py config "
+                     "file the run was started with")
   given = config.to_dict() if isinstance(config, ConfigDict) else config
+  saved_model, given_model = dict((saved or {}).get("model") or {}), dict((given or {}).get("model") or {})
+  differences = _model_differences(saved_model, given_model)
+  if differences:
+    raise ValueError(f"{where}: the given config's model differs from the one the checkpoint was saved "
+                     f"with ({'; '.join(differences)}); omit --config to use the checkpoint's own, or "
+                     "pass the .py config the run was started with")
   full = base.get_config()
   for source in (saved, given):
     for section in ("model", "data"):
@@ -264,7 +379,8 @@ def _full_config(config, saved: Mapping[str, Any] | None, where: str) -> ConfigD
   m = full.model
   if not m.vocab_size:
     raise ValueError(f"{where}: model.vocab_size is 0 and the checkpoint's record does not say it; "
-                     "pass the run's WORKDIR/config.json")
+                     "pass it with the run's config, e.g. --config=RUN_CONFIG.py "
+                     "--config.model.vocab_size=N (the run's tokenizer size)")
   m.num_kv_heads = m.num_kv_heads or m.num_heads
   m.head_dim = m.head_dim or m.embed_dim // m.num_heads
   return full
@@ -280,31 +396,41 @@ def export_hf(checkpoint: str, config: ConfigDict | Mapping[str, Any] | None, ou
   float16), generation_config.json, and the tokenizer: tokenizer.model (a
   sentencepiece model) or tokenizer.json, with tokenizer_config.json carrying
   the special tokens and the ChatML chat_template. Raises ValueError, before
-  reading any array, when the model is not of `model_type`'s family.
+  reading any array, when the model is not of `model_type`'s family, when
+  `config`'s model differs from the checkpoint's, or when `out_dir` is not a
+  new or empty directory outside the checkpoints. The files are written into
+  a temporary sibling directory renamed to `out_dir` at the end.
   """
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(EXPORT_DTYPES)}")
+  out_dir = os.path.abspath(out_dir)
+  directory, _ = locate(checkpoint)
+  check_output_dir(out_dir, "--output", within=(("the run's checkpoint directory", directory),))
   full, _ = checkpoint_config(checkpoint, config)
   hf_cfg = huggingface.hf_config(full.model, model_type)
+  workdir = os.path.dirname(directory)
+  _check_tokenizer_path(full.data)
   tensors = huggingface.hf_tensors(load_params(checkpoint, full.model), full.model, model_type)
   tensors = {name: np.ascontiguousarray(value.astype(EXPORT_DTYPES[dtype]))
              for name, value in tensors.items()}
 
-  os.makedirs(out_dir, exist_ok=True)
-  written = []
-  workdir = os.path.dirname(locate(checkpoint)[0])
-  tokens = _write_tokenizer(full.data, workdir, out_dir, full.model.max_seq_len, written)
-  hf_cfg.update(torch_dtype=dtype, bos_token_id=tokens.get("bos_id"), eos_token_id=tokens.get("eos_id"),
-                pad_token_id=tokens.get("pad_id"))
-  weights = os.path.join(out_dir, "model.safetensors")
-  save_file(tensors, weights, metadata={"format": "pt"})  # transformers reads "pt" as torch layout.
-  written.append(weights)
-  written.append(_write_json(os.path.join(out_dir, "config.json"), hf_cfg))
-  generation = {key: value for key, value in (("bos_token_id", tokens.get("bos_id")),
-                                              ("eos_token_id", tokens.get("eos_id")),
-                                              ("pad_token_id", tokens.get("pad_id"))) if value is not None}
-  written.append(_write_json(os.path.join(out_dir, "generation_config.json"), generation))
-  return written
+  written: list[str] = []
+
+  def write(target: str) -> None:
+    tokens = _write_tokenizer(full.data, workdir, target, full.model.max_seq_len, written)
+    hf_cfg.update(torch_dtype=dtype, bos_token_id=tokens.get("bos_id"), eos_token_id=tokens.get("eos_id"),
+                  pad_token_id=tokens.get("pad_id"))
+    weights = os.path.join(target, "model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})  # transformers reads "pt" as torch layout.
+    written.append(weights)
+    written.append(_write_json(os.path.join(target, "config.json"), hf_cfg))
+    generation = {key: value for key, value in (("bos_token_id", tokens.get("bos_id")),
+                                                ("eos_token_id", tokens.get("eos_id")),
+                                                ("pad_token_id", tokens.get("pad_id"))) if value is not None}
+    written.append(_write_json(os.path.join(target, "generation_config.json"), generation))
+
+  temporary = _write_atomically(out_dir, "--output", write)
+  return [os.path.join(out_dir, os.path.relpath(path, temporary)) for path in written]
 
 
 def chatml_template() -> str:
@@ -323,6 +449,12 @@ def chatml_template() -> str:
           "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}")
 
 
+def _check_tokenizer_path(data_cfg: ConfigDict) -> None:
+  kind, path = data_cfg.tokenizer, data_cfg.tokenizer_path
+  if kind in ("sentencepiece", "huggingface") and path and not os.path.isfile(path):
+    raise ValueError(f"data.tokenizer_path: the run's tokenizer {path} is not there")
+
+
 def _write_tokenizer(data_cfg: ConfigDict, workdir: str, out_dir: str, max_length: int,
                      written: list[str]) -> dict[str, int]:
   """Writes the run's tokenizer with a tokenizer_config.json; returns its {'bos_id': ..., ...}.
@@ -330,8 +462,7 @@ def _write_tokenizer(data_cfg: ConfigDict, workdir: str, out_dir: str, max_lengt
   Without one (a char tokenizer, or none found) only the weights are written, with a warning.
   """
   kind, path = data_cfg.tokenizer, data_cfg.tokenizer_path
-  if kind in ("sentencepiece", "huggingface") and path and not os.path.isfile(path):
-    raise ValueError(f"data.tokenizer_path: the run's tokenizer {path} is not there")
+  _check_tokenizer_path(data_cfg)
   if kind == "sentencepiece" and not path:
     path = os.path.join(workdir, "tokenizer", "sp.model")  # Trained by the run, cached there.
     if not os.path.isfile(path):

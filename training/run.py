@@ -163,7 +163,8 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   writer.text(f"loom: {model_lib.num_params(config.model) / 1e6:.2f}M parameters, "
               f"{flops_per_token / 1e6:.1f} MFLOPs/token, peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), "
               f"mesh {dict(mesh.shape)}, " + (f"resumed at step {start_step}" if resumed_from is not None
-                                             else "fresh start"))
+                                             else f"initialised from {init_record['directory']} step "
+                                             f"{init_record['restored_step']}" if init_record else "fresh start"))
   if resume_changes:
     writer.text("resumed with changes from the checkpointed run: " + "; ".join(resume_changes))
   if datasets.bad_data_counts:  # Counted while the data was read, before the first step.
