@@ -292,7 +292,7 @@ def test_bad_paths_and_prompts_are_config_errors_before_training(tmp_path):
   with pytest.raises(ConfigError, match=r"init.checkpoint: .*checkpoints holds no finished loom checkpoint"):
     train(config, str(tmp_path / "run"))
   config.init.checkpoint = str(tmp_path / "not_a_run" / "checkpoints" / "7")
-  with pytest.raises(ConfigError, match=r"checkpoints/7 is not a complete loom checkpoint \(no params/, record/"):
+  with pytest.raises(ConfigError, match=r"checkpoints/7 is not a complete loom checkpoint \(it needs params/, record/ and _CHECKPOINT_METADATA\)"):
     train(config, str(tmp_path / "run"))
   config.init.checkpoint = ""
   config.data.update(tokenizer="char")

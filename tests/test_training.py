@@ -134,8 +134,37 @@ def test_resume_takes_compute_changes_and_refuses_a_different_model(tmp_path, ca
                  "optimizer.learning_rate: 0.003 -> 0.0005", "train.num_steps: 4 -> 8",
                  "data.sources.main: its rows differ from the checkpointed run's"):
     assert change in reported[0]
-  # ...but not what the parameters mean.
+  # ...but not what the parameters mean, and the refused run leaves the workdir's config.json alone.
+  saved_config = (tmp_path / "run" / "config.json").read_text()
   changed.model.num_layers = 3
   with pytest.raises(ConfigError, match=r"different run \(model.num_layers: 2 in the checkpoint, 3 now\); .*"
                      r"only dropout_rate, dtype, init_std, remat, scan_layers may change"):
     train(changed, workdir)
+  assert (tmp_path / "run" / "config.json").read_text() == saved_config
+
+
+def test_resume_sets_damaged_checkpoints_aside_and_survives_a_cut_log(tmp_path):
+  import fcntl
+  import shutil
+  steps = dict(eval_every=0, checkpoint_every=10, log_every=5, num_samples=0)
+  workdir = tmp_path / "run"
+  train(corpus_config(tmp_path, num_steps=40, stop_at_step=30, **steps), str(workdir))
+  shutil.rmtree(workdir / "checkpoints" / "30" / "params")  # A damaged disk, say.
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write('{"step": 30, "grad_no')  # A line a crash cut short.
+  # Another process running in the workdir is refused.
+  with open(workdir / ".lock", "a+") as other:
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(ConfigError, match=r"is in use by a running train.py"):
+      train(corpus_config(tmp_path, num_steps=40, **steps), str(workdir))
+  resumed = train(corpus_config(tmp_path, num_steps=40, **steps), str(workdir))
+  assert resumed.resumed_from == 20 and int(resumed.state.step) == 40
+  assert (workdir / "checkpoints" / "30.damaged").is_dir()  # Kept for inspection, never restored.
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [20, 30, 40]
+  records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+  assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30, 35, 40]
+  # With no readable checkpoint at all, one line says so instead of starting afresh over them.
+  for step in (20, 30, 40):
+    shutil.rmtree(workdir / "checkpoints" / str(step) / "opt_state")
+  with pytest.raises(ConfigError, match=r"holds no checkpoint this run can resume from \(step 40 lacks opt_state"):
+    train(corpus_config(tmp_path, num_steps=50, **steps), str(workdir))

@@ -23,10 +23,14 @@ ITEMS = ("params", "opt_state", "progress", "record")
 
 
 REQUIRED = ("params", "record")  # What every loom checkpoint holds, an imported model's included.
+# Written when a save is finalised and removed first when an old step is deleted: without it a
+# step directory is unfinished or half-deleted (a kill during the cleanup of old checkpoints).
+FINISHED_MARKER = "_CHECKPOINT_METADATA"
 
 
-def _is_loom_checkpoint(step_directory: str) -> bool:
-  return all(os.path.isdir(os.path.join(step_directory, item)) for item in REQUIRED)
+def _is_loom_checkpoint(step_directory: str, items: tuple[str, ...] = REQUIRED) -> bool:
+  return (os.path.isfile(os.path.join(step_directory, FINISHED_MARKER))
+          and all(os.path.isdir(os.path.join(step_directory, item)) for item in items))
 
 
 def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, int]:
@@ -47,7 +51,8 @@ def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, i
     if step >= 0 and step != named_step:
       raise ValueError(f"{field} names step {named_step} but step {step} was asked for")
     if not _is_loom_checkpoint(path):
-      raise ValueError(f"{field}: {path} is not a complete loom checkpoint (no {'/, '.join(REQUIRED)}/ in it)")
+      raise ValueError(f"{field}: {path} is not a complete loom checkpoint (it needs {'/, '.join(REQUIRED)}/ "
+                       f"and {FINISHED_MARKER})")
     return directory, named_step
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
@@ -79,6 +84,45 @@ class Checkpointer:
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
+
+  def latest_resumable_step(self) -> tuple[int | None, list[tuple[int, str]]]:
+    """The newest step whose four items are all there and whose record reads, and why newer ones
+    were passed over (a damaged disk, a half-deleted step): resuming falls back to an older step
+    instead of failing, and says so."""
+    passed_over = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      directory = os.path.join(self.directory, str(step))
+      if not _is_loom_checkpoint(directory, ITEMS):
+        missing = [item for item in (FINISHED_MARKER, *ITEMS) if not os.path.exists(os.path.join(directory, item))]
+        passed_over.append((step, f"lacks {', '.join(missing)}"))
+        continue
+      try:
+        self.record(step)
+      except Exception as e:  # noqa: BLE001 -- any way the record cannot be read.
+        passed_over.append((step, f"its record cannot be read ({type(e).__name__}: {str(e)[:120]})"))
+        continue
+      return step, passed_over
+    return None, passed_over
+
+  def set_aside(self, step: int) -> str:
+    """Renames a damaged step directory out of the way (kept for inspection, never restored or
+    counted again), so the run saves that step afresh. Every process calls it; process 0 renames."""
+    source = os.path.join(self.directory, str(step))
+    target = f"{source}.damaged"
+    if jax.process_index() == 0:
+      os.rename(source, target if not os.path.exists(target) else f"{target}-{os.getpid()}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"loom_set_aside_{step}")
+    self._manager.reload()
+    return target
+
+  def check_writable(self) -> None:
+    """An OSError now if nothing can be created in the directory (a save would fail after training,
+    and Orbax's background threads would then wait forever). A real probe: root passes os.access."""
+    probe = os.path.join(self.directory, f".write-check-{os.getpid()}")
+    os.mkdir(probe)
+    os.rmdir(probe)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())

@@ -83,9 +83,19 @@ def _drop_records_after(path: str, step: int) -> None:
   if not os.path.exists(path):
     return
   with open(path) as f:
-    kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-  with open(path, "w") as f:
+    kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
+  # Replaced whole, never truncated in place: a kill mid-rewrite leaves the old file or the new one.
+  with open(path + ".tmp", "w") as f:
     f.writelines(kept)
+  os.replace(path + ".tmp", path)
+
+
+def _step_of(line: str) -> int | None:
+  """A record's step; None for a line a crash cut short (a full disk, a lost host), which is dropped."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 class StepTimer:

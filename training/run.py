@@ -5,9 +5,11 @@ restored) -> jitted steps -> hooks -> loop -> samples.
 """
 import collections
 import dataclasses
+import fcntl
 import itertools
 import json
 import os
+import socket
 import time
 from typing import Any
 
@@ -78,6 +80,7 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir} cannot be used as a directory ({e})") from None
+  _lock_workdir(workdir)
   keep_step_buffers_mapped()  # On a CPU, the step's large buffers stay mapped (training/cpu_memory.py).
 
   # --- Mesh.
@@ -100,9 +103,6 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     logging.warning("optimizer.warmup_steps=%d >= train.num_steps=%d: the learning rate warms up for the "
                     "whole run and never reaches optimizer.learning_rate", config.optimizer.warmup_steps,
                     config.train.num_steps)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
   train_cfg = config.train
 
   # --- Model, optimizer and their shardings.
@@ -119,7 +119,18 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   # --- Checkpoint: resume from the latest one in the workdir, else start from init.checkpoint or afresh.
   checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints,
                               keep_every=train_cfg.keep_checkpoints_every)
-  resumed_from = checkpointer.latest_step()
+  try:
+    checkpointer.check_writable()
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir}: cannot write checkpoints to {checkpointer.directory} ({e})") from None
+  resumed_from, passed_over = checkpointer.latest_resumable_step()
+  if passed_over and resumed_from is None:
+    raise ConfigError(f"{checkpointer.directory} holds no checkpoint this run can resume from "
+                      f"({'; '.join(f'step {step} {why}' for step, why in passed_over)}); move the "
+                      "directory aside to start afresh")
+  for step_passed, why in passed_over:  # Newer steps a damaged disk or a half-finished deletion left.
+    logging.warning("checkpoint step %d %s: set aside as %s; resuming from step %d", step_passed, why,
+                    checkpointer.set_aside(step_passed), resumed_from)
   init_record = None
   resume_changes: list[str] = []
   if resumed_from is None and config.init.checkpoint:
@@ -139,9 +150,17 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     resume_changes += [f"data.sources.{name}: its rows differ from the checkpointed run's (files, tokenizer "
                        "or packing changed), so the batches from here on are not the ones that run would have read"
                        for name, rows_id in datasets.rows_ids.items() if saved_rows.get(name, rows_id) != rows_id]
-    state, record = checkpointer.restore(resumed_from, abstract_train_state(config.model, tx, shardings))
+    try:
+      state, record = checkpointer.restore(resumed_from, abstract_train_state(config.model, tx, shardings))
+    except Exception as e:  # noqa: BLE001 -- a damaged array file: say which checkpoint, and what to do.
+      step_dir = os.path.join(checkpointer.directory, str(resumed_from))
+      raise ConfigError(f"{step_dir} cannot be restored ({type(e).__name__}: {str(e)[:200]}); move it aside "
+                        f"(mv {step_dir} {step_dir}.damaged) to resume from the step before it") from None
     logging.info("resumed from step %d (data position %s)", resumed_from, record.get("data"))
   start_step = int(jax.device_get(state.step))
+  if jax.process_index() == 0:  # After the resume checks: a refused run leaves the workdir's as it was.
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json(indent=2))
 
   # --- Steps.
   train_step = make_train_step(graphdef, tx, schedule, mesh, shardings, train_cfg.microbatches,
@@ -156,7 +175,10 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     return batches
 
   # --- Hooks: logging, evaluation, checkpoints.
-  writer = MetricWriter(workdir, train_cfg.num_steps, resume_step=start_step)
+  # Records past the restored step are rewritten by this run; with nothing restored, those at the
+  # start step too (an evaluation of init.checkpoint that a killed earlier attempt logged).
+  writer = MetricWriter(workdir, train_cfg.num_steps,
+                        resume_step=start_step if resumed_from is not None else start_step - 1)
   tokens_per_step = train_cfg.global_batch_size * config.data.seq_len
   peak, peak_source = peak_flops(COMPUTE_DTYPES[config.model.dtype])
   flops_per_token = model_lib.flops_per_token(config.model, config.data.seq_len)
@@ -233,10 +255,45 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   for text in samples:
     writer.text("--- sample ---\n" + text)
   writer.close()
+  _unlock_workdir(workdir)
   return RunResult(config=config, state=state, graphdef=graphdef, tokenizer=datasets.tokenizer,
                    last_metrics=logging_hook.last_logged, eval_history=eval_hook.history,
                    eval_history_by_source=eval_hook.source_history,
                    samples=samples, resumed_from=resumed_from, preempted=preempted)
+
+
+_workdir_locks = {}  # Released when train() returns; however the process ends, the OS releases them.
+
+
+def _lock_workdir(workdir: str) -> None:
+  """One run per workdir: a second train.py on it would write the same checkpoint steps and logs."""
+  if jax.process_index() != 0:  # The hosts of one multi-host run share the workdir.
+    return
+  path = os.path.join(os.path.abspath(workdir), ".lock")
+  if path in _workdir_locks:  # This process already runs in it (train() called again, as tests do).
+    return
+  handle = open(path, "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    handle.close()
+    raise ConfigError(f"--workdir={workdir} is in use by a running train.py ({holder}); wait for it to "
+                      "end, or use another --workdir") from None
+  except OSError:  # A filesystem without locks (some network mounts): run unguarded.
+    pass
+  handle.seek(0)
+  handle.truncate()
+  handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+  handle.flush()
+  _workdir_locks[path] = handle
+
+
+def _unlock_workdir(workdir: str) -> None:
+  handle = _workdir_locks.pop(os.path.join(os.path.abspath(workdir), ".lock"), None)
+  if handle is not None:
+    handle.close()  # Closing the file releases the lock.
 
 
 # Model fields a run may change when it resumes: how the same parameters are computed with
