@@ -112,6 +112,9 @@ def test_resume_is_bit_identical(tmp_path, capsys):
     np.testing.assert_array_equal(a, b)
   records = [json.loads(line) for line in open(os.path.join(interrupted, "metrics.jsonl"))]
   assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
+  # The same command once more: the run is complete, so it does nothing (no training, no samples).
+  again = train(corpus_config(tmp_path, **dict(base, num_samples=2)), interrupted)
+  assert again.resumed_from == 30 and again.samples == []
 
 
 def test_resume_takes_compute_changes_and_refuses_a_different_model(tmp_path, capsys):

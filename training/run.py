@@ -250,7 +250,7 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   checkpointer.close()
 
   # --- Samples.
-  finished = step == train_cfg.num_steps and not preempted
+  finished = step == train_cfg.num_steps and not preempted and first_batch is not None  # Trained to the end now.
   samples = _samples(config, graphdef, state, datasets.tokenizer) if finished else []
   for text in samples:
     writer.text("--- sample ---\n" + text)
