@@ -18,6 +18,11 @@ from sharding import constrain
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
+# Config fields that change how the same parameters are computed with (precision, the layer loop,
+# rematerialisation) or trained (dropout), or are read only at initialisation: a checkpoint fits a
+# model that differs from its own in these alone.
+CHECKPOINT_INDEPENDENT_FIELDS = frozenset({"dtype", "scan_layers", "remat", "dropout_rate", "init_std"})
+
 # What a rematerialised block keeps for the backward pass.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,

@@ -7,6 +7,8 @@ import traceback
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
+from training.checkpointing import probe_writable
+
 
 def define_config_flag(default: str | None, help_text: str, **kwargs):
   """`--config` (an ml_collections config file with `--config.a.b=value` overrides).
@@ -111,8 +113,7 @@ def check_output_path(path: str, flag: str, kind: str) -> str:
   directory = path if kind == "directory" else os.path.dirname(path)
   try:
     os.makedirs(directory, exist_ok=True)
-    if not os.access(directory, os.W_OK):
-      raise PermissionError("not writable")
+    probe_writable(directory)
   except OSError as e:
     raise SystemExit(f"flag error: {flag}={path}: cannot write to {directory} ({e})") from None
   return path

@@ -31,7 +31,8 @@ from safetensors.numpy import load_file, save_file
 
 from configs import base
 from model import huggingface
-from training.checkpointing import Checkpointer, locate
+from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS
+from training.checkpointing import Checkpointer, locate, probe_writable
 from training.state import abstract_model
 from version import __version__
 
@@ -196,10 +197,8 @@ def check_output_dir(out_dir: str, flag: str, within: tuple[tuple[str, str], ...
     ancestor = os.path.dirname(ancestor)
   if not os.path.isdir(ancestor):
     raise ValueError(f"{flag}={path}: {ancestor} is a file, so no directory can be created under it")
-  probe = os.path.join(ancestor, f".loom-write-check-{uuid.uuid4().hex[:8]}")
-  try:  # os.access says yes to root even where nothing can be created (/proc, a read-only mount).
-    os.mkdir(probe)
-    os.rmdir(probe)
+  try:
+    probe_writable(ancestor)
   except OSError as e:
     raise ValueError(f"{flag}={path}: cannot create a directory in {ancestor} "
                      f"({e.strerror or e}); choose a writable location") from None
@@ -318,11 +317,6 @@ def _host_device() -> jax.Device:
 _UNSET = {"model": {"vocab_size": 0, "num_kv_heads": 0, "head_dim": 0}, "data": {"tokenizer_path": ""}}
 
 
-# Model fields that change how the model runs, not what it computes or its parameters' shapes:
-# a given config may differ from the checkpoint's in these.
-_RUNTIME_FIELDS = ("dtype", "scan_layers", "remat", "dropout_rate", "init_std")
-
-
 def _model_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
   """'field: saved X vs given Y' for each model field of `given` that `saved` sets otherwise.
 
@@ -341,7 +335,7 @@ def _model_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> li
 
   differences = []
   for key in given:
-    if key not in saved or key in _RUNTIME_FIELDS or (key == "vocab_size" and given[key] == 0):
+    if key not in saved or key in CHECKPOINT_INDEPENDENT_FIELDS or (key == "vocab_size" and given[key] == 0):
       continue
     ours, theirs = effective(saved, given, key), effective(given, saved, key)
     if ours != theirs:

@@ -22,7 +22,7 @@ import data
 import model as model_lib
 import sharding
 from model.sampling import sample
-from model.transformer import COMPUTE_DTYPES
+from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS, COMPUTE_DTYPES
 from training import hooks as hooks_lib
 from training import init_from
 from training.checkpointing import Checkpointer
@@ -126,8 +126,9 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   resumed_from, passed_over = checkpointer.latest_resumable_step()
   if passed_over and resumed_from is None:
     raise ConfigError(f"{checkpointer.directory} holds no checkpoint this run can resume from "
-                      f"({'; '.join(f'step {step} {why}' for step, why in passed_over)}); move the "
-                      "directory aside to start afresh")
+                      f"({'; '.join(f'step {step} {why}' for step, why in passed_over)}); a parameters-only "
+                      "checkpoint (tools/hf_import.py writes one) starts a run as --config.init.checkpoint "
+                      "in a new --workdir; else move the directory aside to start afresh")
   for step_passed, why in passed_over:  # Newer steps a damaged disk or a half-finished deletion left.
     logging.warning("checkpoint step %d %s: set aside as %s; resuming from step %d", step_passed, why,
                     checkpointer.set_aside(step_passed), resumed_from)
@@ -296,13 +297,6 @@ def _unlock_workdir(workdir: str) -> None:
     handle.close()  # Closing the file releases the lock.
 
 
-# Model fields a run may change when it resumes: how the same parameters are computed with
-# (precision, layer loop, rematerialisation) or trained (dropout), or used only at initialisation.
-# Switching on remat after running out of memory is the common case. Every other model field
-# changes what the parameters mean, so a workdir holding them refuses it.
-RESUMABLE_MODEL_FIELDS = frozenset({"dtype", "scan_layers", "remat", "dropout_rate", "init_std"})
-
-
 def _flat_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():
@@ -316,7 +310,8 @@ def _flat_fields(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def _resume_changes(record: dict[str, Any], config: ConfigDict, workdir: str) -> list[str]:
   """The config fields that differ from the checkpointed run's, as "field: old -> new" lines.
 
-  A different model (beyond RESUMABLE_MODEL_FIELDS) or seed (the data order) is refused: the
+  A different model (beyond CHECKPOINT_INDEPENDENT_FIELDS: switching on remat after running out
+  of memory is the common case) or seed (the data order) is refused: the
   workdir belongs to another run. Anything else (the mesh, the batch, the optimizer, the schedule)
   may change, and is reported so that the log says how the resumed run differs.
   """
@@ -325,13 +320,13 @@ def _resume_changes(record: dict[str, Any], config: ConfigDict, workdir: str) ->
   changed = {field: (saved[field], value) for field, value in current.items()
              if field in saved and saved[field] != value}
   refused = [f"{field}: {old!r} in the checkpoint, {new!r} now" for field, (old, new) in changed.items()
-             if field.startswith("model.") and field.removeprefix("model.") not in RESUMABLE_MODEL_FIELDS]
+             if field.startswith("model.") and field.removeprefix("model.") not in CHECKPOINT_INDEPENDENT_FIELDS]
   if "seed" in changed:
     refused.append(f"seed: {changed['seed'][0]} in the checkpoint, {config.seed} now (the data order)")
   if refused:
     raise ConfigError(f"{workdir} holds a checkpoint of a different run ({'; '.join(refused)}); "
                       "use a new --workdir, or the checkpoint's settings to resume it (of the model, only "
-                      f"{', '.join(sorted(RESUMABLE_MODEL_FIELDS))} may change)")
+                      f"{', '.join(sorted(CHECKPOINT_INDEPENDENT_FIELDS))} may change)")
   return [f"{field}: {old!r} -> {new!r}" for field, (old, new) in changed.items()]
 
 
