@@ -60,7 +60,14 @@ def get_config() -> ConfigDict:
       qkv_bias=False,          # biases on q/k/v alone (Qwen2); use_bias already implies them.
       dtype="float32",         # compute dtype: float32 | bfloat16 (parameters stay float32)
       scan_layers=True,        # lax.scan over layers: compile time independent of depth.
-      remat="none",            # none | full | dots: what a block keeps for the backward pass.
+      remat="none",            # what a block keeps for the backward pass: none (everything) | full
+                               # (nothing) | dots (matmul outputs) | proj (the attention projections and
+                               # the MLP input and output) | offload (proj's, kept in host memory).
+      attention="auto",        # auto (the platform's best) | xla ([L, L] scores) | blockwise (online
+                               # softmax over key blocks, pure JAX) | splash (Pallas TPU kernel) | cudnn
+      attention_block=512,     # blockwise / splash: query and key block length.
+      loss_chunk=0,            # cross-entropy over this many positions of each row at a time, the
+                               # output projection recomputed in the backward pass (0: the whole row).
       dropout_rate=0.0,
       init_std=0.02,
   ))

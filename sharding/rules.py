@@ -116,6 +116,14 @@ def activation_rules(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]
     _ACTIVE.pop()
 
 
+def active_mesh_and_rules() -> tuple[Mesh, Rules] | None:
+  """The (mesh, rules) of the innermost `activation_rules` context, or None outside one.
+
+  For code that must name mesh axes itself (a shard_map around a kernel).
+  """
+  return _ACTIVE[-1] if _ACTIVE else None
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
   """Sharding constraint by logical names; a no-op outside `activation_rules`."""
   if not _ACTIVE:

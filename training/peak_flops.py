@@ -4,19 +4,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak per chip, from the vendors' data sheets.
-ACCELERATOR_PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
+from training.accelerators import chip_for_device_kind
 
 
 def measured_matmul_flops(dtype=jnp.float32, size: int = 1024, repeats: int = 20) -> float:
@@ -42,7 +30,7 @@ def peak_flops(compute_dtype) -> tuple[float, str]:
   if device.platform == "cpu":
     # Forced host devices share the same cores, so the CPU is measured once.
     return measured_matmul_flops(compute_dtype), "measured CPU matmul"
-  for name, flops in ACCELERATOR_PEAK_FLOPS.items():
-    if device.device_kind.startswith(name):
-      return flops * jax.device_count(), f"{device.device_kind} data sheet"
+  chip = chip_for_device_kind(device.device_kind)
+  if chip is not None:
+    return chip.peak_flops * jax.device_count(), f"{device.device_kind} data sheet"
   return float("nan"), f"unknown peak for {device.device_kind}"

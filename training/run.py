@@ -24,7 +24,7 @@ import sharding
 from model.sampling import sample
 from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS, COMPUTE_DTYPES
 from training import hooks as hooks_lib
-from training import init_from
+from training import init_from, planner
 from training.checkpointing import Checkpointer
 from training.cpu_memory import keep_step_buffers_mapped
 from training.metric_writers import MetricWriter
@@ -224,7 +224,14 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     writer.text(f"already at step {start_step}: nothing to train")
   else:
     compile_start = time.perf_counter()
-    compiled_step = train_step.lower(state, first_batch).compile()
+    try:
+      compiled_step = train_step.lower(state, first_batch).compile()
+    except Exception as e:  # noqa: BLE001 -- a TPU compiler refuses a step that does not fit its memory.
+      too_big = planner.compile_error(e)
+      if too_big is None:
+        raise
+      raise too_big from None
+    planner.check_fits(compiled_step, mesh.devices.flat[0])  # Before the first step, not at its first allocation.
     writer.text(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
     if init_record is not None and train_cfg.eval_every:  # Where continued training starts from.
       eval_hook.run(start_step, state, {})

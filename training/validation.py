@@ -16,7 +16,8 @@ CHOICES = {
     "model.position": ("learned", "rope"),
     "model.mlp": ("gelu", "swiglu"),
     "model.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
+    "model.remat": ("none", "full", "dots", "proj", "offload"),
+    "model.attention": ("auto", "xla", "blockwise", "splash", "cudnn"),
     "data.tokenizer": ("sentencepiece", "byte", "char", "huggingface"),
     "data.tokenizer_model_type": ("bpe", "unigram"),
     "data.windows": ("aligned", "shifted", "random"),
@@ -98,6 +99,8 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
            f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
   _require(m.position != "rope" or m.head_dim % 2 == 0,
            f"model.head_dim={m.head_dim} must be even for rope positions")
+  _require(m.attention_block > 0, f"config field 'model.attention_block'={m.attention_block} must be positive")
+  _require(m.loss_chunk >= 0, f"config field 'model.loss_chunk'={m.loss_chunk} must be >= 0 (0: the whole row)")
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   if tokenizer_vocab_size is not None:
     if m.vocab_size == 0:
