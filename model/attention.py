@@ -2,9 +2,19 @@
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from model import attention_kernels as kernels
 from model.layers import dense, param
 from sharding import constrain
+
+IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
+
+# On CPU, `auto` uses xla below this length and blockwise (block 512) from it on. Forward+backward time
+# blockwise/xla on 2 cores (benchmarks/attention.py, benchmarks/README.md): 0.99x at 12 x 64 and 0.98x
+# at 64 x 256 (6 heads of 64; 1.07-1.45x in a run at L=128-256), 0.81x at 1 x 512, 0.44x at 2048,
+# 0.24x at 8192 (8 heads of 64). Below 512 xla stays: no slower, and bit-identical to the reference.
+CPU_BLOCKWISE_FROM_LENGTH = 512
 
 
 def rotary_embedding(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -> jax.Array:
@@ -59,6 +69,43 @@ def dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL) -> jax.Array:
   return out_BKMH.reshape(b, kv, groups, l, h).transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
 
 
+def resolve_implementation(implementation: str, q_BLNH: jax.Array) -> str:
+  """The implementation `auto` stands for on the active mesh's devices (else JAX's default backend)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"config field 'model.attention'={implementation!r}: allowed are "
+                     f"{list(IMPLEMENTATIONS)}")
+  if implementation != "auto":
+    return implementation
+  platform = kernels.platform_of_active_devices()
+  if platform == "tpu":
+    return "splash"
+  if platform == "gpu":
+    return "blockwise" if kernels.cudnn_unsupported(q_BLNH) else "cudnn"
+  if platform == "cpu":
+    return "xla" if q_BLNH.shape[1] < CPU_BLOCKWISE_FROM_LENGTH else "blockwise"
+  return "blockwise"
+
+
+def attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, implementation: str = "auto", block: int = 512):
+  """Causal attention within segments by `implementation` (model.attention); all give the reference's
+  values. `block` (model.attention_block) is blockwise's and splash's block length."""
+  implementation = resolve_implementation(implementation, q_BLNH)
+  if implementation == "xla":
+    return dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+  if implementation == "blockwise":
+    return kernels.blockwise_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, block)
+  if implementation == "splash":
+    return kernels.splash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, block)
+  platform = kernels.platform_of_active_devices()
+  if platform != "gpu":
+    raise ValueError(f"config field 'model.attention'='cudnn' needs an NVIDIA GPU, not {platform}; "
+                     "use auto, xla or blockwise")
+  reason = kernels.cudnn_unsupported(q_BLNH)
+  if reason:
+    raise ValueError(f"config field 'model.attention'='cudnn': {reason}; or use blockwise")
+  return kernels.cudnn_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+
+
 class Attention(nnx.Module):
 
   def __init__(self, cfg, rngs: nnx.Rngs, out_std: float):
@@ -93,8 +140,14 @@ class Attention(nnx.Module):
       q_BLNH = rotary_embedding(q_BLNH, positions_BL, cfg.rope_theta)
       k_BLKH = rotary_embedding(k_BLKH, positions_BL, cfg.rope_theta)
 
-    out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+    # Names for the remat policies that keep the projections (model/transformer.REMAT_POLICIES).
+    q_BLNH = checkpoint_name(q_BLNH, "query_proj")
+    k_BLKH = checkpoint_name(k_BLKH, "key_proj")
+    v_BLKH = checkpoint_name(v_BLKH, "value_proj")
+    out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, cfg.get("attention", "auto"),
+                      cfg.get("attention_block", 512))
     y_BLD = dense(out_BLNH, self.wo[...], 2, dtype)
     if cfg.use_bias:
       y_BLD = y_BLD + self.bo[...].astype(dtype)
+    y_BLD = checkpoint_name(y_BLD, "attention_out")
     return constrain(y_BLD, ("act_batch", "act_length", "act_embed"))
