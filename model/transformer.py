@@ -11,6 +11,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from model.attention import Attention
 from model.layers import Norm, dense, dropout, param
@@ -21,12 +22,25 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Config fields that change how the same parameters are computed with (precision, the layer loop,
 # rematerialisation) or trained (dropout), or are read only at initialisation: a checkpoint fits a
 # model that differs from its own in these alone.
-CHECKPOINT_INDEPENDENT_FIELDS = frozenset({"dtype", "scan_layers", "remat", "dropout_rate", "init_std"})
+CHECKPOINT_INDEPENDENT_FIELDS = frozenset({"dtype", "scan_layers", "remat", "dropout_rate", "init_std",
+                                           "attention", "attention_block", "loss_chunk"})
 
-# What a rematerialised block keeps for the backward pass.
+# The activations model/attention.py and Mlp name with checkpoint_name: the inputs of the attention
+# core and of the MLP's down projection, and the two outputs a block adds to its residual stream.
+PROJECTION_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "mlp_hidden", "mlp_out")
+
+# What a rematerialised block keeps for the backward pass (None: no rematerialisation, everything).
+# offload keeps proj's activations in the host's pinned memory and brings them back for the backward
+# pass. On the CPU backend the host memory is the device memory: JAX lowers the move to nothing there
+# (only TPU and GPU lower memory kinds), so offload runs as proj does.
 REMAT_POLICIES = {
+    "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "proj": jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=PROJECTION_NAMES,
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -62,9 +76,11 @@ class Mlp(nnx.Module):
     else:
       h_BLF = gelu(h_BLF, cfg.gelu_approximate)
     h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
+    h_BLF = checkpoint_name(h_BLF, "mlp_hidden")
     y_BLD = dense(h_BLF, self.w_down[...], 1, dtype)
     if cfg.use_bias:
       y_BLD = y_BLD + self.b_down[...].astype(dtype)
+    y_BLD = checkpoint_name(y_BLD, "mlp_out")
     return constrain(y_BLD, ("act_batch", "act_length", "act_embed"))
 
 
@@ -89,7 +105,11 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-  """tokens [B, L] -> logits [B, L, V] (float32)."""
+  """tokens [B, L] -> logits [B, L, V] (float32).
+
+  `hidden_states` and `output_kernel` are the two halves of `__call__`, for a loss that computes
+  the logits a chunk of positions at a time (model/loss.py) instead of all [B, L, V] at once.
+  """
 
   def __init__(self, cfg, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -109,6 +129,12 @@ class Transformer(nnx.Module):
       self.head = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
   def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, dropout_key=None):
+    x_BLD = self.hidden_states(tokens_BL, segment_ids_BL, positions_BL, dropout_key)
+    logits_BLV = dense(x_BLD, self.output_kernel(), 1, self.dtype)
+    return constrain(logits_BLV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+  def hidden_states(self, tokens_BL, segment_ids_BL=None, positions_BL=None, dropout_key=None):
+    """tokens [B, L] -> the final norm's output [B, L, D] in the compute dtype."""
     cfg = self.cfg
     if segment_ids_BL is None:
       segment_ids_BL = jnp.ones_like(tokens_BL)
@@ -127,12 +153,11 @@ class Transformer(nnx.Module):
       x_BLD = dropout(x_BLD, cfg.dropout_rate, embed_key)
     x_BLD = constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
     x_BLD = self._run_blocks(x_BLD, segment_ids_BL, positions_BL, dropout_key)
-    x_BLD = self.final_norm(x_BLD)
-    if cfg.tie_embeddings:
-      logits_BLV = dense(x_BLD, self.embed[...].T, 1, self.dtype)
-    else:
-      logits_BLV = dense(x_BLD, self.head[...], 1, self.dtype)
-    return constrain(logits_BLV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+    return self.final_norm(x_BLD)
+
+  def output_kernel(self):
+    """The output projection [D, V] (float32): the transposed embedding when tied, else the head."""
+    return self.embed[...].T if self.cfg.tie_embeddings else self.head[...]
 
   def _run_blocks(self, x_BLD, segment_ids_BL, positions_BL, dropout_key):
     cfg = self.cfg
@@ -143,8 +168,9 @@ class Transformer(nnx.Module):
     def apply_block(x, layer_state, key):
       return nnx.merge(graphdef, layer_state)(x, segment_ids_BL, positions_BL, key)
 
-    if cfg.remat != "none":
-      apply_block = jax.checkpoint(apply_block, policy=REMAT_POLICIES[cfg.remat])
+    policy = REMAT_POLICIES[cfg.remat]
+    if policy is not None:
+      apply_block = jax.checkpoint(apply_block, policy=policy)
 
     if cfg.scan_layers:
       keys = None if dropout_key is None else layer_keys

@@ -5,6 +5,10 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile for TPU topologies with libtpu (tools/plan.py's planner) from both pytest workers at
+# once: its lock file is for processes that drive a real TPU, and there is no TPU metadata server.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import shutil
 import sys
@@ -30,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "long: a test of minutes (it is started first, beside the others)")
+  config.addinivalue_line("markers", "pods: a shipped pod config compiled for its slice (pytest -m pods)")
 
 
 def pytest_unconfigure(config):

@@ -210,18 +210,12 @@ def test_sharded_model_equals_the_unsharded_reference(llama_reference, implement
   assert_same_loss_and_grads(jax.device_get(sharded(params, batch)), expected)
 
 
-def test_splash_compiles_for_tpu_under_a_mesh(monkeypatch):
+def test_splash_compiles_for_tpu_under_a_mesh():
   """Ahead-of-time for a v5e 2x4 slice (libtpu's compiler, no TPU needed): `auto` resolves to splash
   from the mesh's devices, bfloat16, grouped heads and a length that is no multiple of 128."""
-  # libtpu holds /tmp/libtpu_lockfile while its process lives; the other pytest worker, or any other
-  # JAX process, may hold it now.
-  monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  try:
-    from jax.experimental import topologies
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4",
-                                           chips_per_host_bounds=(2, 2, 1)).devices
-  except Exception as e:  # noqa: BLE001 -- no libtpu: nothing to compile against.
-    pytest.skip(f"no TPU topology to compile for: {e}")
+  from jax.experimental import topologies  # libtpu is a requirement; conftest lets both workers load it.
+  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4",
+                                         chips_per_host_bounds=(2, 2, 1)).devices
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 2, 2), sharding.MESH_AXES)
   spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
   q = jax.ShapeDtypeStruct((4, 1000, 8, 64), jnp.bfloat16, sharding=spec(("data", "fsdp"), None, "tensor"))

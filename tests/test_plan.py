@@ -1,11 +1,7 @@
 """The pod planner: compiles the real train step for TPU topologies on this CPU (libtpu's
 ahead-of-time compiler), reads per-chip memory, and refuses what does not fit."""
-import os
 import subprocess
 import sys
-
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Both pytest workers may compile for a TPU.
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import pytest
 

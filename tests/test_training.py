@@ -141,7 +141,8 @@ def test_resume_takes_compute_changes_and_refuses_a_different_model(tmp_path, ca
   saved_config = (tmp_path / "run" / "config.json").read_text()
   changed.model.num_layers = 3
   with pytest.raises(ConfigError, match=r"different run \(model.num_layers: 2 in the checkpoint, 3 now\); .*"
-                     r"only dropout_rate, dtype, init_std, remat, scan_layers may change"):
+                     r"only attention, attention_block, dropout_rate, dtype, init_std, loss_chunk, remat, "
+                     r"scan_layers may change"):
     train(changed, workdir)
   assert (tmp_path / "run" / "config.json").read_text() == saved_config
 

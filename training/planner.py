@@ -320,6 +320,15 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
   return result
 
 
+def _loss_chunk(cfg: ConfigDict, mesh_sizes: dict[str, int], logits_bytes: float = GiB) -> int:
+  """The longest power-of-two chunk of positions whose float32 logits per chip stay under `logits_bytes`."""
+  rows = cfg.train.global_batch_size // cfg.train.microbatches // (mesh_sizes["data"] * mesh_sizes["fsdp"])
+  chunk = 1 << (cfg.data.seq_len.bit_length() - 1)
+  while chunk > 16 and rows * chunk * cfg.model.vocab_size / mesh_sizes["tensor"] * 4 > logits_bytes:
+    chunk //= 2
+  return chunk
+
+
 def candidates(config: ConfigDict, target: Target) -> list[ConfigDict]:
   """Configs that differ from `config` in remat, microbatches, the tensor-parallel size and the
   loss chunk, every one valid on the target, fastest estimate first."""
@@ -327,11 +336,10 @@ def candidates(config: ConfigDict, target: Target) -> list[ConfigDict]:
   on_tpu = target.devices is not None and target.devices[0].platform == "tpu"
   remats = [r for r in REMAT_SEARCH if r != "offload" or on_tpu]
   meshes = [dict(cfg.mesh)] + [dict(data=1, fsdp=-1, tensor=t) for t in (1, 2, 4, 8)]
-  chunks = sorted({cfg.model.loss_chunk, min(1024, cfg.data.seq_len)})
   out, seen = [], set()
-  for remat, micro, mesh, chunk in itertools.product(remats, (1, 2, 4, 8, 16, 32), meshes, chunks):
+  for remat, micro, mesh, chunked in itertools.product(remats, (1, 2, 4, 8, 16, 32), meshes, (False, True)):
     candidate = ConfigDict(config.to_dict())
-    candidate.model.remat, candidate.model.loss_chunk = remat, chunk
+    candidate.model.remat = remat
     candidate.train.microbatches = micro
     candidate.mesh.update(mesh)
     try:
@@ -339,6 +347,8 @@ def candidates(config: ConfigDict, target: Target) -> list[ConfigDict]:
     except ConfigError:
       continue
     sizes = sharding.resolve_mesh_shape(dict(checked.mesh), target.num_chips)
+    chunk = _loss_chunk(checked, sizes) if chunked else cfg.model.loss_chunk
+    candidate.model.loss_chunk = checked.model.loss_chunk = chunk
     key = (remat, micro, tuple(sizes.values()), chunk)
     if key in seen:
       continue

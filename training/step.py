@@ -8,14 +8,22 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import sharding
+from model.loss import chunked_row_losses
 from training.state import TrainState
 
 Batch = dict[str, jax.Array]
 
 
 def row_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key=None):
-  """Per row: summed cross-entropy over weighted target tokens [B], and the weight total [B]."""
+  """Per row: summed cross-entropy over weighted target tokens [B], and the weight total [B].
+
+  With model.loss_chunk, the logits are made that many positions at a time (model/loss.py).
+  """
   model = nnx.merge(graphdef, params)
+  if model.cfg.get("loss_chunk", 0):  # Absent from configs saved before it existed.
+    x_BLD = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
+    return chunked_row_losses(x_BLD, model.output_kernel(), batch["targets"], batch["weights"],
+                              model.cfg.loss_chunk)
   logits_BLV = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
   losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
   weights_BL = batch["weights"]
