@@ -24,5 +24,7 @@ def test_pod_config_fits_its_slice(name, slice_name):
   config = importlib.import_module(f"configs.{name}").get_config(slice_name)
   result = planner.plan(config, planner.resolve_target(slice_name))
   assert result.fits, result.report()
+  # On TPUs attention is the splash kernel; on the GPUs, cuDNN's (its [L, L] mask is in the estimate).
+  assert result.settings["attention"] == ("auto (cudnn)" if slice_name.startswith("h100") else "auto (splash)")
   cfg = planner.validate(config, result.mesh["data"] * result.mesh["fsdp"] * result.mesh["tensor"])
   assert result.batch.startswith(f"{cfg.train.global_batch_size} x {cfg.data.seq_len}")

@@ -110,7 +110,8 @@ class Plan:
 
   def overrides(self) -> str:
     fields = [f"--config.mesh.{axis}={size}" for axis, size in self.mesh.items()]
-    fields += [f"--config.model.{key}={value}" for key, value in self.settings.items() if key != "microbatches"]
+    fields += [f"--config.model.{key}={str(value).split(' ')[0]}" for key, value in self.settings.items()
+               if key != "microbatches"]
     fields.append(f"--config.train.microbatches={self.settings['microbatches']}")
     return " ".join(fields)
 
@@ -234,9 +235,27 @@ def estimate_step(cfg: ConfigDict, chip: Chip, num_chips: int, mesh_sizes: dict[
               mfu=model_flops / num_chips / chip.peak_flops / step_s)
 
 
-def estimate_activation_bytes(cfg: ConfigDict, mesh_sizes: dict[str, int]) -> float:
+def _platform(target: Target) -> str:
+  return target.devices[0].platform if target.devices else "gpu"  # Only an absent GPU has no devices.
+
+
+def resolved_attention(cfg: ConfigDict, platform: str) -> str:
+  """What model.attention runs as on `platform` (model/attention.resolve_implementation's rule for
+  the shapes a plan is for)."""
+  if cfg.model.attention != "auto":
+    return cfg.model.attention
+  if platform == "tpu":
+    return "splash"
+  if platform == "gpu":
+    cudnn_fits = cfg.model.dtype == "bfloat16" and cfg.model.head_dim % 8 == 0 and cfg.model.head_dim <= 128
+    return "cudnn" if cudnn_fits and cfg.data.seq_len % 2 == 0 else "blockwise"
+  return "xla" if cfg.data.seq_len < 512 else "blockwise"
+
+
+def estimate_activation_bytes(cfg: ConfigDict, mesh_sizes: dict[str, int], platform: str = "tpu") -> float:
   """Per chip, without a compiler: what the remat policy saves for every layer, one layer's full
-  working set, the gathered weights of one layer, and the loss chunk's float32 logits."""
+  working set, the gathered weights of one layer, and the loss chunk's float32 logits; with cuDNN,
+  packed rows' [L, L] segment mask, the bias cuDNN makes of it and that bias's gradient."""
   m, t = cfg.model, cfg.train
   c = 2 if m.dtype == "bfloat16" else 4
   rows = t.global_batch_size // t.microbatches // (mesh_sizes["data"] * mesh_sizes["fsdp"])
@@ -250,7 +269,8 @@ def estimate_activation_bytes(cfg: ConfigDict, mesh_sizes: dict[str, int]) -> fl
   layer_weights = block_weights / m.num_layers * c / tensor
   chunk = (m.loss_chunk or cfg.data.seq_len) * rows
   logits = 3 * chunk * m.vocab_size / tensor * 4
-  return tokens * c * (m.num_layers * saved + 2 * whole_layer) + 2 * layer_weights + logits
+  mask = rows * cfg.data.seq_len**2 * (1 + 4 + 4) if resolved_attention(cfg, platform) == "cudnn" else 0
+  return tokens * c * (m.num_layers * saved + 2 * whole_layer) + 2 * layer_weights + logits + mask
 
 
 def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
@@ -275,8 +295,11 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
   batch = abstract_batch(global_batch, length, mesh)
   batch_bytes = sum(_per_device_bytes(leaf, leaf.sharding) for leaf in batch.values())
   rows = global_batch // (mesh_sizes["data"] * mesh_sizes["fsdp"]) // cfg.train.microbatches
-  settings = dict(remat=cfg.model.remat, attention=cfg.model.attention, loss_chunk=cfg.model.loss_chunk,
-                  microbatches=cfg.train.microbatches)
+  platform = _platform(target)
+  attention = resolved_attention(cfg, platform)
+  settings = dict(remat=cfg.model.remat,
+                  attention=attention if cfg.model.attention == attention else f"auto ({attention})",
+                  loss_chunk=cfg.model.loss_chunk, microbatches=cfg.train.microbatches)
   estimate = estimate_step(cfg, chip, target.num_chips, mesh_sizes) if chip else dict(
       model_flops=model_lib.flops_per_token(cfg.model, length) * global_batch * length,
       executed_flops=float("nan"), step_seconds=None, mfu=None)
@@ -286,7 +309,7 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
                 hbm_bytes=chip.hbm_bytes if chip else None, fits=None, memory_source="", compile_seconds=None,
                 **estimate)
   if not target.devices or not compile_step:
-    activations = estimate_activation_bytes(cfg, mesh_sizes)
+    activations = estimate_activation_bytes(cfg, mesh_sizes, platform)
     # Parameters, optimizer state, float32 gradients (the size of the parameters) and the batch.
     result.temp_bytes = activations + params_bytes
     result.total_bytes = params_bytes + opt_bytes + batch_bytes + result.temp_bytes
@@ -357,7 +380,7 @@ def candidates(config: ConfigDict, target: Target) -> list[ConfigDict]:
     # Equal estimates (compute-bound candidates) prefer fewer, larger microbatches, which the
     # roofline does not see but a chip does, then less memory.
     out.append(((round(seconds, 3 - int(math.floor(math.log10(seconds)))), micro,
-                 estimate_activation_bytes(checked, sizes)), candidate))
+                 estimate_activation_bytes(checked, sizes, _platform(target))), candidate))
   out.sort(key=lambda item: item[0])
   return [candidate for _, candidate in out]
 
@@ -372,7 +395,7 @@ def search(config: ConfigDict, target: Target, max_compiles: int = 8, log=print)
     cfg = validate(candidate, target.num_chips)
     sizes = sharding.resolve_mesh_shape(dict(cfg.mesh), target.num_chips)
     # Candidates estimated at over twice the chip's memory are not worth a compile.
-    if estimate_activation_bytes(cfg, sizes) < 2 * target.chip.hbm_bytes:
+    if estimate_activation_bytes(cfg, sizes, _platform(target)) < 2 * target.chip.hbm_bytes:
       result = plan(candidate, target)
       tried.append(result)
       need = (f"{result.total_bytes / GiB:.2f} GiB" if result.total_bytes

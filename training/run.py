@@ -86,6 +86,10 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   # --- Mesh.
   mesh = sharding.make_mesh(config.mesh)
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  if config.model.attention == "splash" and mesh.devices.flat[0].platform != "tpu":
+    logging.warning("model.attention='splash' on %s runs the TPU kernel in Pallas's interpreter, which is "
+                    "very slow; model.attention='auto' picks this platform's best",
+                    mesh.devices.flat[0].platform)
 
   # --- Input.
   try:
