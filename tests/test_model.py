@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 import model as model_lib
+from model.attention import rotary_embedding
 from model.sampling import sample
 from tests import synthetic
 from training import state as state_lib
@@ -191,3 +192,26 @@ def test_qkv_bias_alone_is_counted():
   assert sum("'bq'" in n or "'bk'" in n or "'bv'" in n for n in names) == 3
   assert not any("'bo'" in n or "'b_up'" in n for n in names)
   assert sum(leaf.size for leaf in jax.tree.leaves(params)) == model_lib.num_params(cfg)
+
+
+def test_rotary_embedding_matches_values_by_hand():
+  """Rotate-half RoPE (Hugging Face Llama): head_dim 4 pairs dimension i with i + 2 and turns the
+  pair (i, i + 2) by position * theta**(-2i / 4), i.e. by p and p / 100 radians for theta 10000."""
+  x = np.array([1.0, 2.0, 3.0, 4.0])
+  y = np.array([-0.5, 0.25, 2.0, -1.5])
+  positions = np.array([0, 1, 2, 50])
+  x_BLNH = np.broadcast_to(np.stack([x, y])[None, None], (1, 4, 2, 4)).astype(np.float32)
+  got = np.asarray(rotary_embedding(jnp.asarray(x_BLNH), jnp.asarray(positions[None]), 10000.0))
+
+  def by_hand(v, p):
+    a, b = p * 1.0, p * 0.01  # theta**(-0/4), theta**(-2/4)
+    return [v[0] * np.cos(a) - v[2] * np.sin(a), v[1] * np.cos(b) - v[3] * np.sin(b),
+            v[2] * np.cos(a) + v[0] * np.sin(a), v[3] * np.cos(b) + v[1] * np.sin(b)]
+
+  expected = np.array([[by_hand(v, p) for v in (x, y)] for p in positions])[None]
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got[0, 0], x_BLNH[0, 0])  # position 0 is the identity
+  # Position 1 written out: (cos 1, sin 1) = (0.540302, 0.841471); (cos .01, sin .01) = (0.99995, 0.0099998).
+  np.testing.assert_allclose(got[0, 1, 0], [1 * 0.540302 - 3 * 0.841471, 2 * 0.99995 - 4 * 0.0099998,
+                                            3 * 0.540302 + 1 * 0.841471, 4 * 0.99995 + 2 * 0.0099998],
+                             rtol=1e-5)

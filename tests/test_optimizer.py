@@ -104,23 +104,66 @@ def test_weight_decay_mask(decay_embeddings):
   assert len(mask) == 21  # 7 matrices, 2 embeddings, 4 attention + 2 MLP biases, 3 norms * (scale, bias)
 
 
-def test_adamw_decays_only_the_masked_weights():
-  """With zero gradients AdamW's update is -lr * wd * param on decayed weights and 0 elsewhere."""
-  config, abstract_params = _biased_params()
-  opt = optimizer_config(name="adamw", schedule="constant", warmup_steps=0, learning_rate=0.5,
-                         weight_decay=0.1, grad_clip_norm=1.0, decay_embeddings=False)
+def _filled_params(abstract_params, seed=0):
+  """Distinct nonzero values, so an update proportional to the parameter shows which one it used."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), abstract_params)
+
+
+def _one_update(tx, grads, params):
+  return jax.device_get(jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])(grads, params))
+
+
+def _by_name(tree):
+  return {jax.tree_util.keystr(path).replace(".value", ""): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True], ids=["no_embed_decay", "embed_decay"])
+@pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor"])
+def test_every_optimizer_decays_only_the_masked_weights(name, decay_embeddings):
+  """With zero gradients the update is -lr * wd * param on decayed weights and exactly 0 elsewhere.
+
+  The same for every optimizer: optimizer.weight_decay is decoupled decay scaled by the learning rate
+  (as AdamW, and as PyTorch's and Hugging Face's Adafactor, do).
+  """
+  _, abstract_params = _biased_params()
+  opt = optimizer_config(name=name, schedule="constant", warmup_steps=0, learning_rate=0.5,
+                         weight_decay=0.1, momentum=0.0, grad_clip_norm=1.0,
+                         decay_embeddings=decay_embeddings)
   tx, _ = optimizer.build_optimizer(opt, 10, abstract_params)
+  params = _filled_params(abstract_params)
+  updates = _by_name(_one_update(tx, jax.tree.map(jnp.zeros_like, params), params))
+  params = _by_name(params)
+  mask = _mask_by_name(optimizer.weight_decay_mask(abstract_params, decay_embeddings))
+  assert sum(mask.values()) == (9 if decay_embeddings else 7)
+  for path, update in updates.items():
+    expected = -0.5 * 0.1 * params[path] if mask[path] else np.zeros_like(update)
+    np.testing.assert_allclose(update, expected, rtol=1e-6, atol=0, err_msg=path)
 
-  @jax.jit
-  def zero_grad_update():
-    params = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), abstract_params)
-    return tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)[0]
 
-  updates = zero_grad_update()
-  mask = _mask_by_name(optimizer.weight_decay_mask(abstract_params, False))
-  for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
-    name = jax.tree_util.keystr(path).replace(".value", "")
-    np.testing.assert_allclose(update, -0.05 if mask[name] else 0.0, rtol=1e-6, err_msg=name)
+@pytest.mark.parametrize("learning_rate,clip", [(1.0, 2.0), (0.5, 2.0), (0.5, 0.0), (0.5, 1e9)],
+                         ids=["lr1_clip2", "lr0.5_clip2", "no_clip", "clip_above_norm"])
+def test_gradient_clipping(learning_rate, clip):
+  """A gradient of norm ~1000 is scaled to norm `clip` before the step; clip 0 (or a norm below the
+  clip) leaves it whole. SGD without momentum or decay: the update is -lr * (clipped) gradient."""
+  _, abstract_params = _biased_params()
+  opt = optimizer_config(name="sgd", schedule="constant", warmup_steps=0, learning_rate=learning_rate,
+                         weight_decay=0.0, momentum=0.0, grad_clip_norm=clip)
+  tx, _ = optimizer.build_optimizer(opt, 10, abstract_params)
+  rng = np.random.default_rng(1)
+  grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 30.0, a.shape), a.dtype), abstract_params)
+  grad_norm = float(optax.tree.norm(grads))
+  assert grad_norm > 500
+  updates = _one_update(tx, grads, _filled_params(abstract_params))
+  scale = clip / grad_norm if 0 < clip < grad_norm else 1.0
+  assert float(optax.tree.norm(updates)) == pytest.approx(learning_rate * scale * grad_norm, rel=1e-5)
+  if 0 < clip < grad_norm:
+    assert float(optax.tree.norm(updates)) == pytest.approx(learning_rate * clip, rel=1e-5)
+  grads, updates = _by_name(grads), _by_name(updates)
+  for path, update in updates.items():
+    np.testing.assert_allclose(update, -learning_rate * scale * grads[path], rtol=1e-5, atol=1e-6,
+                               err_msg=path)
 
 
 OPTIMIZERS = {

@@ -1,4 +1,6 @@
-"""Sharded steps equal the single-device step, and fsdp really divides the memory."""
+"""Sharded steps equal the single-device step; fsdp and tensor really divide the memory."""
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -97,6 +99,48 @@ def test_fsdp_shards_params_and_optimizer_state():
     assert len(per_device) == 8
     for device, nbytes in per_device.items():
       assert nbytes == pytest.approx(total / 8, rel=0.02), (device, nbytes, total)
+
+
+def test_tensor_shards_heads_kv_heads_mlp_and_vocab():
+  """With tensor=8 each device holds 1/8 of every attention and MLP weight, of the embedding and
+  of the output head (Megatron), for the parameters and the optimizer moments alike; norms stay whole."""
+  config = synthetic.tiny_config(tensor=8)
+  config.model.update(embed_dim=64, num_heads=8, num_kv_heads=8, mlp_dim=128, mlp="swiglu",
+                      norm="rmsnorm", position="rope", tie_embeddings=False)
+  config = synthetic.validated(config, 8)
+  mesh = sharding.make_mesh(config.mesh)
+  _, abstract_params = state_lib.abstract_model(config.model)
+  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
+  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
+  state = state_lib.init_train_state(config.model, tx, 0, shardings)
+  # Full shape -> the shape one device holds; leading 2 = stacked layers, heads of 8.
+  expected = {
+      "blocks.attn.wq": ((2, 64, 8, 8), (2, 64, 1, 8)), "blocks.attn.wk": ((2, 64, 8, 8), (2, 64, 1, 8)),
+      "blocks.attn.wv": ((2, 64, 8, 8), (2, 64, 1, 8)), "blocks.attn.wo": ((2, 8, 8, 64), (2, 1, 8, 64)),
+      "blocks.mlp.w_up": ((2, 64, 128), (2, 64, 16)), "blocks.mlp.w_gate": ((2, 64, 128), (2, 64, 16)),
+      "blocks.mlp.w_down": ((2, 128, 64), (2, 16, 64)),
+      "embed": ((256, 64), (32, 64)), "head": ((64, 256), (64, 32)),
+      "blocks.attn_norm.scale": ((2, 64), (2, 64)), "blocks.mlp_norm.scale": ((2, 64), (2, 64)),
+      "final_norm.scale": ((64,), (64,)),
+  }
+  params = {".".join(re.findall(r"\['(\w+)'\]", jax.tree_util.keystr(path))): x
+            for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  assert set(params) == set(expected)
+  for name, (shape, shard_shape) in expected.items():
+    x = params[name]
+    assert x.shape == shape, name
+    assert x.sharding.shard_shape(x.shape) == shard_shape, (name, x.sharding)
+    assert len(x.addressable_shards) == 8
+    assert {s.data.shape for s in x.addressable_shards} == {shard_shape}, name
+    # Eight different slices, not eight copies of one.
+    starts = {tuple(i.start for i in s.index) for s in x.addressable_shards}
+    assert len(starts) == (1 if shard_shape == shape else 8), name
+  # AdamW's two moments are laid out as their parameters.
+  moments = [x for x in jax.tree.leaves(state.opt_state) if x.size > 1]
+  assert len(moments) == 2 * len(params)
+  for x in moments:
+    name = next(n for n, (shape, _) in expected.items() if shape == x.shape)
+    assert x.sharding.shard_shape(x.shape) == expected[name][1], (x.shape, x.sharding)
 
 
 def test_rules_map_logical_names_to_mesh_axes():

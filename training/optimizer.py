@@ -145,8 +145,12 @@ def build_optimizer(cfg, num_steps: int, params, frozen=None
         optax.add_decayed_weights(cfg.weight_decay, mask=mask),
         optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
   elif cfg.name == "adafactor":
-    core = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None,
-                           weight_decay_mask=mask)
+    # optax.adafactor adds its decay after the learning rate, so weight_decay=0.1 would shrink the
+    # weights by 10% a step whatever the rate; scaling after it makes the decay lr * weight_decay,
+    # as for AdamW (and PyTorch's and Hugging Face's Adafactor).
+    core = optax.chain(
+        optax.adafactor(None, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask),
+        optax.scale_by_learning_rate(schedule, flip_sign=False))
   else:
     raise ValueError(f"optimizer.name={cfg.name!r} is not a known optimizer")
   if cfg.grad_clip_norm > 0:
