@@ -60,7 +60,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, mesh: 
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
     with sharding.activation_rules(mesh, rules):
-      dropout_key = (jax.random.fold_in(jax.random.key(__import__('time').time_ns() % 2**31), state.step)
+      dropout_key = (jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
                      if dropout else None)
       if microbatches == 1:
         grads, loss_sum, weight = grads_and_loss(state.params, batch, dropout_key)
