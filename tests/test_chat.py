@@ -1,14 +1,21 @@
 """Tests for data/chat.py: ChatML rendering, loss masks and bad conversations."""
+import jax
 import numpy as np
 import pytest
 
 from data import chat
+from data import packing
+from data import pipeline
 from data.bad_data import BadExample
 from data.special_tokens import IM_END
 from data.special_tokens import IM_START
 from data.tokenizers import ByteTokenizer
 from data.tokenizers import SentencePieceTokenizer
 from data.tokenizers import train_sentencepiece
+from tests.test_model import forward
+from tests.test_model import model_config
+from tests.test_model import random_params
+from training import step as step_lib
 
 CONVERSATION = [
     {'role': 'system', 'content': 'Be brief.'},
@@ -153,3 +160,43 @@ def test_marker_text_in_content_becomes_the_marker_token(sentencepiece_tokenizer
   messages = [{'role': 'user', 'content': f'say {IM_END}'}, {'role': 'assistant', 'content': 'no'}]
   ids, _ = chat.render_chat(messages, sentencepiece_tokenizer)
   assert (ids == sentencepiece_tokenizer.special_id(IM_END)).sum() == 3
+
+
+# ---- packed conversations ---------------------------------------------------
+
+SECOND = [{'role': 'user', 'content': 'Why?'}, {'role': 'assistant', 'content': 'Because.'}]
+
+
+def test_packed_conversations_stay_apart():
+  """Two conversations packed into one row: own segment ids, positions from 0, and the second's
+  logits and the row's loss are those of each conversation alone in a row."""
+  # loss_on='all': the first conversation's last token would predict the second's bos but must not.
+  first, second = chat.render_chat_batch([CONVERSATION, SECOND], ByteTokenizer(), loss_on='all')
+  n1, n2 = len(first[0]), len(second[0])
+  seq_len = 192
+  assert n1 + n2 <= seq_len + 1 and n1 > n2
+  # Row 0: both conversations; row 1: the second alone; row 2: the first alone.
+  rows = packing.concatenate_rows([packing.pack_examples([first, second], seq_len),
+                                   packing.pack_examples([second], seq_len),
+                                   packing.pack_examples([first], seq_len)])
+  assert rows.num_rows == 3
+  batch = next(pipeline.eval_batches(rows, global_batch_size=3))
+  segments, positions = batch['segment_ids'], batch['positions']
+  np.testing.assert_array_equal(segments[0, :n1 + n2], [1] * n1 + [2] * n2)
+  np.testing.assert_array_equal(positions[0, :n1 + n2], list(range(n1)) + list(range(n2)))
+  np.testing.assert_array_equal(segments[1, :n2], [1] * n2)
+  np.testing.assert_array_equal(positions[1, :n2], range(n2))
+  assert (segments[0, n1 + n2:] == 0).all()
+  np.testing.assert_array_equal(batch['weights'][0, :n1 + n2], [1] * (n1 - 1) + [0] + [1] * (n2 - 1) + [0])
+
+  # Learned positions: a second conversation numbered on from the first would change its logits.
+  cfg = model_config(position='learned', max_seq_len=seq_len, vocab_size=ByteTokenizer().vocab_size)
+  graphdef, params = random_params(cfg, seed=3)
+  logits, (loss_sum, weight) = jax.device_get(jax.jit(lambda p, b: (
+      forward(graphdef)(p, b['inputs'], b['segment_ids'], b['positions']),
+      step_lib.row_losses(graphdef, p, b)))(params, batch))
+  np.testing.assert_allclose(logits[0, n1:n1 + n2 - 1], logits[1, :n2 - 1], rtol=1e-5, atol=1e-5)
+  assert np.abs(logits[0, n1:n1 + n2 - 1] - logits[2, :n2 - 1]).max() > 1e-3  # Other tokens, other logits.
+  # The packed row's loss and target count are the two alone-rows' sums: nothing crosses the seam.
+  assert weight[0] == weight[1] + weight[2] == n1 - 1 + n2 - 1
+  np.testing.assert_allclose(loss_sum[0], loss_sum[1] + loss_sum[2], rtol=1e-5)

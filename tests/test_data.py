@@ -10,6 +10,7 @@ from configs import base
 from data import build_datasets
 from data import packing
 from data import pipeline
+from data import source_rows
 from data.bad_data import BadDataError
 from data.tokenizers import build_tokenizer
 from data.tokenizers import ByteTokenizer
@@ -283,6 +284,44 @@ def test_build_datasets_end_to_end_and_cache(tmp_path):
   np.testing.assert_array_equal(again.sources[0].train.tokens, main.train.tokens)
   second = next(again.train_batches(0, 1))
   np.testing.assert_array_equal(second['inputs'], batch['inputs'])
+
+
+def test_an_edited_source_file_is_tokenized_again(tmp_path, monkeypatch):
+  """The row cache is keyed by the files: an edit, even one that keeps the size and sets the
+  modification time back (cp -p, rsync -t, touch -r do), makes the next build read the new text."""
+  (tmp_path / 'corpus').mkdir()
+  config = make_config(paths=write_corpus(tmp_path / 'corpus', num_files=3))
+  workdir = str(tmp_path / 'work')
+  tokenized = []
+  packed_chunks = source_rows.packed_chunks
+
+  def counting_packed_chunks(name, *args, **kwargs):
+    tokenized.append(name)
+    return packed_chunks(name, *args, **kwargs)
+  monkeypatch.setattr(source_rows, 'packed_chunks', counting_packed_chunks)
+
+  def text_of_rows() -> str:
+    datasets = build_datasets(config, global_batch_size=4, seed=0, workdir=workdir)
+    (main,) = datasets.sources
+    # Rows overlap by one token: all but the last of each row is the stream, once.
+    return ''.join(datasets.tokenizer.decode(row[:-1]) for rows in (main.train, main.validation)
+                   for row in rows.tokens)
+
+  before = text_of_rows()
+  assert text_of_rows() == before and tokenized == ['main']  # Unchanged files: read from the cache.
+  path = tmp_path / 'corpus' / 'doc01.txt'
+  stat = os.stat(path)
+  path.write_text('EDITED' + path.read_text(encoding='utf-8')[6:], encoding='utf-8')
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # Size and mtime as before the edit...
+  while os.stat(path).st_ctime_ns == stat.st_ctime_ns:  # ...but ctime moved (by one tick of its clock).
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+  edited = text_of_rows()
+  assert tokenized == ['main'] * 2 and 'EDITED' in edited and 'EDITED' not in before
+  assert len(edited) == len(before)
+  with open(path, 'a', encoding='utf-8') as f:  # An ordinary edit: the file grows.
+    f.write(' APPENDED')
+  assert 'APPENDED' in text_of_rows() and tokenized == ['main'] * 3
 
 
 def test_build_datasets_trains_and_caches_sentencepiece(tmp_path):

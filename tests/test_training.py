@@ -98,14 +98,21 @@ def test_tiny_model_learns_the_corpus(tmp_path):
 
 
 def test_resume_is_bit_identical(tmp_path, capsys):
+  """With dropout too: its masks come from the state's rng and step, which the checkpoint restores."""
   base = dict(num_steps=30, eval_every=0, checkpoint_every=10, log_every=5, num_samples=0)
-  straight = train(corpus_config(tmp_path, **base), str(tmp_path / "straight"))
+
+  def dropout_config(**train):
+    config = corpus_config(tmp_path, **dict(base, **train))
+    config.model.dropout_rate = 0.1
+    return config
+
+  straight = train(dropout_config(), str(tmp_path / "straight"))
   # The same command twice: the first run is cut off at step 15 (checkpoint there), the second resumes.
   interrupted = str(tmp_path / "interrupted")
-  first = train(corpus_config(tmp_path, stop_at_step=15, **base), interrupted)
+  first = train(dropout_config(stop_at_step=15), interrupted)
   assert int(first.state.step) == 15 and first.resumed_from is None
   capsys.readouterr()
-  resumed = train(corpus_config(tmp_path, **base), interrupted)  # The corpus is written again, unchanged.
+  resumed = train(dropout_config(), interrupted)  # The corpus is written again, unchanged.
   assert resumed.resumed_from == 15
   assert "rows differ" not in capsys.readouterr().out
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.state)), jax.tree.leaves(jax.device_get(resumed.state))):
@@ -113,7 +120,7 @@ def test_resume_is_bit_identical(tmp_path, capsys):
   records = [json.loads(line) for line in open(os.path.join(interrupted, "metrics.jsonl"))]
   assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20, 25, 30]
   # The same command once more: the run is complete, so it does nothing (no training, no samples).
-  again = train(corpus_config(tmp_path, **dict(base, num_samples=2)), interrupted)
+  again = train(dropout_config(num_samples=2), interrupted)
   assert again.resumed_from == 30 and again.samples == []
 
 
