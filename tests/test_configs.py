@@ -295,6 +295,10 @@ def test_bad_paths_and_prompts_are_config_errors_before_training(tmp_path):
   with pytest.raises(ConfigError, match=r"checkpoints/7 is not a complete loom checkpoint \(it needs params/, record/ and _CHECKPOINT_METADATA\)"):
     train(config, str(tmp_path / "run"))
   config.init.checkpoint = ""
+  config.model.attention = "cudnn"  # On these CPU devices: refused before any data is read.
+  with pytest.raises(ConfigError, match=r"model.attention='cudnn' needs NVIDIA GPUs, not cpu"):
+    train(config, str(tmp_path / "run"))
+  config.model.attention = "auto"
   config.data.update(tokenizer="char")
   config.train.sample_prompt = "to be ☃"  # A character the corpus does not have: found now, not after training.
   with pytest.raises(ConfigError, match=r"train.sample_prompt='to be ☃': characters \['☃'\] are not in the "

@@ -80,15 +80,19 @@ def test_per_row_eval_pools_to_the_batch_eval(reference):
   assert loss_B[3] == pytest.approx(float(loss_3), rel=1e-5)
 
 
+def _initialised_state(config):
+  """The train state of `config` initialised in its sharded layout on the 8 test devices."""
+  config = synthetic.validated(config, 8)
+  mesh = sharding.make_mesh(config.mesh)
+  _, abstract_params = state_lib.abstract_model(config.model)
+  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
+  return state_lib.init_train_state(config.model, tx, 0, state_lib.state_shardings(abstract_params, tx, mesh))
+
+
 def test_fsdp_shards_params_and_optimizer_state():
   config = synthetic.tiny_config(fsdp=8)
   config.model.update(embed_dim=64, mlp_dim=128)
-  config = synthetic.validated(config, 8)
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, abstract_params = state_lib.abstract_model(config.model)
-  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
-  state = state_lib.init_train_state(config.model, tx, 0, shardings)
+  state = _initialised_state(config)
   for tree in (state.params, state.opt_state):
     arrays = [x for x in jax.tree.leaves(tree) if x.size > 1]
     total = sum(x.nbytes for x in arrays)
@@ -107,12 +111,7 @@ def test_tensor_shards_heads_kv_heads_mlp_and_vocab():
   config = synthetic.tiny_config(tensor=8)
   config.model.update(embed_dim=64, num_heads=8, num_kv_heads=8, mlp_dim=128, mlp="swiglu",
                       norm="rmsnorm", position="rope", tie_embeddings=False)
-  config = synthetic.validated(config, 8)
-  mesh = sharding.make_mesh(config.mesh)
-  _, abstract_params = state_lib.abstract_model(config.model)
-  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
-  state = state_lib.init_train_state(config.model, tx, 0, shardings)
+  state = _initialised_state(config)
   # Full shape -> the shape one device holds; leading 2 = stacked layers, heads of 8.
   expected = {
       "blocks.attn.wq": ((2, 64, 8, 8), (2, 64, 1, 8)), "blocks.attn.wk": ((2, 64, 8, 8), (2, 64, 1, 8)),

@@ -86,6 +86,9 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   # --- Mesh.
   mesh = sharding.make_mesh(config.mesh)
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  if config.model.attention == "cudnn" and mesh.devices.flat[0].platform != "gpu":
+    raise ConfigError(f"model.attention='cudnn' needs NVIDIA GPUs, not {mesh.devices.flat[0].platform}; "
+                      "use auto, xla or blockwise")
   if config.model.attention == "splash" and mesh.devices.flat[0].platform != "tpu":
     logging.warning("model.attention='splash' on %s runs the TPU kernel in Pallas's interpreter, which is "
                     "very slow; model.attention='auto' picks this platform's best",
