@@ -66,6 +66,8 @@ VARIANTS = {
     "scanned layers": {"scan_layers": True},
     "unrolled layers": {"scan_layers": False},
     "bfloat16 compute": {"dtype": "bfloat16"},
+    "bfloat16 compute on one device": {"dtype": "bfloat16", "devices": 1},
+    "tanh GELU": {"gelu_approximate": True},
     "fsdp over the devices instead of data": {"mesh": {"data": 1, "fsdp": -1}},
     "YNNPACK fusions off (XLA flag)": {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="},
   "blockwise attention": {"attention": "blockwise"},
@@ -80,6 +82,7 @@ VARIANTS = {
   # Every thread allocates from the main arena, which grows without the 64 MiB heap limit of a
   # thread's arena, so keep_step_buffers_mapped's thresholds apply to XLA's worker threads too.
   "one malloc arena (MALLOC_ARENA_MAX=1)": {"env": {"MALLOC_ARENA_MAX": "1"}},
+  "one arena with 16 GiB thresholds": {"env": {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=17179869184:glibc.malloc.trim_threshold=17179869184"}},
 }
 _DEFAULT_VARIANTS = ("as configured", "one device (no cpu_devices split)", "scanned layers", "unrolled layers",
                      "bfloat16 compute", "fsdp over the devices instead of data", "YNNPACK fusions off (XLA flag)")

@@ -19,6 +19,7 @@ device's 26.7 MB of temporaries). glibc keeps such a heap when the top padding
 is as large as a heap, which is what M_TOP_PAD is set to here.
 """
 import ctypes
+import os
 
 import jax
 
@@ -37,8 +38,8 @@ def keep_step_buffers_mapped() -> bool:
   Costs nothing but memory that stays with the process: up to THRESHOLD_BYTES of
   freed heap is kept for reuse instead of being returned to the system.
   """
-  if jax.default_backend() != "cpu":
-    return False
+  if jax.default_backend() != "cpu" or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+    return False  # Not glibc's heap, or the user set the threshold for this process: theirs stands.
   try:
     libc = ctypes.CDLL("libc.so.6")
     mallopt = libc.mallopt
