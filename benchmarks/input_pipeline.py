@@ -1,7 +1,8 @@
 """Does the input pipeline keep up with training? The default configs, in memory and prepared.
 
-  python benchmarks/input_pipeline.py                     # both configs, about 4 minutes on 2 cores
-  python benchmarks/input_pipeline.py --configs=shakespeare_char --rounds=15
+  SHAKESPEARE=../shared/data/tinyshakespeare/input.txt   # a local copy; or: python tools/download.py tinyshakespeare
+  python benchmarks/input_pipeline.py --shakespeare=$SHAKESPEARE   # both configs, about 4 minutes on 2 cores
+  python benchmarks/input_pipeline.py --configs=shakespeare_char --rounds=15 --shakespeare=$SHAKESPEARE
 
 For each config (its model and batch as they are, on one CPU device: cpu_devices
 is not applied) and each pipeline, the rows
@@ -46,12 +47,12 @@ import sharding  # noqa: E402
 from configs import base  # noqa: E402
 from data.datasets import prepare_datasets  # noqa: E402
 from tests.synthetic import batch as synthetic_batch  # noqa: E402
-from training.optimizer import build_optimizer  # noqa: E402
-from training.state import abstract_model, init_train_state, state_shardings  # noqa: E402
-from training.step import make_train_step  # noqa: E402
+from training.setup import build_setup  # noqa: E402
 from training.validation import validate  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list("configs", ["quickstart", "shakespeare_char"], "Modules of configs/ to measure.")
+_SHAKESPEARE = flags.DEFINE_string("shakespeare", "", "shakespeare_char's corpus, e.g. a local copy; '': loom's "
+                                   "download cache (python tools/download.py tinyshakespeare).")
 _PIPELINES = flags.DEFINE_list("pipelines", ["memory", "prepared"], "memory and/or prepared.")
 _ROUNDS = flags.DEFINE_integer("rounds", 9, "Interleaved rounds of train steps.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Train steps of each arm per round.")
@@ -123,6 +124,8 @@ def run_steps(step, state, device_batches):
 def measure(config_name: str, workdir: str) -> list[dict]:
   """One table row per pipeline of configs/CONFIG_NAME.py."""
   config = importlib.import_module(f"configs.{config_name}").get_config()
+  if config_name == "shakespeare_char" and _SHAKESPEARE.value:
+    config.data.sources.shakespeare.paths = _SHAKESPEARE.value
   pipelines = build_pipelines(config, os.path.join(workdir, config_name))
   vocab_sizes = {datasets.tokenizer.vocab_size for datasets in pipelines.values()}
   if len(vocab_sizes) != 1:
@@ -134,15 +137,12 @@ def measure(config_name: str, workdir: str) -> list[dict]:
   alone = {name: pipeline_alone(datasets.train_batches(0, None), b * l)
            for name, datasets in pipelines.items()}
 
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, abstract_params = abstract_model(config.model)
-  tx, schedule = build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_shardings(abstract_params, tx, mesh)
-  state = init_train_state(config.model, tx, config.seed, shardings)
+  setup = build_setup(config)
+  mesh = setup.mesh
+  state = setup.init_state()
   host_batches = [synthetic_batch(b, l, v, seed=i) for i in range(steps)]
   resident = sharding.global_batch_from_local(host_batches[0], mesh)
-  step = make_train_step(graphdef, tx, schedule, mesh, shardings, config.train.microbatches).lower(
-      state, resident).compile()
+  step = setup.train_step().lower(state, resident).compile()
 
   def from_pipeline(batches):
     return lambda: (sharding.global_batch_from_local(without_counts(next(batches)), mesh) for _ in range(steps))

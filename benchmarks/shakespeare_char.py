@@ -1,7 +1,8 @@
 """loom against nanoGPT's PyTorch code on the shakespeare_char "baby GPT", in one interleaved run.
 
   pip install -r benchmarks/requirements.txt   # torch 2.13 CPU, the peer
-  python benchmarks/shakespeare_char.py        # 2000 iterations each, about 5 minutes
+  SHAKESPEARE=../shared/data/tinyshakespeare/input.txt   # a local copy; or: python tools/download.py tinyshakespeare
+  python benchmarks/shakespeare_char.py --config.data.sources.shakespeare.paths=$SHAKESPEARE   # about 5 minutes
 
 Both models see the same batches (loom's pipeline) in the same order. Steps run
 in alternating rounds (loom, then torch), so both meet the same machine load;
@@ -12,8 +13,8 @@ losses into nanoGPT's own estimator (the mean of 20 batches of 12 windows,
 drawn with replacement from the split's aligned windows where nanoGPT draws
 random offsets): the spread shows how far a published figure can sit from
 the whole split's loss by sampling alone.
-loom runs as configured: shakespeare_char sets cpu_devices=2, data parallelism over
-the two cores of the benchmark machine; --config.cpu_devices=0 measures one
+loom runs as configured: shakespeare_char sets cpu_devices=-1, data parallelism with
+one device per core (as many as the batch divides into); --config.cpu_devices=0 measures one
 multithreaded device instead (the peer always uses PyTorch's default threads).
 MFU divides model FLOPs (6N + 12 L H Q T per token, nanoGPT's formula, N
 without position embeddings) by one measured matmul peak, the same for both.
@@ -35,11 +36,9 @@ import sharding  # noqa: E402
 from benchmarks.torch_peer import TorchPeer  # noqa: E402
 from training.cli import define_config_flag  # noqa: E402
 from training.cpu_memory import keep_step_buffers_mapped  # noqa: E402
-from training.optimizer import build_optimizer  # noqa: E402
 from training.run import STEPS_IN_FLIGHT  # noqa: E402
 from training.peak_flops import measured_matmul_flops  # noqa: E402
-from training.state import abstract_model, init_train_state, state_shardings  # noqa: E402
-from training.step import make_eval_step, make_train_step  # noqa: E402
+from training.setup import build_setup, use_cpu_devices  # noqa: E402
 from training.validation import validate  # noqa: E402
 
 _CONFIG = define_config_flag("configs/shakespeare_char.py", "loom config.")
@@ -57,7 +56,7 @@ _ESTIMATE_DRAWS = 10_000
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  sharding.use_cpu_devices(_CONFIG.value.cpu_devices)
+  use_cpu_devices(_CONFIG.value)
   config = validate(_CONFIG.value, jax.device_count())
   keep_step_buffers_mapped()  # As train.py does.
   num_steps = config.train.num_steps
@@ -67,13 +66,11 @@ def main(argv):
   m = config.model
 
   # loom.
-  mesh = sharding.make_mesh(config.mesh)
-  graphdef, abstract_params = abstract_model(m)
-  tx, schedule = build_optimizer(config.optimizer, num_steps, abstract_params)
-  shardings = state_shardings(abstract_params, tx, mesh)
-  state = init_train_state(m, tx, config.seed, shardings)
-  train_step = make_train_step(graphdef, tx, schedule, mesh, shardings)
-  eval_step = make_eval_step(graphdef, mesh, shardings.params)
+  setup = build_setup(config)
+  mesh = setup.mesh
+  state = setup.init_state()
+  train_step = setup.train_step()
+  eval_step = setup.eval_step()
 
   # The peer, with nanoGPT's hyperparameters from the same config.
   o = config.optimizer
@@ -171,7 +168,7 @@ def main(argv):
 
   # nanoGPT's published losses are not over the whole split but the mean of --eval_iters=20
   # batches of random windows: how far from the whole split can such an estimate fall?
-  row_eval = make_eval_step(graphdef, mesh, shardings.params, per_row=True)
+  row_eval = setup.eval_step(per_row=True)
   window_losses, window_tokens = {"loom": [], "torch": []}, []
   for batch in eval_batches:
     loss_B, weight_B = (np.asarray(a) for a in row_eval(state.params, sharding.global_batch_from_local(batch, mesh)))

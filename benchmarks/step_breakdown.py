@@ -1,6 +1,7 @@
 """Where a train step's time goes, for a config's shapes and a few model variants.
 
-  python benchmarks/step_breakdown.py                                  # shakespeare_char shapes
+  SHAKESPEARE=../shared/data/tinyshakespeare/input.txt   # a local copy; or: python tools/download.py tinyshakespeare
+  python benchmarks/step_breakdown.py --config.data.sources.shakespeare.paths=$SHAKESPEARE   # shakespeare_char
   python benchmarks/step_breakdown.py --config=configs/quickstart.py --config.model.vocab_size=2048
   python benchmarks/step_breakdown.py --profile      # and the configured step's time per kind of op
   python benchmarks/step_breakdown.py --variants="as configured,torch peer (nanoGPT float32)" --parts="train step"
@@ -37,11 +38,10 @@ import model as model_lib  # noqa: E402
 import sharding  # noqa: E402
 from training.cli import define_config_flag  # noqa: E402
 from training.cpu_memory import keep_step_buffers_mapped  # noqa: E402
-from training.optimizer import build_optimizer  # noqa: E402
 from training.peak_flops import measured_matmul_flops  # noqa: E402
 from training.run import STEPS_IN_FLIGHT  # noqa: E402
-from training.state import abstract_model, init_train_state, state_shardings  # noqa: E402
-from training.step import make_train_step, token_losses  # noqa: E402
+from training.setup import build_setup, use_cpu_devices  # noqa: E402
+from training.step import token_losses  # noqa: E402
 from training.validation import validate  # noqa: E402
 
 _CONFIG = define_config_flag("configs/shakespeare_char.py", "loom config.")
@@ -96,11 +96,9 @@ def build(config, overrides):
   config.mesh.update(**overrides.pop("mesh", {}))
   config = validate(config, len(devices), tokenizer_vocab_size=config.model.vocab_size or 65)
   config.model.update(**overrides)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  graphdef, abstract_params = abstract_model(config.model)
-  tx, schedule = build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_shardings(abstract_params, tx, mesh)
-  state = init_train_state(config.model, tx, config.seed, shardings)
+  setup = build_setup(config, devices=devices)
+  mesh, graphdef = setup.mesh, setup.graphdef
+  state = setup.init_state()
   rng = np.random.default_rng(0)
   b, l, v = config.train.global_batch_size, config.data.seq_len, config.model.vocab_size
   tokens = rng.integers(0, v, (b, l + 1)).astype(np.int32)
@@ -116,7 +114,7 @@ def build(config, overrides):
   params = jax.tree.map(jax.numpy.copy, state.params)  # The train step donates `state`.
   forward = jax.jit(mean_loss)
   backward = jax.jit(jax.grad(mean_loss))
-  step = make_train_step(graphdef, tx, schedule, mesh, shardings).lower(state, batch).compile()
+  step = setup.train_step().lower(state, batch).compile()
   return config, {"forward": (forward, params, batch), "forward+backward": (backward, params, batch),
                   "train step": (step, state, batch)}
 
@@ -206,7 +204,7 @@ def run_variant(name):
   base = _CONFIG.value
   if VARIANTS[name].get("peer"):
     return run_peer(base)
-  sharding.use_cpu_devices(base.cpu_devices)
+  use_cpu_devices(base)
   keep_step_buffers_mapped()  # As train.py does.
   config, parts = build(base, VARIANTS[name])
   if _TRACE.value:

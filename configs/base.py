@@ -32,7 +32,9 @@ def get_config() -> ConfigDict:
   config.seed = 0
   # On a CPU host: split it into this many XLA devices, each running its share of
   # the mesh (data parallelism across cores). 0: JAX's default, one CPU device
-  # whose ops are multithreaded. Ignored on TPU/GPU hosts.
+  # whose ops are multithreaded. -1: one device per core this process may use
+  # (its affinity mask), fewer where needed so the mesh fits and the batch divides
+  # over it (sharding/mesh.py, resolve_cpu_devices). Ignored on TPU/GPU hosts.
   config.cpu_devices = 0
   # XLA's persistent compilation cache: compiled programs are kept in this directory
   # (local or a shared path such as gs://...) across runs, so a restarted or resumed run,

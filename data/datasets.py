@@ -4,7 +4,6 @@ import hashlib
 import itertools
 import json
 import os
-import shutil
 import time
 from typing import Iterator
 
@@ -19,6 +18,7 @@ from data import source_rows
 from data import sources as sources_lib
 from data.bad_data import BadData
 from data.bad_data import BadDataError
+from data.files import atomic_copy
 from data.prepared import NothingToWrite
 from data.prepared import PreparedRows
 from data.prepared import write_prepared
@@ -172,10 +172,10 @@ def _copy_tokenizer(tokenizer: Tokenizer, data_config, directory: str) -> None:
     tokenizer.save(os.path.join(directory, stored))
   elif stored:
     source = getattr(tokenizer, 'model_path', None) or getattr(tokenizer, 'path', None)
-    shutil.copyfile(source, os.path.join(directory, stored))
+    atomic_copy(source, os.path.join(directory, stored))
     config_file = os.path.join(os.path.dirname(source), 'tokenizer_config.json')
     if data_config.tokenizer == 'huggingface' and os.path.exists(config_file):  # Its bos/eos/pad.
-      shutil.copyfile(config_file, os.path.join(directory, 'tokenizer_config.json'))
+      atomic_copy(config_file, os.path.join(directory, 'tokenizer_config.json'))
 
 
 def _open_prepared(name: str, source, tokenizer: Tokenizer, data_config):

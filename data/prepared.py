@@ -18,7 +18,6 @@ refused by the reader.
 import json
 import os
 import re
-import tempfile
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 from array_record.python import array_record_module
 
+from data.files import atomic_write, fsync_file
 from data.packing import PackedRows
 
 FORMAT_VERSION = 1  # Bump when the record layout or meta.json changes meaning.
@@ -98,31 +98,6 @@ def _decode_rows(records: list[bytes], seq_len: int, where: str
           segment_ids.astype(np.int32, copy=False), loss_mask)
 
 
-def _write_json_atomically(path: str, value: dict) -> None:
-  # Write-then-rename: a reader sees either no meta.json or a complete one.
-  fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.meta-',
-                                  suffix='.tmp')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      json.dump(value, f, indent=2)  # Key order kept: splits as given.
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp_path, path)
-  except BaseException:
-    if os.path.exists(tmp_path):
-      os.remove(tmp_path)
-    raise
-
-
-def _fsync_file(path: str) -> None:
-  # So that meta.json, once on disk, never points at shards still in flight.
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
 class _SplitWriter:
   """Streams one split's rows into shards of rows_per_shard rows."""
 
@@ -152,7 +127,8 @@ class _SplitWriter:
   def _close_shard(self) -> None:
     if self._writer is not None:
       self._writer.close()
-      _fsync_file(self.partial_paths[-1])
+      # So that meta.json, once on disk, never points at shards still in flight.
+      fsync_file(self.partial_paths[-1])
       self._writer = None
 
   def add(self, rows: PackedRows, stream: bool) -> None:
@@ -317,7 +293,8 @@ def write_prepared(directory: str, splits: dict[str, Iterable[PackedRows]], *,
       'splits': split_meta,
       'metadata': metadata,
   }
-  _write_json_atomically(meta_path, meta)
+  with atomic_write(meta_path) as f:  # A reader sees either no meta.json or a complete one.
+    json.dump(meta, f, indent=2)  # Key order kept: splits as given.
   return meta
 
 

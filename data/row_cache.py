@@ -7,10 +7,10 @@ seq_len, the validation fraction and the chat settings.
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 
+from data.files import atomic_write
 from data.packing import PackedRows
 
 _FORMAT_VERSION = 2  # Bump when packing changes what the same inputs produce.
@@ -45,9 +45,5 @@ def save(path: str, train: PackedRows, val: PackedRows, info: dict) -> None:
     arrays[f'{split}_tokens'] = rows.tokens
     arrays[f'{split}_segment_ids'] = rows.segment_ids
     arrays[f'{split}_loss_mask'] = rows.full_loss_mask()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  # Write-then-rename: several processes may share the workdir.
-  fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.npz')
-  with os.fdopen(fd, 'wb') as f:
+  with atomic_write(path, 'wb') as f:  # Several processes may share the workdir.
     np.savez(f, **arrays)
-  os.replace(tmp_path, path)

@@ -25,10 +25,13 @@ import sysconfig
 from typing import Any, Iterable, Iterator
 
 from configs.base import SOURCE_DEFAULTS
+from data import downloads
+from data.prepared import META_FILE
 from data.bad_data import BadData
 
 # The fields of a source and their defaults are config data: configs/base.py holds them.
 SOURCE_KINDS = ('text', 'jsonl', 'parquet', 'tfds', 'chat', 'stdlib', 'prepared')
+TFDS_WRITABLE_KINDS = ('text', 'jsonl')  # What write_tfds_dataset turns into a TFDS dataset.
 
 # Kinds whose `paths` are globs of files read by this module.
 _GLOB_KINDS = ('text', 'jsonl', 'parquet', 'chat')
@@ -44,7 +47,6 @@ _READER_VERSION = 1
 # encodings/ is mostly generated code-page tables: noise for a language model.
 _STDLIB_SKIPPED_DIRS = frozenset({'site-packages', 'test', 'tests', 'idlelib', 'encodings'})
 # A prepared directory is recognised by this file (written by the prepare step).
-_PREPARED_META = 'meta.json'
 # How much of a record's key list goes into a 'missing_field' message.
 _MAX_KEYS_SHOWN = 10
 _MAX_DETAIL_CHARS = 200
@@ -134,6 +136,9 @@ def check_source(name: str, source: Any) -> None:
                        "file globs, e.g. 'corpus/**/*.txt'.")
     for pattern in _patterns(paths):
       if not _glob_files(pattern):
+        corpus = downloads.corpus_for_path(pattern)
+        if corpus:  # A shipped config's corpus that was never fetched: say how to fetch it.
+          raise ValueError(downloads.missing_message(corpus, f'{prefix}.paths'))
         hint = (f' (it is a directory: use {os.path.join(pattern, "**", "*")!r})'
                 if os.path.isdir(pattern) else '')
         raise ValueError(f'{prefix}.paths: pattern {pattern!r} matches no files{hint}.')
@@ -155,8 +160,8 @@ def check_source(name: str, source: Any) -> None:
     if not os.path.isdir(directory):
       raise ValueError(f"{prefix}.paths={paths!r}: no such directory; kind='prepared' "
                        'needs the directory of a prepared dataset.')
-    if not os.path.isfile(os.path.join(directory, _PREPARED_META)):
-      raise ValueError(f'{prefix}.paths={paths!r}: directory has no {_PREPARED_META}; '
+    if not os.path.isfile(os.path.join(directory, META_FILE)):
+      raise ValueError(f'{prefix}.paths={paths!r}: directory has no {META_FILE}; '
                        'it is not a prepared dataset (or its preparation did not finish).')
 
 
@@ -535,8 +540,8 @@ def write_tfds_dataset(name: str, version: str, source: Any, *, data_dir: str = 
     raise ValueError(f'validation_fraction={validation_fraction!r}; allowed: 0 to 0.5.')
   check_source('input', source)
   fields = _fields('input', source)
-  if fields['kind'] not in ('text', 'jsonl'):
-    raise ValueError(f"data.sources.input.kind={fields['kind']!r}; allowed here: text, jsonl.")
+  if fields['kind'] not in TFDS_WRITABLE_KINDS:
+    raise ValueError(f"data.sources.input.kind={fields['kind']!r}; allowed here: {', '.join(TFDS_WRITABLE_KINDS)}.")
   bad_data = bad_data or BadData('skip')
   every = round(1.0 / validation_fraction) if validation_fraction > 0 else 0
 

@@ -12,7 +12,6 @@ import io
 import itertools
 import json
 import os
-import tempfile
 import time
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -22,6 +21,7 @@ import sentencepiece as spm
 import tokenizers
 
 from data import special_tokens
+from data.files import atomic_write
 
 
 class Tokenizer(abc.ABC):
@@ -105,7 +105,8 @@ class CharTokenizer(Tokenizer):
       return cls(json.load(f)['chars'])
 
   def save(self, path: str) -> None:
-    _write_atomically(path, json.dumps({'chars': self.chars}).encode('utf-8'))
+    with atomic_write(path, 'w', encoding='utf-8') as f:  # Other processes may be reading it.
+      json.dump({'chars': self.chars}, f)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     return [self._encode(t) for t in texts]
@@ -243,19 +244,6 @@ def _none_if_negative(token_id: int) -> int | None:
   return None if token_id < 0 else token_id
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-  """Write-then-rename so concurrent processes never read a half file."""
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path) or '.')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      f.write(data)
-    os.replace(tmp_path, path)
-  except BaseException:
-    os.remove(tmp_path)  # Never leave the temporary file behind.
-    raise
-
-
 MODEL_TYPES = ('bpe', 'unigram')
 
 
@@ -342,7 +330,8 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, *,
     # E.g. "Vocabulary size too high (5000). Please set it to a value <= 308."
     raise ValueError(f'training a sentencepiece tokenizer with data.tokenizer_vocab_size={vocab_size}, '
                      f'data.tokenizer_model_type={model_type!r} failed: {e}') from e
-  _write_atomically(output_path, model.getvalue())
+  with atomic_write(output_path, 'wb') as f:  # Other processes may be reading it.
+    f.write(model.getvalue())
   return output_path
 
 

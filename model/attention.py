@@ -5,9 +5,11 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from model import attention_kernels as kernels
+from model.config import ModelConfig
 from model.layers import dense, param
 from sharding import constrain
 
+# The allowed values of model.attention, dispatched on in `attend`.
 IMPLEMENTATIONS = ("auto", "xla", "blockwise", "splash", "cudnn")
 
 # On CPU, `auto` uses xla below this length and blockwise (block 512) from it on. Forward+backward time
@@ -21,7 +23,7 @@ def rotary_embedding(x_BLNH: jax.Array, positions_BL: jax.Array, theta: float) -
   """RoPE in the rotate-half layout (as Llama checkpoints in Hugging Face format use)."""
   head_dim = x_BLNH.shape[-1]
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles_BLH = positions_BL[..., None].astype(jnp.float32) * inv_freq
+  angles_BLH = positions_BL[..., None].astype(jnp.float32) * inv_freq  # H / 2 of them: one a pair.
   sin = jnp.sin(angles_BLH)[:, :, None, :]
   cos = jnp.cos(angles_BLH)[:, :, None, :]
   x = x_BLNH.astype(jnp.float32)
@@ -108,7 +110,7 @@ def attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, implementation: str = "auto",
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg, rngs: nnx.Rngs, out_std: float):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_std: float):
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     std = cfg.init_std
     self.cfg = cfg
@@ -116,9 +118,7 @@ class Attention(nnx.Module):
     self.wk = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
     self.wv = param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), std)
     self.wo = param(rngs, (n, h, d), ("heads", "head_dim", "embed"), out_std)
-    # Qwen2 has biases on q, k and v only (qkv_bias); use_bias (GPT-2) has them everywhere.
-    self.qkv_bias = cfg.use_bias or cfg.get("qkv_bias", False)
-    if self.qkv_bias:
+    if cfg.has_qkv_bias:
       self.bq = param(rngs, (n, h), ("heads", "head_dim"), None)
       self.bk = param(rngs, (k, h), ("kv_heads", "head_dim"), None)
       self.bv = param(rngs, (k, h), ("kv_heads", "head_dim"), None)
@@ -131,7 +131,7 @@ class Attention(nnx.Module):
     q_BLNH = dense(x_BLD, self.wq[...], 1, dtype)
     k_BLKH = dense(x_BLD, self.wk[...], 1, dtype)
     v_BLKH = dense(x_BLD, self.wv[...], 1, dtype)
-    if self.qkv_bias:
+    if cfg.has_qkv_bias:
       q_BLNH = q_BLNH + self.bq[...].astype(dtype)
       k_BLKH = k_BLKH + self.bk[...].astype(dtype)
       v_BLKH = v_BLKH + self.bv[...].astype(dtype)
@@ -144,8 +144,7 @@ class Attention(nnx.Module):
     q_BLNH = checkpoint_name(q_BLNH, "query_proj")
     k_BLKH = checkpoint_name(k_BLKH, "key_proj")
     v_BLKH = checkpoint_name(v_BLKH, "value_proj")
-    out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, cfg.get("attention", "auto"),
-                      cfg.get("attention_block", 512))
+    out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, cfg.attention, cfg.attention_block)
     y_BLD = dense(out_BLNH, self.wo[...], 2, dtype)
     if cfg.use_bias:
       y_BLD = y_BLD + self.bo[...].astype(dtype)

@@ -17,7 +17,7 @@ naming the config.json field, never approximated. A Mistral `sliding_window`
 is accepted only when it is null or at least `max_position_embeddings`
 (a window that long never masks anything, so full attention is the same model).
 
-Nothing here reads or writes files: training/huggingface_io.py does that.
+Nothing here reads or writes files: tools/huggingface_io.py does that.
 Parameters are loom's nested pure dict (nnx.to_pure_dict(state)), every block
 parameter stacked along a leading layers axis. Import converts to float32,
 loom's parameter dtype; all conversions are transposes, reshapes and splits, so
@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from model.config import ModelConfig
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)
@@ -205,39 +207,38 @@ def _gpt2_to_loom(hf: Mapping[str, Any]) -> dict[str, Any]:
   )
 
 
-def _dims(m: Mapping[str, Any]) -> tuple[int, int, int, int, int, int, int]:
-  """(layers, vocab, embed, heads, kv heads, head dim, mlp dim), with configs/base.py's 0 defaults filled."""
-  heads = m["num_heads"]
-  kv_heads = m["num_kv_heads"] or heads
-  head_dim = m["head_dim"] or m["embed_dim"] // heads
-  if not m["vocab_size"]:
+def _dims(m: ModelConfig) -> tuple[int, int, int, int, int, int, int]:
+  """(layers, vocab, embed, heads, kv heads, head dim, mlp dim)."""
+  if not m.vocab_size:
     raise ValueError("model.vocab_size is 0 (the tokenizer's size, filled in by validation); pass a "
                      "validated model config, such as the one in the checkpoint's record (what "
                      "tools/hf_export.py uses without --config), or set model.vocab_size")
-  return m["num_layers"], m["vocab_size"], m["embed_dim"], heads, kv_heads, head_dim, m["mlp_dim"]
+  return m.num_layers, m.vocab_size, m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
 
 
-def _family(m: Mapping[str, Any]) -> str:
-  return "gpt2" if m["position"] == "learned" else "llama"
+def _family(m: ModelConfig) -> str:
+  return "gpt2" if m.position == "learned" else "llama"
 
 
-def hf_config(model_config: Mapping[str, Any], model_type: str) -> dict[str, Any]:
-  """config.json for a loom model config (validated: head_dim, num_kv_heads, vocab_size filled).
+def hf_config(model_config: ModelConfig | Mapping[str, Any], model_type: str) -> dict[str, Any]:
+  """config.json for a loom model config (a ModelConfig, config.model or a dict of its fields, with
+  vocab_size filled in).
 
   Raises ValueError naming the loom field when the model is not of the
   requested family (llama / mistral / qwen2: rmsnorm, rope, swiglu, no biases
   except qwen2's q/k/v ones; gpt2: layernorm, learned positions, gelu, biases,
   no grouped-query attention). Token ids (bos/eos/pad) and dtype are the caller's.
   """
-  m = model_config
+  m = ModelConfig.from_config(model_config)
   if model_type not in MODEL_TYPES:
     raise ValueError(f"model_type {model_type!r} is not supported; supported: {', '.join(MODEL_TYPES)}")
   layers, vocab, embed, heads, kv_heads, head_dim, mlp_dim = _dims(m)
-  qkv_bias = bool(m.get("qkv_bias", False))
+  qkv_bias = m.qkv_bias
 
   def require(field: str, allowed: Any, why: str = "") -> None:
-    if m[field] != allowed:
-      raise ValueError(f"model.{field}={m[field]!r} cannot be exported as {model_type} (it needs "
+    value = getattr(m, field)
+    if value != allowed:
+      raise ValueError(f"model.{field}={value!r} cannot be exported as {model_type} (it needs "
                        f"{allowed!r}{why})")
 
   if model_type == "gpt2":
@@ -250,12 +251,12 @@ def hf_config(model_config: Mapping[str, Any], model_type: str) -> dict[str, Any
     return {
         "architectures": [_ARCHITECTURES[model_type]], "model_type": "gpt2",
         "vocab_size": vocab, "n_embd": embed, "n_layer": layers, "n_head": heads, "n_inner": mlp_dim,
-        "n_positions": m["max_seq_len"], "layer_norm_epsilon": m["norm_eps"],
-        "activation_function": "gelu_new" if m["gelu_approximate"] else "gelu",
-        "tie_word_embeddings": bool(m["tie_embeddings"]),
+        "n_positions": m.max_seq_len, "layer_norm_epsilon": m.norm_eps,
+        "activation_function": "gelu_new" if m.gelu_approximate else "gelu",
+        "tie_word_embeddings": m.tie_embeddings,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
         "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "initializer_range": m.get("init_std", 0.02),
+        "initializer_range": m.init_std,
     }
 
   for field, allowed in (("norm", "rmsnorm"), ("position", "rope"), ("mlp", "swiglu"), ("use_bias", False)):
@@ -270,10 +271,10 @@ def hf_config(model_config: Mapping[str, Any], model_type: str) -> dict[str, Any
       "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
       "vocab_size": vocab, "hidden_size": embed, "intermediate_size": mlp_dim,
       "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-      "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": m["max_seq_len"],
-      "rms_norm_eps": m["norm_eps"], "rope_theta": m["rope_theta"], "rope_scaling": None,
-      "tie_word_embeddings": bool(m["tie_embeddings"]), "attention_dropout": 0.0,
-      "initializer_range": m.get("init_std", 0.02),
+      "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
+      "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_scaling": None,
+      "tie_word_embeddings": m.tie_embeddings, "attention_dropout": 0.0,
+      "initializer_range": m.init_std,
   }
   if model_type == "llama":
     config.update(attention_bias=False, mlp_bias=False)
@@ -322,22 +323,24 @@ class _Reader:
       raise ValueError(f"the checkpoint has {len(unused)} tensor(s) loom's model has no place for: {shown}")
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray], model_config: Mapping[str, Any]) -> dict[str, Any]:
+def params_from_hf(tensors: Mapping[str, np.ndarray],
+                   model_config: ModelConfig | Mapping[str, Any]) -> dict[str, Any]:
   """loom's parameter pure dict (float32 numpy) from a Hugging Face state dict.
 
   `model_config` is loom's model config (loom_model_config's fields are
   enough); position 'learned' reads GPT-2 names, 'rope' Llama-family names.
   Raises ValueError for a missing tensor, a wrong shape or a tensor left over.
   """
-  if _family(model_config) == "gpt2":
-    return _gpt2_params(tensors, model_config)
-  return _llama_params(tensors, model_config)
+  m = ModelConfig.from_config(model_config)
+  if _family(m) == "gpt2":
+    return _gpt2_params(tensors, m)
+  return _llama_params(tensors, m)
 
 
-def _head(reader: _Reader, embed: np.ndarray, m: Mapping[str, Any]) -> np.ndarray | None:
+def _head(reader: _Reader, embed: np.ndarray, m: ModelConfig) -> np.ndarray | None:
   """The untied output head [embed, vocab], or None; a tied checkpoint may still store a copy."""
   vocab, dim = embed.shape
-  if m["tie_embeddings"]:
+  if m.tie_embeddings:
     if "lm_head.weight" in reader.tensors:
       copy = reader.take("lm_head.weight", (vocab, dim), top_level=True)
       if not np.array_equal(copy, embed):
@@ -347,7 +350,7 @@ def _head(reader: _Reader, embed: np.ndarray, m: Mapping[str, Any]) -> np.ndarra
   return reader.take("lm_head.weight", (vocab, dim), top_level=True).T
 
 
-def _llama_params(tensors: Mapping[str, np.ndarray], m: Mapping[str, Any]) -> dict[str, Any]:
+def _llama_params(tensors: Mapping[str, np.ndarray], m: ModelConfig) -> dict[str, Any]:
   layers, vocab, d, n, k, h, f = _dims(m)
   r = _Reader(tensors, "model.")
   attn = "layers.{}.self_attn."
@@ -362,7 +365,7 @@ def _llama_params(tensors: Mapping[str, np.ndarray], m: Mapping[str, Any]) -> di
       "wv": v.transpose(0, 2, 1).reshape(layers, d, k, h),
       "wo": o.transpose(0, 2, 1).reshape(layers, n, h, d),
   }
-  if m.get("qkv_bias", False):
+  if m.qkv_bias:
     attention["bq"] = r.stack(attn + "q_proj.bias", layers, (n * h,)).reshape(layers, n, h)
     attention["bk"] = r.stack(attn + "k_proj.bias", layers, (k * h,)).reshape(layers, k, h)
     attention["bv"] = r.stack(attn + "v_proj.bias", layers, (k * h,)).reshape(layers, k, h)
@@ -389,7 +392,7 @@ def _llama_params(tensors: Mapping[str, np.ndarray], m: Mapping[str, Any]) -> di
   return _contiguous(params)
 
 
-def _gpt2_params(tensors: Mapping[str, np.ndarray], m: Mapping[str, Any]) -> dict[str, Any]:
+def _gpt2_params(tensors: Mapping[str, np.ndarray], m: ModelConfig) -> dict[str, Any]:
   layers, vocab, d, n, _, h, f = _dims(m)
   r = _Reader(tensors, "transformer.")
   # Conv1D weights are already [in, out]; c_attn's output axis is q|k|v, each heads-major.
@@ -404,7 +407,7 @@ def _gpt2_params(tensors: Mapping[str, np.ndarray], m: Mapping[str, Any]) -> dic
   embed = r.take("wte.weight", (vocab, d))
   params = {
       "embed": embed,
-      "pos_embed": r.take("wpe.weight", (m["max_seq_len"], d)),
+      "pos_embed": r.take("wpe.weight", (m.max_seq_len, d)),
       "blocks": {
           "attn_norm": norm("h.{}.ln_1"),
           "attn": {
@@ -435,7 +438,7 @@ def _contiguous(tree: dict[str, Any]) -> dict[str, Any]:
           for key, value in tree.items()}
 
 
-def hf_tensors(params: Mapping[str, Any], model_config: Mapping[str, Any],
+def hf_tensors(params: Mapping[str, Any], model_config: ModelConfig | Mapping[str, Any],
                model_type: str) -> dict[str, np.ndarray]:
   """The Hugging Face state dict (numpy, the params' dtype) for loom's parameter pure dict.
 
@@ -443,17 +446,18 @@ def hf_tensors(params: Mapping[str, Any], model_config: Mapping[str, Any],
   transformers' save_pretrained does). Checks the model fits `model_type`
   (see hf_config).
   """
-  hf_config(model_config, model_type)  # Raises when the model is not of that family.
+  m = ModelConfig.from_config(model_config)
+  hf_config(m, model_type)  # Raises when the model is not of that family.
   if model_type == "gpt2":
-    tensors = _gpt2_tensors(params, model_config)
+    tensors = _gpt2_tensors(params, m)
   else:
-    tensors = _llama_tensors(params, model_config)
-  if not model_config["tie_embeddings"]:
+    tensors = _llama_tensors(params, m)
+  if not m.tie_embeddings:
     tensors["lm_head.weight"] = np.asarray(params["head"]).T
   return {name: np.ascontiguousarray(value) for name, value in tensors.items()}
 
 
-def _llama_tensors(params: Mapping[str, Any], m: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _llama_tensors(params: Mapping[str, Any], m: ModelConfig) -> dict[str, np.ndarray]:
   layers, _, d, n, k, h, f = _dims(m)
   blocks = params["blocks"]
   attn, mlp = blocks["attn"], blocks["mlp"]
@@ -468,7 +472,7 @@ def _llama_tensors(params: Mapping[str, Any], m: Mapping[str, Any]) -> dict[str,
       "input_layernorm.weight": np.asarray(blocks["attn_norm"]["scale"]),
       "post_attention_layernorm.weight": np.asarray(blocks["mlp_norm"]["scale"]),
   }
-  if m.get("qkv_bias", False):
+  if m.qkv_bias:
     per_layer["self_attn.q_proj.bias"] = np.asarray(attn["bq"]).reshape(layers, n * h)
     per_layer["self_attn.k_proj.bias"] = np.asarray(attn["bk"]).reshape(layers, k * h)
     per_layer["self_attn.v_proj.bias"] = np.asarray(attn["bv"]).reshape(layers, k * h)
@@ -478,7 +482,7 @@ def _llama_tensors(params: Mapping[str, Any], m: Mapping[str, Any]) -> dict[str,
   return tensors
 
 
-def _gpt2_tensors(params: Mapping[str, Any], m: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def _gpt2_tensors(params: Mapping[str, Any], m: ModelConfig) -> dict[str, np.ndarray]:
   layers, _, d, _, _, _, _ = _dims(m)
   blocks = params["blocks"]
   attn, mlp = blocks["attn"], blocks["mlp"]

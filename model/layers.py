@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# The allowed values of model.norm: LayerNorm (GPT-2) and RMSNorm (Llama), both in Norm below.
+NORMS = ("layernorm", "rmsnorm")
+
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float | None,
           dtype=jnp.float32) -> nnx.Param:
@@ -46,11 +49,14 @@ class Norm(nnx.Module):
   """LayerNorm (GPT-2) or RMSNorm (Llama), computed in float32."""
 
   def __init__(self, dim: int, kind: str, eps: float, use_bias: bool):
+    """`use_bias`: a learned bias after the scale (LayerNorm's in GPT-2); RMSNorm has none."""
+    if kind not in NORMS:
+      raise ValueError(f"config field 'model.norm'={kind!r}: allowed are {list(NORMS)}")
     self.kind = kind
     self.eps = eps
     self.scale = ones_param((dim,), ("embed",))
     self.bias = nnx.Param(jnp.zeros((dim,)), out_sharding=("embed",), eager_sharding=False) \
-        if (use_bias and kind == "layernorm") else None
+        if use_bias else None
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     x = x_BLD.astype(jnp.float32)

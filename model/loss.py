@@ -28,9 +28,9 @@ def chunked_row_losses(x_BLD: jax.Array, kernel_DV: jax.Array, targets_BL: jax.A
     targets_BL = jnp.pad(targets_BL, ((0, 0), (0, pad)))
     weights_BL = jnp.pad(weights_BL, ((0, 0), (0, pad)))
 
-  def chunks(a_BL):  # [B, C*T, ...] -> [C, B, T, ...]: the scan's slices keep the batch sharding.
-    a_CBT = a_BL.reshape((batch, num_chunks, chunk) + a_BL.shape[2:]).swapaxes(0, 1)
-    return constrain(a_CBT, (None, "act_batch", "act_length", "act_embed")[:a_CBT.ndim])
+  def chunks(a_BL):  # [B, T*C, ...] -> [T, B, C, ...]: the scan's slices keep the batch sharding.
+    a_TBC = a_BL.reshape((batch, num_chunks, chunk) + a_BL.shape[2:]).swapaxes(0, 1)
+    return constrain(a_TBC, (None, "act_batch", "act_length", "act_embed")[:a_TBC.ndim])
 
   # Gather the fsdp-sharded feature dimension once here rather than in every chunk (in both
   # passes); the vocabulary stays tensor-sharded.
@@ -38,13 +38,13 @@ def chunked_row_losses(x_BLD: jax.Array, kernel_DV: jax.Array, targets_BL: jax.A
   dtype = x_BLD.dtype
 
   @functools.partial(jax.checkpoint, prevent_cse=False)  # Inside a scan: nothing to fear from CSE.
-  def chunk_losses(kernel_DV, x_BTD, targets_BT, weights_BT):
-    logits_BTV = dense(x_BTD, kernel_DV, 1, dtype).astype(jnp.float32)
-    logits_BTV = constrain(logits_BTV, ("act_batch", "act_length", "act_vocab"))
-    return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, targets_BT) * weights_BT
+  def chunk_losses(kernel_DV, x_BCD, targets_BC, weights_BC):
+    logits_BCV = dense(x_BCD, kernel_DV, 1, dtype).astype(jnp.float32)
+    logits_BCV = constrain(logits_BCV, ("act_batch", "act_length", "act_vocab"))
+    return optax.softmax_cross_entropy_with_integer_labels(logits_BCV, targets_BC) * weights_BC
 
   def body(carry, xs):
     return carry, chunk_losses(kernel_DV, *xs)
 
-  _, losses_CBT = jax.lax.scan(body, None, (chunks(x_BLD), chunks(targets_BL), chunks(weights_BL)))
-  return jnp.sum(losses_CBT, axis=(0, 2)), weight_B
+  _, losses_TBC = jax.lax.scan(body, None, (chunks(x_BLD), chunks(targets_BL), chunks(weights_BL)))
+  return jnp.sum(losses_TBC, axis=(0, 2)), weight_B

@@ -12,12 +12,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from ml_collections import ConfigDict
 
 from model.attention import Attention
+from model.config import ModelConfig
 from model.layers import Norm, dense, dropout, param
 from sharding import constrain
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# The allowed values of model.position: a learned table added to the embeddings (Transformer), or
+# rotary embeddings applied to queries and keys (model/attention.py).
+POSITIONS = ("learned", "rope")
+
+# The allowed values of model.mlp: GELU (GPT-2) or the gated SwiGLU (Llama), both in Mlp below.
+MLPS = ("gelu", "swiglu")
 
 # Config fields that change how the same parameters are computed with (precision, the layer loop,
 # rematerialisation) or trained (dropout), or are read only at initialisation: a checkpoint fits a
@@ -54,7 +63,9 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
 
 class Mlp(nnx.Module):
 
-  def __init__(self, cfg, rngs: nnx.Rngs, out_std: float):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_std: float):
+    if cfg.mlp not in MLPS:
+      raise ValueError(f"config field 'model.mlp'={cfg.mlp!r}: allowed are {list(MLPS)}")
     d, f = cfg.embed_dim, cfg.mlp_dim
     self.cfg = cfg
     self.w_up = param(rngs, (d, f), ("embed", "mlp"), cfg.init_std)
@@ -86,14 +97,14 @@ class Mlp(nnx.Module):
 
 class Block(nnx.Module):
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     # GPT-2's scaling of the residual projections keeps the residual stream's
     # variance independent of depth.
     out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     self.cfg = cfg
-    self.attn_norm = Norm(cfg.embed_dim, cfg.norm, cfg.norm_eps, cfg.use_bias)
+    self.attn_norm = Norm(cfg.embed_dim, cfg.norm, cfg.norm_eps, cfg.has_norm_bias)
     self.attn = Attention(cfg, rngs, out_std)
-    self.mlp_norm = Norm(cfg.embed_dim, cfg.norm, cfg.norm_eps, cfg.use_bias)
+    self.mlp_norm = Norm(cfg.embed_dim, cfg.norm, cfg.norm_eps, cfg.has_norm_bias)
     self.mlp = Mlp(cfg, rngs, out_std)
 
   def __call__(self, x_BLD, segment_ids_BL, positions_BL, dropout_key=None):
@@ -109,9 +120,14 @@ class Transformer(nnx.Module):
 
   `hidden_states` and `output_kernel` are the two halves of `__call__`, for a loss that computes
   the logits a chunk of positions at a time (model/loss.py) instead of all [B, L, V] at once.
+  `cfg` is a ModelConfig or the config.model ConfigDict it is made from.
   """
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig | ConfigDict, rngs: nnx.Rngs):
+    cfg = ModelConfig.from_config(cfg)
+    for field, allowed in (("dtype", COMPUTE_DTYPES), ("position", POSITIONS), ("remat", REMAT_POLICIES)):
+      if getattr(cfg, field) not in allowed:
+        raise ValueError(f"config field 'model.{field}'={getattr(cfg, field)!r}: allowed are {list(allowed)}")
     self.cfg = cfg
     self.dtype = COMPUTE_DTYPES[cfg.dtype]
     self.embed = param(rngs, (cfg.vocab_size, cfg.embed_dim), ("vocab", "embed"), cfg.init_std)
@@ -124,7 +140,7 @@ class Transformer(nnx.Module):
       return Block(cfg, rngs)
 
     self.blocks = make_blocks(rngs)
-    self.final_norm = Norm(cfg.embed_dim, cfg.norm, cfg.norm_eps, cfg.use_bias)
+    self.final_norm = Norm(cfg.embed_dim, cfg.norm, cfg.norm_eps, cfg.has_norm_bias)
     if not cfg.tie_embeddings:
       self.head = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 

@@ -1,4 +1,5 @@
 """Named device meshes built from a config's `mesh` section."""
+import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -10,25 +11,64 @@ from jax.sharding import AxisType, Mesh
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def use_cpu_devices(count: int) -> None:
-  """Makes JAX's CPU backend `count` devices (0: leave JAX's default of one).
+def available_cores() -> int:
+  """The CPU cores this process may run on (its affinity mask: a container's or taskset's share)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS and Windows have no affinity masks.
+    return os.cpu_count() or 1
+
+
+def resolve_cpu_devices(count: int, mesh_config: Mapping[str, int] | None = None,
+                        global_batch_size: int = 0, microbatches: int = 1) -> int:
+  """The CPU device count that config field `cpu_devices`=`count` asks for.
+
+  0 or a positive count is itself. -1 is one device per core this process may
+  use (available_cores()), fewer where needed so that `mesh_config` can be laid
+  out over them and each (micro)batch of `global_batch_size` rows splits evenly
+  over mesh.data*mesh.fsdp; where no count fits, every core (validation then
+  names the field at fault).
+  """
+  if not isinstance(count, int) or isinstance(count, bool) or count < -1:
+    raise ValueError(f"config field 'cpu_devices'={count!r}: must be 0 (JAX's default), a positive number "
+                     "of CPU devices, or -1 (one per core, as many as the mesh and batch allow)")
+  if count != -1:
+    return count
+  cores = available_cores()
+  if mesh_config is None:
+    return cores
+  # A batch that microbatches does not divide is validation's to report; it constrains nothing here.
+  split = microbatches > 0 and global_batch_size > 0 and global_batch_size % microbatches == 0
+  rows = global_batch_size // microbatches if split else 0
+  for devices in range(cores, 0, -1):
+    try:
+      sizes = resolve_mesh_shape(mesh_config, devices)
+    except ValueError:
+      continue
+    if not rows or rows % (sizes["data"] * sizes["fsdp"]) == 0:
+      return devices
+  return cores
+
+
+def use_cpu_devices(count: int, mesh_config: Mapping[str, int] | None = None, global_batch_size: int = 0,
+                    microbatches: int = 1) -> None:
+  """Makes JAX's CPU backend `count` devices (0: leave JAX's default of one; -1: see resolve_cpu_devices,
+  which the other arguments are for).
 
   On a CPU, a small model can run as one device per core, each with its slice
   of the batch (data parallel), instead of one device splitting every small op
   across the cores (benchmarks/shakespeare_char.py measures both). It must run
-  before JAX starts its backends; afterwards it is accepted only if the CPU
-  backend already has `count` devices.
+  before JAX starts its backends; afterwards a count is accepted only if the
+  CPU backend already has that many devices, and -1 keeps whatever it has.
   """
-  if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-    raise ValueError(f"config field 'cpu_devices'={count!r}: must be 0 (JAX's default) or a positive "
-                     "number of CPU devices")
-  if count == 0:
+  devices = resolve_cpu_devices(count, mesh_config, global_batch_size, microbatches)
+  if devices == 0:
     return
   try:
-    jax.config.update("jax_num_cpu_devices", count)
+    jax.config.update("jax_num_cpu_devices", devices)
   except RuntimeError:  # Backends already started in this process.
     have = len(jax.devices("cpu"))
-    if have != count:
+    if have != devices and count != -1:
       raise ValueError(
           f"config field 'cpu_devices'={count}: JAX's CPU backend already started in this process "
           f"with {have} devices; set cpu_devices before any JAX computation runs (train.py does), "

@@ -1,4 +1,4 @@
-"""Small configs and deterministic batches shared by the tests."""
+"""Small configs, deterministic batches and stand-ins shared by the tests."""
 import numpy as np
 
 from configs import tiny
@@ -31,3 +31,16 @@ def batch(global_batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) 
   weights[-1, -5:] = 0.0       # Some padding.
   return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
           "positions": positions, "weights": weights}
+
+
+class RecordingWriter:
+  """A MetricWriter stand-in for hooks under test: keeps what they write."""
+
+  def __init__(self):
+    self.records = []
+
+  def write(self, step, record):
+    self.records.append((step, record))
+
+  def progress(self, step, record, seconds_per_step):
+    pass

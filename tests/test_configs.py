@@ -13,13 +13,19 @@ import pytest
 import model as model_lib
 import sharding
 from configs import tiny
-from training import optimizer, state as state_lib
+from sharding.mesh import resolve_cpu_devices
+from training import state as state_lib
+from training.setup import build_setup
 from training.validation import ConfigError, validate
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_NAMES = sorted(p.stem for p in (REPO_ROOT / "configs").glob("*.py")
                       if p.name not in ("base.py", "__init__.py"))
 CHAR_VOCAB = 65  # tiny Shakespeare's characters: what a vocab_size=0 config gets here.
+# Corpora the shipped configs download (tools/download.py), passed explicitly as a local copy so no
+# test needs the download cache: ../shared beside the checkout, as on developer machines and in CI.
+LOCAL_COPIES = {"shakespeare_char": {
+    "shakespeare": str(REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")}}
 
 # Exact parameter counts (embeddings and positions included).
 KNOWN_PARAMS = {
@@ -31,13 +37,18 @@ KNOWN_PARAMS = {
 
 
 def _load(name):
-  return importlib.import_module(f"configs.{name}").get_config()
+  config = importlib.import_module(f"configs.{name}").get_config()
+  for source, path in LOCAL_COPIES.get(name, {}).items():
+    config.data.sources[source].paths = path
+  return config
 
 
 def _num_devices(config):
-  """The CPU devices a config asks for; else 8 where an axis is -1, or a fully fixed mesh's own count."""
+  """The CPU devices a config asks for (-1: as on this machine); else 8 where an axis is -1, or a fully
+  fixed mesh's own count."""
   if config.cpu_devices:
-    return config.cpu_devices
+    return resolve_cpu_devices(config.cpu_devices, config.mesh, config.train.global_batch_size,
+                               config.train.microbatches)
   sizes = dict(config.mesh)
   return 8 if -1 in sizes.values() else math.prod(sizes.values())
 
@@ -63,8 +74,9 @@ def test_config_validates_and_builds_abstractly(name):
   if name in KNOWN_PARAMS:
     assert tree_size == KNOWN_PARAMS[name]
 
-  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  state = jax.eval_shape(lambda: state_lib.new_train_state(m, tx, 0))
+  sizes = sharding.resolve_mesh_shape(config.mesh, _num_devices(config))
+  mesh = jax.sharding.AbstractMesh(tuple(sizes[axis] for axis in sharding.MESH_AXES), sharding.MESH_AXES)
+  state = build_setup(config, mesh).abstract_state()
   param_leaves = jax.tree.leaves(state.params)
   assert sum(math.prod(leaf.shape) for leaf in param_leaves) == tree_size
   assert all(leaf.dtype == jax.numpy.float32 for leaf in param_leaves)
@@ -72,6 +84,20 @@ def test_config_validates_and_builds_abstractly(name):
   if config.optimizer.name == "adamw":  # two moments per parameter
     opt_size = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state.opt_state))
     assert opt_size >= 2 * tree_size
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_no_shipped_config_reads_a_path_outside_the_repository(name, tmp_path, monkeypatch):
+  # A config runs from a fresh clone: what it reads is in the repository or in loom's download cache
+  # (tools/download.py fills it), never a folder of one machine.
+  from data import downloads
+  monkeypatch.setenv("LOOM_DATA_DIR", str(tmp_path / "cache"))
+  config = importlib.import_module(f"configs.{name}").get_config()
+  paths = [p for source in config.data.sources.values() for p in source.paths.split(",") + [source.data_dir]]
+  paths += [config.data.tokenizer_path, config.init.checkpoint, config.compilation_cache_dir]
+  allowed = (str(REPO_ROOT) + os.sep, downloads.cache_dir() + os.sep)
+  outside = [p for p in paths if p.strip() and not os.path.abspath(REPO_ROOT / p.strip()).startswith(allowed)]
+  assert not outside, f"configs/{name}.py reads {outside}"
 
 
 def test_shakespeare_char_matches_nanogpt():
@@ -272,8 +298,8 @@ def test_cpu_devices_splits_the_cpu_into_a_data_parallel_mesh(tmp_path):
   with pytest.raises(ConfigError, match=rf"^config field 'cpu_devices'={started + 1}: JAX's CPU backend "
                                         rf"already started in this process with {started} devices"):
     train(config, str(tmp_path / "more"))
-  config.cpu_devices = -1
-  with pytest.raises(ConfigError, match=r"^config field 'cpu_devices'=-1: must be 0"):
+  config.cpu_devices = -2
+  with pytest.raises(ConfigError, match=r"^config field 'cpu_devices'=-2: must be 0"):
     train(config, str(tmp_path / "negative"))
   sharding.use_cpu_devices(started)
 

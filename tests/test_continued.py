@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import sharding
 from configs import base
 from tests.test_training import corpus_config
-from training import init_from, optimizer, state as state_lib
+from training import init_from
 from training.checkpointing import Checkpointer
 from training.run import train
+from training.setup import build_setup
 from training.validation import ConfigError, validate
 
 LETTERS = "abcdefghij"
@@ -41,16 +41,15 @@ def pretrained(tmp_path_factory):
   return tmp_path, config, result
 
 
-def _mesh_state(config, devices, mesh_shape, dtype=None):
+def _mesh_setup(config, devices, mesh_shape):
   config = config.copy_and_resolve_references()
   config.mesh.update(**mesh_shape)
-  config = validate(config, len(devices), tokenizer_vocab_size=259)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  graphdef, abstract_params = state_lib.abstract_model(config.model)
-  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
-  abstract = state_lib.abstract_train_state(config.model, tx, shardings)
-  return config, tx, shardings, abstract
+  return build_setup(validate(config, len(devices), tokenizer_vocab_size=259), devices=devices)
+
+
+def _initial_state(setup):
+  """init_from's state for the setup's config.init, as train() starts it."""
+  return init_from.initial_state(setup.config.init, setup)
 
 
 def test_a_checkpoint_from_8_devices_restores_on_1_and_4(pretrained):
@@ -59,15 +58,14 @@ def test_a_checkpoint_from_8_devices_restores_on_1_and_4(pretrained):
   checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"), read_only=True)
   for devices, shape in ((jax.devices()[:1], dict(data=1, fsdp=1, tensor=1)),
                          (jax.devices()[:4], dict(data=1, fsdp=4, tensor=1))):
-    _, _, shardings, abstract = _mesh_state(config, devices, shape)
-    state, record = checkpointer.restore(80, abstract)
+    state, record = checkpointer.restore(80, _mesh_setup(config, devices, shape).abstract_state())
     assert record["step"] == 80 and record["loom_version"]
     for restored, original in zip(jax.tree.leaves(state), jax.tree.leaves(written)):
       np.testing.assert_array_equal(np.asarray(restored), original)
     embed = state.params["embed"][...]
     assert len(embed.sharding.device_set) == len(devices)
   # Cast on load: the float32 parameters restored as bfloat16.
-  _, _, _, abstract = _mesh_state(config, jax.devices()[:4], dict(data=1, fsdp=4, tensor=1))
+  abstract = _mesh_setup(config, jax.devices()[:4], dict(data=1, fsdp=4, tensor=1)).abstract_state()
   as_bf16 = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16, sharding=leaf.sharding),
                          abstract.params)
   params = checkpointer.restore_params(80, as_bf16)
@@ -82,8 +80,7 @@ def test_init_grows_the_vocabulary_keeps_or_resets_step_and_optimizer(pretrained
   grown = corpus_config(tmp_path / "grown", num_steps=10)
   grown.model.vocab_size = 300
   grown.init.update(checkpoint=str(tmp_path / "run"))
-  grown, tx, shardings, abstract = _mesh_state(grown, jax.devices(), dict(data=2, fsdp=2, tensor=2))
-  state, record = init_from.initial_state(grown.init, grown.model, tx, abstract, shardings, seed=0)
+  state, record = _initial_state(_mesh_setup(grown, jax.devices(), dict(data=2, fsdp=2, tensor=2)))
   embed = np.asarray(state.params["embed"][...])
   old = written.params["embed"][...]
   assert embed.shape == (300, old.shape[1]) and record["restored_step"] == 80
@@ -96,8 +93,7 @@ def test_init_grows_the_vocabulary_keeps_or_resets_step_and_optimizer(pretrained
   same = corpus_config(tmp_path / "same", num_steps=100)
   same.init.update(checkpoint=str(tmp_path / "run" / "checkpoints" / "80"), load_optimizer=True,
                    keep_step=True)
-  same, tx, shardings, abstract = _mesh_state(same, jax.devices(), dict(data=2, fsdp=2, tensor=2))
-  state, _ = init_from.initial_state(same.init, same.model, tx, abstract, shardings, seed=0)
+  state, _ = _initial_state(_mesh_setup(same, jax.devices(), dict(data=2, fsdp=2, tensor=2)))
   assert int(state.step) == 80  # ...or the old step and optimizer state when asked.
   for restored, original in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(written.opt_state)):
     np.testing.assert_array_equal(np.asarray(restored), original)
@@ -105,9 +101,9 @@ def test_init_grows_the_vocabulary_keeps_or_resets_step_and_optimizer(pretrained
   wrong = corpus_config(tmp_path / "wrong", num_steps=10)
   wrong.model.embed_dim = 64
   wrong.init.update(checkpoint=str(tmp_path / "run"))
-  wrong, tx, shardings, abstract = _mesh_state(wrong, jax.devices(), dict(data=2, fsdp=2, tensor=2))
+  wrong_setup = _mesh_setup(wrong, jax.devices(), dict(data=2, fsdp=2, tensor=2))
   with pytest.raises(ValueError, match=r"parameter .* has shape .* only model.vocab_size may grow"):
-    init_from.initial_state(wrong.init, wrong.model, tx, abstract, shardings, seed=0)
+    _initial_state(wrong_setup)
 
 
 def _continue(tmp_path, pretrained_dir, name, weights, **init):

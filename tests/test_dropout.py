@@ -8,7 +8,8 @@ import sharding
 from model.sampling import sample
 from tests import synthetic
 from tests.test_model import model_config, random_params
-from training import optimizer, state as state_lib, step as step_lib
+from training import state as state_lib, step as step_lib
+from training.setup import build_setup
 
 
 def test_masks_differ_between_steps_and_between_microbatches():
@@ -17,14 +18,11 @@ def test_masks_differ_between_steps_and_between_microbatches():
   # Plain SGD with lr 1: the update is the gradient itself.
   config.optimizer.update(name="sgd", momentum=0.0, learning_rate=1.0, schedule="constant",
                           warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0)
-  config = synthetic.validated(config, 1)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  graphdef, params = random_params(config.model, seed=6)
-  tx, schedule = optimizer.build_optimizer(config.optimizer, config.train.num_steps, params)
-  shardings = state_lib.state_shardings(params, tx, mesh)
-  initial = jax.device_get(state_lib.TrainState(step=np.int32(0), params=params, opt_state=tx.init(params),
-                                                rng=jax.random.key_data(jax.random.key(0))))
-  train_step = step_lib.make_train_step(graphdef, tx, schedule, mesh, shardings, microbatches=2, dropout=True)
+  config.train.microbatches = 2
+  setup = build_setup(synthetic.validated(config, 1), devices=jax.devices()[:1])
+  mesh, shardings = setup.mesh, setup.shardings
+  initial = jax.device_get(setup.state_from_params(random_params(config.model, seed=6)[1]))
+  train_step = setup.train_step()  # With dropout (model.dropout_rate) and 2 microbatches.
 
   def gradient(step, rows):
     """The gradient of one step on `rows` from the same parameters, at train step `step`."""

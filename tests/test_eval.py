@@ -6,21 +6,10 @@ import pytest
 
 import data
 from configs import base
+from tests.synthetic import RecordingWriter
 from tests.test_training import corpus_config
 from training import hooks as hooks_lib, step as step_lib
 from training.run import train
-
-
-class RecordingWriter:
-
-  def __init__(self):
-    self.records = []
-
-  def write(self, step, record):
-    self.records.append((step, record))
-
-  def progress(self, step, record, seconds_per_step):
-    pass
 
 
 def test_eval_loss_pools_every_token_of_every_source():

@@ -11,11 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-import sharding
 from configs import tiny
-from training import state as state_lib
 from training.checkpointing import Checkpointer
 from training.run import train
+from training.setup import build_setup
 from training.validation import ConfigError, validate
 
 # Each kill costs a process start (about 10 s with jax and TF imports): 12 of them land in
@@ -40,11 +39,7 @@ def _start(workdir, *extra, compilation_cache=None):
 
 def _final_params(workdir, step):
   config = validate(tiny.get_config(), 1, tokenizer_vocab_size=259)
-  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-  _, abstract_params = state_lib.abstract_model(config.model)
-  shardings = sharding.tree_shardings(abstract_params, mesh)
-  abstract = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                          abstract_params, shardings)
+  abstract = build_setup(config, devices=jax.devices()[:1]).abstract_state().params
   params = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(step, abstract)
   return [np.asarray(leaf) for leaf in jax.tree.leaves(params)]
 

@@ -25,7 +25,7 @@ from data.tokenizers import ByteTokenizer, HuggingFaceTokenizer, SentencePieceTo
 from data.tokenizers import build_tokenizer  # noqa: E402
 from data.tokenizers import train_sentencepiece  # noqa: E402
 from model import huggingface  # noqa: E402
-from training import huggingface_io  # noqa: E402
+from tools import huggingface_io  # noqa: E402
 from training.checkpointing import Checkpointer  # noqa: E402
 from training.state import abstract_model  # noqa: E402
 from training.validation import validate  # noqa: E402
@@ -451,3 +451,21 @@ def test_failed_import_leaves_no_output_behind(tmp_path, monkeypatch):
   huggingface_io.import_hf(str(tmp_path / "hf"), str(tmp_path / "out" / "loom"))
   assert sorted(os.listdir(tmp_path / "out")) == ["loom"]
   assert sorted(os.listdir(tmp_path / "out" / "loom")) == ["checkpoints", "config.py"]
+
+
+def test_import_refuses_an_output_filled_while_it_ran(tmp_path, monkeypatch):
+  make_hf_model("gpt2", tmp_path / "hf")
+  output = tmp_path / "out" / "loom"
+  write_config_py = huggingface_io._write_config_py
+
+  def someone_else_writes_there(path, *args):
+    write_config_py(path, *args)
+    output.mkdir(parents=True)
+    (output / "theirs.txt").write_text("")
+
+  monkeypatch.setattr(huggingface_io, "_write_config_py", someone_else_writes_there)
+  with pytest.raises(ValueError, match=r"--output=.*loom: cannot move the finished directory into place .*"
+                                       r"must stay new or empty"):
+    huggingface_io.import_hf(str(tmp_path / "hf"), str(output))
+  assert os.listdir(tmp_path / "out") == ["loom"]  # No temporary directory left beside it.
+  assert os.listdir(output) == ["theirs.txt"]  # What was there is left alone.

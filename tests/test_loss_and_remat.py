@@ -10,8 +10,8 @@ import pytest
 import sharding
 from tests import synthetic
 from tests.test_model import GPT2, LLAMA, mean_loss, model_config, random_params
-from training import optimizer, state as state_lib, step as step_lib
-from training.state import TrainState
+from training import state as state_lib, step as step_lib
+from training.setup import build_setup
 
 
 def relative_differences(tree, reference):
@@ -69,25 +69,20 @@ def test_chunked_loss_in_the_train_and_eval_steps_with_a_sharded_vocabulary():
   config.optimizer.update(name="sgd", momentum=0.0, learning_rate=1e6, schedule="constant",
                           warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0)
   config = synthetic.validated(config, 8)
-  mesh = sharding.make_mesh(config.mesh, jax.devices())
-  _, abstract_params = state_lib.abstract_model(config.model)
-  tx, schedule = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
-  _, params = random_params(config.model, seed=13)  # Faster than tracing the initialiser.
-  state = jax.device_put(TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                    rng=jax.random.key_data(jax.random.key(0))), shardings)
-  before = jax.device_get(state.params)
-  batch = sharding.global_batch_from_local(synthetic.batch(16, 32, 256, seed=13), mesh)
-  updates, metrics, rows = {}, {}, {}
+  setups = {}
   for loss_chunk in (0, 5):
     config.model.loss_chunk = loss_chunk
-    graphdef, _ = state_lib.abstract_model(config.model)
-    train_step = step_lib.make_train_step(graphdef, tx, schedule, mesh, shardings)
-    after, step_metrics = train_step(jax.tree.map(jnp.copy, state), batch)  # The step donates its state.
+    setups[loss_chunk] = build_setup(config)
+  _, params = random_params(config.model, seed=13)  # Faster than tracing the initialiser.
+  state = setups[0].state_from_params(params)
+  before = jax.device_get(state.params)
+  batch = sharding.global_batch_from_local(synthetic.batch(16, 32, 256, seed=13), setups[0].mesh)
+  updates, metrics, rows = {}, {}, {}
+  for loss_chunk, setup in setups.items():
+    after, step_metrics = setup.train_step()(jax.tree.map(jnp.copy, state), batch)  # The step donates its state.
     updates[loss_chunk] = jax.tree.map(np.subtract, before, jax.device_get(after.params))
     metrics[loss_chunk] = {k: float(v) for k, v in step_metrics.items()}
-    evaluate = step_lib.make_eval_step(graphdef, mesh, shardings.params, per_row=True)
-    rows[loss_chunk] = jax.device_get(evaluate(state.params, batch))
+    rows[loss_chunk] = jax.device_get(setup.eval_step(per_row=True)(state.params, batch))
   assert metrics[5]["tokens"] == metrics[0]["tokens"] == 16 * 32 - 16 - 5
   assert metrics[5]["loss"] == pytest.approx(metrics[0]["loss"], rel=1e-5)
   assert metrics[5]["grad_norm"] == pytest.approx(metrics[0]["grad_norm"], rel=1e-5)
@@ -105,17 +100,12 @@ def train_step_temp_bytes(loss_chunk, vocab_size, batch_size, seq_len):
   config.model.update(loss_chunk=loss_chunk, max_seq_len=seq_len)
   config.data.seq_len = seq_len
   config.train.global_batch_size = batch_size
-  config = synthetic.validated(config, 8)
-  mesh = sharding.make_mesh(config.mesh, jax.devices())
-  graphdef, abstract_params = state_lib.abstract_model(config.model)
-  tx, schedule = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
-  state = state_lib.abstract_train_state(config.model, tx, shardings)
-  rows = sharding.logical_to_sharding(("act_batch", None), mesh)
+  setup = build_setup(synthetic.validated(config, 8))
+  rows = sharding.logical_to_sharding(("act_batch", None), setup.mesh)
   batch = {name: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if name == "weights" else jnp.int32,
                                       sharding=rows)
            for name in ("inputs", "targets", "segment_ids", "positions", "weights")}
-  compiled = step_lib.make_train_step(graphdef, tx, schedule, mesh, shardings).lower(state, batch).compile()
+  compiled = setup.train_step().lower(setup.abstract_state(), batch).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
 

@@ -1,5 +1,6 @@
 """The transformer: packed-segment masking, causality, layout-independence of scan/remat,
 GPT-2 and Llama variants, bfloat16, greedy sampling and the FLOPs estimate."""
+import dataclasses
 import re
 
 import jax
@@ -10,7 +11,10 @@ import pytest
 from flax import nnx
 
 import model as model_lib
+from configs import base
 from model.attention import rotary_embedding
+from model.config import ModelConfig
+from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS
 from model.sampling import sample
 from tests import synthetic
 from training import state as state_lib
@@ -215,3 +219,59 @@ def test_rotary_embedding_matches_values_by_hand():
   np.testing.assert_allclose(got[0, 1, 0], [1 * 0.540302 - 3 * 0.841471, 2 * 0.99995 - 4 * 0.0099998,
                                             3 * 0.540302 + 1 * 0.841471, 4 * 0.99995 + 2 * 0.0099998],
                              rtol=1e-5)
+
+
+def test_model_config_defaults_are_configs_base():
+  """Field for field: the same names, and each default equal to base.py's value and of its type."""
+  base_model = base.get_config().model.to_dict()
+  defaults = {field.name: field.default for field in dataclasses.fields(ModelConfig)}
+  assert sorted(defaults) == sorted(base_model)
+  for name, value in base_model.items():
+    assert defaults[name] == value and type(defaults[name]) is type(value), name
+  assert ModelConfig.from_config(base.get_config().model) == ModelConfig()
+
+
+def test_model_config_fills_derived_fields_and_keeps_given_ones():
+  cfg = ModelConfig.from_config(dict(embed_dim=96, num_heads=6))
+  assert (cfg.num_kv_heads, cfg.head_dim) == (6, 16)
+  cfg = ModelConfig.from_config(dict(embed_dim=96, num_heads=6, num_kv_heads=2, head_dim=32))
+  assert (cfg.num_kv_heads, cfg.head_dim) == (2, 32)
+  # A config validation filled in and the one it came from are the same model.
+  assert ModelConfig.from_config(model_config()) == ModelConfig.from_config(synthetic.tiny_config(VOCAB).model)
+
+
+def test_model_config_refuses_unknown_fields_and_wrong_types():
+  with pytest.raises(ValueError, match="'num_head'"):
+    ModelConfig.from_config(dict(num_head=4))
+  with pytest.raises(ValueError, match="'embed_dim'=12.5 must be a int"):
+    ModelConfig.from_config(dict(embed_dim=12.5))
+  with pytest.raises(ValueError, match="'use_bias'=1 must be a bool"):
+    ModelConfig.from_config(dict(use_bias=1))
+  rope_theta = ModelConfig.from_config(dict(rope_theta=500000)).rope_theta
+  assert rope_theta == 500000.0 and type(rope_theta) is float
+
+
+def test_model_config_is_frozen_hashable_and_passes_through():
+  cfg = ModelConfig.from_config(model_config())
+  assert ModelConfig.from_config(cfg) is cfg
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.num_layers = 3
+  assert hash(cfg) == hash(ModelConfig.from_config(model_config()))
+  assert {cfg: 1}[ModelConfig.from_config(model_config())] == 1
+  assert jax.jit(lambda c: c.num_layers, static_argnums=0)(cfg) == cfg.num_layers
+  # The model keeps it as a static attribute of its graph, converted from the ConfigDict once.
+  graphdef, _ = state_lib.abstract_model(model_config())
+  assert nnx.merge(graphdef, state_lib.abstract_model(model_config())[1]).cfg == cfg
+
+
+def test_checkpoint_independent_fields_are_model_config_fields():
+  assert CHECKPOINT_INDEPENDENT_FIELDS <= {field.name for field in dataclasses.fields(ModelConfig)}
+
+
+@pytest.mark.parametrize("field,value", [("norm", "batchnorm"), ("position", "alibi"), ("mlp", "relu"),
+                                         ("dtype", "float16"), ("remat", "some")])
+def test_unknown_choices_are_refused_naming_the_field(field, value):
+  model_fields = synthetic.tiny_config(vocab_size=VOCAB).model  # Unvalidated: validation would refuse first.
+  model_fields[field] = value
+  with pytest.raises(ValueError, match=f"'model.{field}'='{value}'"):
+    state_lib.abstract_model(model_fields)

@@ -11,7 +11,8 @@ from ml_collections import ConfigDict
 import sharding
 from configs import base
 from tests import synthetic
-from training import optimizer, state as state_lib, step as step_lib
+from training import optimizer, state as state_lib
+from training.setup import build_setup
 
 
 def optimizer_config(**overrides) -> ConfigDict:
@@ -178,25 +179,18 @@ OPTIMIZERS = {
 def initial_params():
   """The tiny model's initial parameters, created once: the same start for every optimizer."""
   config = synthetic.validated(synthetic.tiny_config(), 1)
-  _, abstract_params = state_lib.abstract_model(config.model)
-  return jax.device_get(jax.jit(lambda: state_lib.new_train_state(config.model, optax.identity(), 0).params)())
+  return jax.device_get(build_setup(config, devices=jax.devices()[:1]).init_state(seed=0).params)
 
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_optimizer_lowers_the_loss(name, initial_params):
   config = synthetic.tiny_config()
   config.optimizer.update(schedule="constant", warmup_steps=0, **OPTIMIZERS[name])
-  config = synthetic.validated(config, 1)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  graphdef, abstract_params = state_lib.abstract_model(config.model)
-  tx, schedule = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
-  params = jax.device_put(initial_params, shardings.params)
-  state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                               rng=jax.random.key_data(jax.random.key(0)))
-  train_step = step_lib.make_train_step(graphdef, tx, schedule, mesh, shardings)
+  setup = build_setup(synthetic.validated(config, 1), devices=jax.devices()[:1])
+  state = setup.state_from_params(initial_params)
+  train_step = setup.train_step()
   batch = sharding.global_batch_from_local(
-      synthetic.batch(16, config.data.seq_len, config.model.vocab_size, seed=3), mesh)
+      synthetic.batch(16, config.data.seq_len, config.model.vocab_size, seed=3), setup.mesh)
   losses = []
   for _ in range(6):
     state, metrics = train_step(state, batch)

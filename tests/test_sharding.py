@@ -7,7 +7,8 @@ import pytest
 
 import sharding
 from tests import synthetic
-from training import optimizer, state as state_lib, step as step_lib
+from training import state as state_lib, step as step_lib
+from training.setup import build_setup
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
@@ -33,13 +34,10 @@ def _loss_and_grads(config, mesh, params_host, batch_host):
 @pytest.fixture(scope="module")
 def reference():
   config = synthetic.validated(synthetic.tiny_config(), 1)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  graphdef, abstract_params = state_lib.abstract_model(config.model)
-  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
-  params = jax.device_get(state_lib.init_train_state(config.model, tx, 0, shardings).params)
+  setup = build_setup(config, devices=jax.devices()[:1])
+  params = jax.device_get(setup.init_state(seed=0).params)
   batch = synthetic.batch(16, config.data.seq_len, config.model.vocab_size)
-  loss, grads = _loss_and_grads(config, mesh, params, batch)
+  loss, grads = _loss_and_grads(config, setup.mesh, params, batch)
   return params, batch, loss, grads
 
 
@@ -82,11 +80,7 @@ def test_per_row_eval_pools_to_the_batch_eval(reference):
 
 def _initialised_state(config):
   """The train state of `config` initialised in its sharded layout on the 8 test devices."""
-  config = synthetic.validated(config, 8)
-  mesh = sharding.make_mesh(config.mesh)
-  _, abstract_params = state_lib.abstract_model(config.model)
-  tx, _ = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  return state_lib.init_train_state(config.model, tx, 0, state_lib.state_shardings(abstract_params, tx, mesh))
+  return build_setup(synthetic.validated(config, 8)).init_state(seed=0)
 
 
 def test_fsdp_shards_params_and_optimizer_state():

@@ -9,8 +9,8 @@ import pytest
 import sharding
 from configs import base
 from tests import synthetic
-from training import optimizer, state as state_lib, step as step_lib
 from training.run import train
+from training.setup import build_setup
 from training.validation import ConfigError
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
@@ -40,15 +40,10 @@ def corpus_config(tmp_path, **train):
 
 
 def one_step(config, batch, num_devices=1):
-  config = synthetic.validated(config, num_devices)
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:num_devices])
-  graphdef, abstract_params = state_lib.abstract_model(config.model)
-  tx, schedule = optimizer.build_optimizer(config.optimizer, config.train.num_steps, abstract_params)
-  shardings = state_lib.state_shardings(abstract_params, tx, mesh)
-  state = state_lib.init_train_state(config.model, tx, config.seed, shardings)
+  setup = build_setup(synthetic.validated(config, num_devices), devices=jax.devices()[:num_devices])
+  state = setup.init_state()
   before = jax.device_get(state.params)
-  train_step = step_lib.make_train_step(graphdef, tx, schedule, mesh, shardings, config.train.microbatches)
-  state, metrics = train_step(state, sharding.global_batch_from_local(batch, mesh))
+  state, metrics = setup.train_step()(state, sharding.global_batch_from_local(batch, setup.mesh))
   return before, jax.device_get(state.params), {k: float(v) for k, v in metrics.items()}
 
 

@@ -20,8 +20,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 
 from model.huggingface import MODEL_TYPES  # noqa: E402
+from tools.huggingface_io import EXPORT_DTYPES, export_hf  # noqa: E402
 from training.cli import define_config_flag, parse_flags  # noqa: E402
-from training.huggingface_io import EXPORT_DTYPES, export_hf  # noqa: E402
 
 _CONFIG = define_config_flag(None, "The run's .py config file (default: the config saved in the "
                                    "checkpoint's record); its model fields must match the checkpoint's.")

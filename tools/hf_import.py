@@ -18,8 +18,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from absl import app, flags, logging  # noqa: E402
 
+from tools.huggingface_io import import_hf  # noqa: E402
 from training.cli import parse_flags  # noqa: E402
-from training.huggingface_io import import_hf  # noqa: E402
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory (config.json, *.safetensors).")
 _OUTPUT = flags.DEFINE_string("output", None,

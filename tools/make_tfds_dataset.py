@@ -27,7 +27,7 @@ _NAME = flags.DEFINE_string('name', None, 'TFDS dataset name (lower_snake_case).
 _VERSION = flags.DEFINE_string('version', '1.0.0', "Dataset version 'MAJOR.MINOR.PATCH'.")
 _PATHS = flags.DEFINE_string('paths', None, 'Comma-separated file globs (** recursive).',
                              required=True)
-_KIND = flags.DEFINE_enum('kind', 'text', ['text', 'jsonl'],
+_KIND = flags.DEFINE_enum('kind', 'text', list(sources.TFDS_WRITABLE_KINDS),
                           'text: one file = one document; jsonl: one JSON object per line.')
 _FIELD = flags.DEFINE_string('field', 'text', 'JSONL field holding the text.')
 _DATA_DIR = flags.DEFINE_string('data_dir', '', "TFDS data_dir ('' = ~/tensorflow_datasets).")

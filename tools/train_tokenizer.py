@@ -17,14 +17,14 @@ from absl import app, flags  # noqa: E402
 
 from data import source_rows  # noqa: E402
 from data.bad_data import BadData  # noqa: E402
-from data.tokenizers import NoTextError, SentencePieceTokenizer, train_sentencepiece  # noqa: E402
+from data.tokenizers import MODEL_TYPES, NoTextError, SentencePieceTokenizer, train_sentencepiece  # noqa: E402
 from training.cli import check_output_path, config_error, define_config_flag, parse_flags  # noqa: E402
 from training.validation import ConfigError, validate_data  # noqa: E402
 
 _CONFIG = define_config_flag("configs/quickstart.py", "Config whose data.sources to read.")
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the .model file.")
 _VOCAB_SIZE = flags.DEFINE_integer("vocab_size", None, "Pieces; default: the config's data.tokenizer_vocab_size.")
-_MODEL_TYPE = flags.DEFINE_enum("model_type", None, ["bpe", "unigram"],
+_MODEL_TYPE = flags.DEFINE_enum("model_type", None, list(MODEL_TYPES),
                                 "Default: the config's data.tokenizer_model_type.")
 _SPECIAL_TOKENS = flags.DEFINE_list("special_tokens", [], "Extra symbols that must stay single tokens.")
 _SOURCES = flags.DEFINE_list("sources", [], "Names of data.sources to read (default: all that are not prepared).")

@@ -33,13 +33,6 @@ def _is_loom_checkpoint(step_directory: str, items: tuple[str, ...] = REQUIRED) 
           and all(os.path.isdir(os.path.join(step_directory, item)) for item in items))
 
 
-def probe_writable(directory: str) -> None:
-  """Creates and removes a directory in `directory`, or raises the OSError that stops it. A real
-  probe: os.access says yes to root even where nothing can be created (/proc, a read-only mount)."""
-  probe = os.path.join(directory, f".write-check-{os.getpid()}-{id(directory)}")
-  os.mkdir(probe)
-  os.rmdir(probe)
-
 
 def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, int]:
   """(checkpoints directory, step) for a workdir, its checkpoints/ directory or one checkpoints/STEP.
@@ -124,11 +117,6 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"loom_set_aside_{step}")
     self._manager.reload()
     return target
-
-  def check_writable(self) -> None:
-    """An OSError now if nothing can be created in the directory: a save would fail after training,
-    and Orbax's background threads would then wait forever."""
-    probe_writable(self.directory)
 
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())

@@ -7,7 +7,7 @@ import traceback
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from training.checkpointing import probe_writable
+from data.files import writable_directory
 
 
 def define_config_flag(default: str | None, help_text: str, **kwargs):
@@ -22,8 +22,30 @@ def define_config_flag(default: str | None, help_text: str, **kwargs):
     raise _one_line(e, sys.argv) from None
 
 
+def skip_absent_tpu() -> None:
+  """Keeps JAX from starting its TPU backend on a machine with no TPU chips and no NVIDIA GPU.
+
+  requirements.txt installs libtpu everywhere (tools/plan.py compiles train steps for TPU slices with
+  it), and JAX then tries the TPU backend first: on a CPU machine libtpu prints an INVALID_ARGUMENT
+  block about TPU worker hostnames at every start before JAX falls back to the CPU. A platform the
+  user chose (JAX_PLATFORMS, or jax_platforms set in code) is left as it is.
+  """
+  if os.environ.get("JAX_PLATFORMS"):
+    return
+  import jax
+  try:
+    from jax._src import hardware_utils  # What JAX itself asks; private, so its absence is tolerated.
+    tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    nvidia_gpu = hardware_utils.has_visible_nvidia_gpu()
+  except (ImportError, AttributeError, OSError):
+    return
+  if not jax.config.jax_platforms and tpu_chips == 0 and not nvidia_gpu:
+    jax.config.update("jax_platforms", "cpu")
+
+
 def parse_flags(argv):
   """absl's parsing, with a bad config file or --config override reported in one line, not a traceback."""
+  skip_absent_tpu()  # Before anything starts a JAX backend.
   path = _config_file(argv).split(":", 1)[0]  # "file.py:arg" passes arg to get_config().
   if "config" in flags.FLAGS and any(a.startswith("--config") for a in argv[1:]) and path and \
       not os.path.isfile(path):
@@ -112,8 +134,7 @@ def check_output_path(path: str, flag: str, kind: str) -> str:
                      f"a {kind} path is expected")
   directory = path if kind == "directory" else os.path.dirname(path)
   try:
-    os.makedirs(directory, exist_ok=True)
-    probe_writable(directory)
+    writable_directory(directory)
   except OSError as e:
     raise SystemExit(f"flag error: {flag}={path}: cannot write to {directory} ({e})") from None
   return path

@@ -1,11 +1,14 @@
-"""Things that run every N steps, outside the step itself: logging, evaluation, checkpoints.
+"""Things that run outside the step itself: logging, evaluation, checkpoints.
 
-The loop calls `hook(step, state, metrics)` after every step; each hook decides
-from its own interval whether to act, and `finish` runs once at the end.
+The loop calls every hook through one interface, `Hooks`: `on_start` once before the first step,
+`on_step` after every step and `on_end` once after the last, with the reason the loop ended
+(FINISHED or PREEMPTED). Each hook decides from its own interval whether to act. The time a hook
+takes is reported to the others (`on_time_in_other_hooks`): the logging hook leaves it out of the
+step time.
 """
 import math
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
@@ -13,8 +16,28 @@ from training.checkpointing import Checkpointer
 from training.metric_writers import MetricWriter, StepTimer
 from training.state import TrainState
 
+FINISHED = "finished"  # The loop trained on every batch: the run reached its last step.
+PREEMPTED = "preempted"  # SIGTERM: the loop stops early, and the run exits after its hooks end.
+
 
 class Hook:
+  """The interface the loop calls; every method does nothing unless a hook overrides it."""
+
+  def on_start(self, step: int, state: TrainState) -> None:
+    """Before the first step of this run (after compiling): `step` is the state's."""
+
+  def on_step(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+    """After every step: `state` and `metrics` are step `step`'s output."""
+
+  def on_end(self, step: int, state: TrainState, metrics: dict[str, Any], reason: str) -> None:
+    """Once after the last step of this run, `reason` FINISHED or PREEMPTED."""
+
+  def on_time_in_other_hooks(self, seconds: float) -> None:
+    """Another hook has just taken `seconds`: not step time."""
+
+
+class IntervalHook(Hook):
+  """Acts (`run`) every `every` steps, and at the end of a finished run on a step it has not acted on."""
 
   def __init__(self, every: int):
     self.every = every
@@ -23,18 +46,47 @@ class Hook:
     return self.every > 0 and step % self.every == 0
 
   def __call__(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
+    """One hook alone, outside a loop (as tests call one): on_step."""
+    self.on_step(step, state, metrics)
+
+  def on_step(self, step, state, metrics):
     if self.due(step):
+      self.run(step, state, metrics)
+
+  def on_end(self, step, state, metrics, reason):
+    if reason == FINISHED and not self.due(step):  # A due step has run already.
       self.run(step, state, metrics)
 
   def run(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
     raise NotImplementedError
 
-  def finish(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
-    if not self.due(step):
-      self.run(step, state, metrics)
+
+class Hooks(Hook):
+  """Hooks called in order as one; the time each takes is reported to all the others."""
+
+  def __init__(self, hooks: Sequence[Hook]):
+    self.hooks = list(hooks)
+
+  def _call_each(self, call: Callable[[Hook], None]) -> None:
+    for hook in self.hooks:
+      start = time.perf_counter()
+      call(hook)
+      seconds = time.perf_counter() - start
+      for other in self.hooks:
+        if other is not hook:
+          other.on_time_in_other_hooks(seconds)
+
+  def on_start(self, step, state):
+    self._call_each(lambda hook: hook.on_start(step, state))
+
+  def on_step(self, step, state, metrics):
+    self._call_each(lambda hook: hook.on_step(step, state, metrics))
+
+  def on_end(self, step, state, metrics, reason):
+    self._call_each(lambda hook: hook.on_end(step, state, metrics, reason))
 
 
-class LoggingHook(Hook):
+class LoggingHook(IntervalHook):
   """Reads the step's metrics back from the devices only every `every` steps."""
 
   def __init__(self, every: int, writer: MetricWriter, start_step: int, tokens_per_step: int,
@@ -49,9 +101,11 @@ class LoggingHook(Hook):
     self.peak_flops = peak_flops
     self.last_logged: dict[str, float] = {}
 
-  def restart_timer(self, step: int) -> None:
-    """Step times count from here (after compiling), not from construction."""
-    self.timer = StepTimer(step)
+  def on_start(self, step, state):
+    self.timer = StepTimer(step)  # Step times count from here (after compiling), not from construction.
+
+  def on_time_in_other_hooks(self, seconds):
+    self.timer.exclude(seconds)
 
   def run(self, step, state, metrics):
     # Reading the metrics waits for the step to finish, so the timer is read after it.
@@ -68,7 +122,7 @@ class LoggingHook(Hook):
     self.writer.progress(step, values, seconds_per_step)
 
 
-class EvalHook(Hook):
+class EvalHook(IntervalHook):
   """Mean loss over each source's validation batches, weighted by target tokens.
 
   `eval_loss` covers every source's batches together; with several sources,
@@ -76,9 +130,10 @@ class EvalHook(Hook):
   """
 
   def __init__(self, every: int, eval_step: Callable, batches: dict[str, Callable[[], Iterable[Any]]],
-               writer: MetricWriter):
+               writer: MetricWriter, evaluate_at_start: bool = False):
     super().__init__(every)
     self.eval_step, self.batches, self.writer = eval_step, batches, writer
+    self.evaluate_at_start = evaluate_at_start  # Where continued training starts from.
     self.history: list[tuple[int, float]] = []
     self.source_history: dict[str, list[tuple[int, float]]] = {name: [] for name in batches}
 
@@ -97,6 +152,10 @@ class EvalHook(Hook):
   def evaluate(self, params) -> float:
     totals = self.evaluate_sources(params).values()
     return sum(loss for loss, _ in totals) / max(sum(weight for _, weight in totals), 1.0)
+
+  def on_start(self, step, state):
+    if self.evaluate_at_start and self.every:
+      self.run(step, state, {})
 
   def run(self, step, state, metrics):
     totals = self.evaluate_sources(state.params)
@@ -129,7 +188,7 @@ class MixtureStats:
     return {f"data/fraction/{name}": count / total for name, count in zip(self.names, self.counts)}
 
 
-class CheckpointHook(Hook):
+class CheckpointHook(IntervalHook):
 
   def __init__(self, every: int, checkpointer: Checkpointer, record: Callable[[int], dict[str, Any]]):
     super().__init__(every)
@@ -138,18 +197,7 @@ class CheckpointHook(Hook):
   def run(self, step, state, metrics):
     self.checkpointer.save(state, self.record(step))
 
-  def finish(self, step, state, metrics):
-    self.run(step, state, metrics)
+  def on_end(self, step, state, metrics, reason):
+    self.run(step, state, metrics)  # Finished or preempted: the last step is saved (once, if due).
     self.checkpointer.wait()
 
-
-def run_hooks(hooks: list[Hook], step: int, state: TrainState, metrics: dict[str, Any],
-              final: bool = False) -> None:
-  """Runs every hook; the time that evaluation and checkpoints take is not step time."""
-  timers = [hook.timer for hook in hooks if isinstance(hook, LoggingHook)]
-  for hook in hooks:
-    start = time.perf_counter()
-    hook.finish(step, state, metrics) if final else hook(step, state, metrics)
-    if not isinstance(hook, LoggingHook):
-      for timer in timers:
-        timer.exclude(time.perf_counter() - start)

@@ -14,6 +14,7 @@ from absl import logging
 
 from training.checkpointing import Checkpointer, locate
 from training.optimizer import parameter_paths
+from training.setup import Setup
 from training.state import TrainState
 
 
@@ -25,9 +26,9 @@ def _extend_rows(array: jax.Array, rows: int, axis: int) -> jax.Array:
   return jnp.concatenate([array, jnp.broadcast_to(mean, extra).astype(array.dtype)], axis=axis)
 
 
-def initial_state(init_cfg, model_cfg, tx, abstract_state: TrainState, shardings: TrainState,
-                  seed: int) -> tuple[TrainState, dict]:
+def initial_state(init_cfg, setup: Setup) -> tuple[TrainState, dict]:
   """The state this run starts from, built from init.checkpoint; and that checkpoint's record."""
+  abstract_state, shardings = setup.abstract_state(), setup.shardings
   directory, step = locate(init_cfg.checkpoint, init_cfg.step, field="init.checkpoint")
   source = Checkpointer(directory, async_save=False, read_only=True)
   record = source.record(step)
@@ -38,7 +39,7 @@ def initial_state(init_cfg, model_cfg, tx, abstract_state: TrainState, shardings
   if missing:
     raise ValueError(f"init.checkpoint: {directory}/{step} has no parameters {missing[:5]}; is it "
                      "a checkpoint of this model? (its config is in its record)")
-  vocab = model_cfg.vocab_size
+  vocab = setup.config.model.vocab_size
   replicated = jax.sharding.NamedSharding(shardings.step.mesh, jax.sharding.PartitionSpec())
 
   def target(path, leaf):
@@ -72,10 +73,8 @@ def initial_state(init_cfg, model_cfg, tx, abstract_state: TrainState, shardings
                        "(a converted model?); set it to False")
     opt_state = source.restore_opt_state(step, abstract_state.opt_state)
   else:
-    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+    opt_state = None  # A fresh one.
   start = int(record.get("step", step)) if init_cfg.keep_step else 0
-  rng = jax.random.key_data(jax.random.split(jax.random.key(seed))[1])
-  state = TrainState(step=jax.device_put(jnp.asarray(start, jnp.int32), shardings.step), params=params,
-                     opt_state=opt_state, rng=jax.device_put(rng, shardings.rng))
+  state = setup.state_from_params(params, step=start, opt_state=opt_state)
   source.close()
   return state, dict(record, directory=directory, restored_step=step)

@@ -7,6 +7,8 @@ from typing import Any
 
 import jax
 
+from data.files import atomic_write
+
 
 def _format_duration(seconds: float) -> str:
   seconds = int(max(seconds, 0))
@@ -85,9 +87,8 @@ def _drop_records_after(path: str, step: int) -> None:
   with open(path) as f:
     kept = [line for line in f if _step_of(line) is not None and _step_of(line) <= step]
   # Replaced whole, never truncated in place: a kill mid-rewrite leaves the old file or the new one.
-  with open(path + ".tmp", "w") as f:
+  with atomic_write(path) as f:
     f.writelines(kept)
-  os.replace(path + ".tmp", path)
 
 
 def _step_of(line: str) -> int | None:

@@ -5,6 +5,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+# optimizer.schedule's values: learning_rate_schedule computes each (validation reads this list).
+SCHEDULES = ("warmup_cosine", "warmup_linear", "constant", "wsd", "rsqrt")
+
 
 def learning_rate_schedule(cfg, num_steps: int) -> optax.Schedule:
   """Peak `cfg.learning_rate` after a linear warmup, then the named decay.
@@ -37,7 +40,7 @@ def learning_rate_schedule(cfg, num_steps: int) -> optax.Schedule:
     elif cfg.schedule == "rsqrt":
       decayed = peak * jnp.sqrt(max(warmup, 1) / jnp.maximum(step, max(warmup, 1)))
     else:
-      raise ValueError(f"optimizer.schedule={cfg.schedule!r} is not a known schedule")
+      raise ValueError(f"optimizer.schedule={cfg.schedule!r}; allowed: {', '.join(SCHEDULES)}")
     return jnp.where(step < warmup, peak * warmup_factor(step), decayed)
 
   return schedule
@@ -132,6 +135,10 @@ def weight_decay_mask(params, decay_embeddings: bool):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# optimizer.name's values: build_optimizer builds each (validation reads this list).
+OPTIMIZERS = ("adamw", "sgd", "adafactor")
+
+
 def build_optimizer(cfg, num_steps: int, params, frozen=None
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`frozen`: a trainable_mask (or None); frozen parameters get zero updates."""
@@ -152,7 +159,7 @@ def build_optimizer(cfg, num_steps: int, params, frozen=None
         optax.adafactor(None, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask),
         optax.scale_by_learning_rate(schedule, flip_sign=False))
   else:
-    raise ValueError(f"optimizer.name={cfg.name!r} is not a known optimizer")
+    raise ValueError(f"optimizer.name={cfg.name!r}; allowed: {', '.join(OPTIMIZERS)}")
   if cfg.grad_clip_norm > 0:
     core = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), core)
   if frozen is not None:

@@ -22,9 +22,7 @@ import model as model_lib
 import sharding
 from training import accelerators
 from training.accelerators import GiB, Chip
-from training.optimizer import build_optimizer
-from training.state import abstract_model, abstract_train_state, state_shardings
-from training.step import make_train_step
+from training.setup import build_setup
 from training.validation import ConfigError, validate
 
 # Chips per slice name for TPUs whose name counts TensorCores (two per chip), and the
@@ -34,7 +32,8 @@ _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128
 _SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
               512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
 _GPU_KINDS = ("a100", "h100", "h200")
-REMAT_SEARCH = ("none", "dots", "proj", "full", "offload")
+# model.REMAT_POLICIES, least recomputation first: the order --search tries them in.
+REMAT_SEARCH = tuple(sorted(model_lib.REMAT_POLICIES, key=("none", "dots", "proj", "full", "offload").index))
 
 
 @dataclasses.dataclass
@@ -285,12 +284,10 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
   # abstract devices gives the same per-device shapes.
   mesh = (sharding.make_mesh(cfg.mesh, target.devices) if target.devices else
           jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES))
-  graphdef, abstract_params = abstract_model(cfg.model)
-  tx, schedule = build_optimizer(cfg.optimizer, cfg.train.num_steps, abstract_params, None)
-  shardings = state_shardings(abstract_params, tx, mesh)
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  params_bytes = _per_device_bytes(abstract_params, shardings.params)
-  opt_bytes = _per_device_bytes(abstract_opt, shardings.opt_state)
+  setup = build_setup(cfg, mesh)
+  abstract_state = setup.abstract_state()
+  params_bytes = _per_device_bytes(abstract_state.params, setup.shardings.params)
+  opt_bytes = _per_device_bytes(abstract_state.opt_state, setup.shardings.opt_state)
   global_batch, length = cfg.train.global_batch_size, cfg.data.seq_len
   batch = abstract_batch(global_batch, length, mesh)
   batch_bytes = sum(_per_device_bytes(leaf, leaf.sharding) for leaf in batch.values())
@@ -315,11 +312,9 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
     result.total_bytes = params_bytes + opt_bytes + batch_bytes + result.temp_bytes
     result.memory_source = "estimated from the model: no compiler for this target here"
   else:
-    train_step = make_train_step(graphdef, tx, schedule, mesh, shardings, cfg.train.microbatches,
-                                 dropout=cfg.model.dropout_rate > 0)
     start = time.perf_counter()
     try:
-      compiled = train_step.lower(abstract_train_state(cfg.model, tx, shardings), batch).compile()
+      compiled = setup.train_step().lower(abstract_state, batch).compile()
     except Exception as e:  # noqa: BLE001 -- the compiler's out-of-memory error is the answer.
       summary = out_of_memory_summary(e)
       if summary is None:

@@ -1,7 +1,7 @@
 """`train(config, workdir)`: the whole run, top to bottom.
 
-config -> mesh -> data -> model and optimizer -> sharded state (fresh or
-restored) -> jitted steps -> hooks -> loop -> samples.
+config -> mesh -> data -> setup (model, optimizer, shardings: training/setup.py) ->
+state (resumed, from init.checkpoint, or fresh) -> hooks -> loop -> samples.
 """
 import collections
 import dataclasses
@@ -11,7 +11,7 @@ import json
 import os
 import socket
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -21,18 +21,18 @@ from ml_collections import ConfigDict
 import data
 import model as model_lib
 import sharding
+from data.files import atomic_write, writable_directory
 from model.sampling import sample
 from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS, COMPUTE_DTYPES
 from training import hooks as hooks_lib
 from training import init_from, planner
+from training import setup as setup_lib
 from training.checkpointing import Checkpointer
 from training.cpu_memory import keep_step_buffers_mapped
 from training.metric_writers import MetricWriter
-from training.optimizer import build_optimizer, trainable_mask
 from training.preemption import Preemption
 from training.peak_flops import peak_flops
-from training.state import abstract_model, abstract_train_state, init_train_state, state_shardings
-from training.step import make_eval_step, make_train_step
+from training.state import TrainState
 from training.validation import ConfigError, validate
 from version import __version__
 
@@ -53,48 +53,91 @@ class RunResult:
   preempted: bool
 
 
+@dataclasses.dataclass
+class Start:
+  """Where this run starts: its state, and what it was made from."""
+  state: TrainState
+  step: int
+  resumed_from: int | None  # The workdir's checkpoint step this run resumes, if any.
+  init_record: dict[str, Any] | None  # init.checkpoint's record, when the run starts from one.
+  resume_changes: list[str]  # How the config differs from the resumed checkpoint's run.
+
+
+def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook] = ()) -> RunResult:
+  """Checks the config and the workdir, sets up the model on the mesh, resumes (or initialises) the
+  state, trains with the hooks (logging, evaluation, checkpoints, then `extra_hooks`) to the last step
+  or SIGTERM, and samples from a finished model."""
+  config = _check_config_and_workdir(config, workdir)
+  mesh = setup_lib.make_mesh(config)
+  datasets, config = _build_datasets(config, workdir)
+  setup = setup_lib.build_setup(config, mesh)
+  logging.info("model: %.2fM parameters", model_lib.num_params(config.model) / 1e6)
+  checkpointer = _open_checkpointer(config, workdir)
+  start = _resume_or_init(setup, checkpointer, datasets, workdir)
+  if jax.process_index() == 0:  # After the resume checks: a refused run leaves the workdir's as it was.
+    with atomic_write(os.path.join(workdir, "config.json")) as f:
+      f.write(config.to_json(indent=2))
+  peak = peak_flops(COMPUTE_DTYPES[config.model.dtype])  # Measured on a CPU: once.
+  writer = _open_writer(setup, workdir, start, datasets, peak)
+  mixture_stats = hooks_lib.MixtureStats(datasets.names)
+  logging_hook, eval_hook, checkpoint_hook = _make_hooks(setup, datasets, writer, checkpointer, start,
+                                                         mixture_stats, peak[0])
+
+  state, step, preempted = start.state, start.step, False
+  batches = _train_batches(datasets, mesh, start.step, config.train.stop_at_step or config.train.num_steps,
+                           mixture_stats)
+  first_batch = next(batches, None)
+  if first_batch is None:
+    writer.text(f"already at step {start.step}: nothing to train")
+  else:
+    compiled_step = _compile(setup.train_step(), state, first_batch, mesh, writer)
+    hooks = hooks_lib.Hooks([logging_hook, eval_hook, checkpoint_hook, *extra_hooks])
+    state, step, preempted = _loop(compiled_step, state, itertools.chain([first_batch], batches), hooks, step)
+    if preempted:
+      writer.text(f"preempted (SIGTERM) after step {step}: checkpoint saved; exiting")
+  checkpointer.close()
+
+  finished = step == config.train.num_steps and not preempted and first_batch is not None  # Trained to the end now.
+  samples = _samples(config, setup.graphdef, state, datasets.tokenizer) if finished else []
+  for text in samples:
+    writer.text("--- sample ---\n" + text)
+  writer.close()
+  _unlock_workdir(workdir)
+  return RunResult(config=config, state=state, graphdef=setup.graphdef, tokenizer=datasets.tokenizer,
+                   last_metrics=logging_hook.last_logged, eval_history=eval_hook.history,
+                   eval_history_by_source=eval_hook.source_history,
+                   samples=samples, resumed_from=start.resumed_from, preempted=preempted)
+
+
+def _check_config_and_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
+  """Everything that can be checked without data, before anything is built; takes the workdir."""
+  setup_lib.use_cpu_devices(config)
+  config = validate(config, jax.device_count())
+  if config.compilation_cache_dir:  # Before anything compiles.
+    jax.config.update("jax_compilation_cache_dir", _compilation_cache_dir(config.compilation_cache_dir))
+  try:
+    writable_directory(workdir)
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir} cannot be used as a directory ({e})") from None
+  _lock_workdir(workdir)
+  keep_step_buffers_mapped()  # On a CPU, the step's large buffers stay mapped (training/cpu_memory.py).
+  return config
+
+
 def _compilation_cache_dir(path: str) -> str:
   """The path, created if local: JAX would otherwise skip an unwritable cache with only a warning."""
   path = os.path.expanduser(path)
   if "://" not in path:  # gs:// and other remote paths are JAX's (etils') to open.
     try:
-      os.makedirs(path, exist_ok=True)
-      if not os.access(path, os.W_OK):
-        raise PermissionError("not writable")
+      writable_directory(path)
     except OSError as e:
       raise ConfigError(f"compilation_cache_dir={path!r} cannot be used as a directory ({e}); "
                         "give a writable directory, or '' for no cache") from None
   return path
 
 
-def train(config: ConfigDict, workdir: str) -> RunResult:
-  # --- Config: everything that can be checked without data, before anything is built.
-  try:
-    sharding.use_cpu_devices(config.cpu_devices)
-  except ValueError as e:
-    raise ConfigError(str(e)) from e
-  validate(config, jax.device_count())
-  if config.compilation_cache_dir:  # Before anything compiles.
-    jax.config.update("jax_compilation_cache_dir", _compilation_cache_dir(config.compilation_cache_dir))
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f"--workdir={workdir} cannot be used as a directory ({e})") from None
-  _lock_workdir(workdir)
-  keep_step_buffers_mapped()  # On a CPU, the step's large buffers stay mapped (training/cpu_memory.py).
-
-  # --- Mesh.
-  mesh = sharding.make_mesh(config.mesh)
-  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-  if config.model.attention == "cudnn" and mesh.devices.flat[0].platform != "gpu":
-    raise ConfigError(f"model.attention='cudnn' needs NVIDIA GPUs, not {mesh.devices.flat[0].platform}; "
-                      "use auto, xla or blockwise")
-  if config.model.attention == "splash" and mesh.devices.flat[0].platform != "tpu":
-    logging.warning("model.attention='splash' on %s runs the TPU kernel in Pallas's interpreter, which is "
-                    "very slow; model.attention='auto' picks this platform's best",
-                    mesh.devices.flat[0].platform)
-
-  # --- Input.
+def _build_datasets(config: ConfigDict, workdir: str) -> tuple[data.Datasets, ConfigDict]:
+  """The input, and the config validated against its tokenizer."""
   try:
     datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,
                                    seed=config.seed, workdir=workdir,
@@ -110,26 +153,23 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
     logging.warning("optimizer.warmup_steps=%d >= train.num_steps=%d: the learning rate warms up for the "
                     "whole run and never reaches optimizer.learning_rate", config.optimizer.warmup_steps,
                     config.train.num_steps)
-  train_cfg = config.train
+  return datasets, config
 
-  # --- Model, optimizer and their shardings.
-  graphdef, abstract_params = abstract_model(config.model)
-  try:
-    frozen = trainable_mask(abstract_params, config.init.freeze, config.init.freeze_layers,
-                            config.model.num_layers)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  tx, schedule = build_optimizer(config.optimizer, train_cfg.num_steps, abstract_params, frozen)
-  shardings = state_shardings(abstract_params, tx, mesh)
-  logging.info("model: %.2fM parameters", model_lib.num_params(config.model) / 1e6)
 
-  # --- Checkpoint: resume from the latest one in the workdir, else start from init.checkpoint or afresh.
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_cfg.keep_checkpoints,
-                              keep_every=train_cfg.keep_checkpoints_every)
+def _open_checkpointer(config: ConfigDict, workdir: str) -> Checkpointer:
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
+                              keep_every=config.train.keep_checkpoints_every)
   try:
-    checkpointer.check_writable()
+    writable_directory(checkpointer.directory)
   except OSError as e:
     raise ConfigError(f"--workdir={workdir}: cannot write checkpoints to {checkpointer.directory} ({e})") from None
+  return checkpointer
+
+
+def _resume_or_init(setup: setup_lib.Setup, checkpointer: Checkpointer, datasets: data.Datasets,
+                    workdir: str) -> Start:
+  """Resumes from the latest checkpoint in the workdir, else starts from init.checkpoint or afresh."""
+  config = setup.config
   resumed_from, passed_over = checkpointer.latest_resumable_step()
   if passed_over and resumed_from is None:
     raise ConfigError(f"{checkpointer.directory} holds no checkpoint this run can resume from "
@@ -143,14 +183,12 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
   resume_changes: list[str] = []
   if resumed_from is None and config.init.checkpoint:
     try:
-      state, init_record = init_from.initial_state(config.init, config.model, tx,
-                                                   abstract_train_state(config.model, tx, shardings),
-                                                   shardings, config.seed)
+      state, init_record = init_from.initial_state(config.init, setup)
     except ValueError as e:
       raise ConfigError(str(e)) from None
     logging.info("initialised from %s step %d", init_record["directory"], init_record["restored_step"])
   elif resumed_from is None:
-    state = init_train_state(config.model, tx, config.seed, shardings)
+    state = setup.init_state()
   else:
     resume_record = checkpointer.record(resumed_from)
     resume_changes = _resume_changes(resume_record, config, workdir)
@@ -159,52 +197,63 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
                        "or packing changed), so the batches from here on are not the ones that run would have read"
                        for name, rows_id in datasets.rows_ids.items() if saved_rows.get(name, rows_id) != rows_id]
     try:
-      state, record = checkpointer.restore(resumed_from, abstract_train_state(config.model, tx, shardings))
+      state, record = checkpointer.restore(resumed_from, setup.abstract_state())
     except Exception as e:  # noqa: BLE001 -- a damaged array file: say which checkpoint, and what to do.
       step_dir = os.path.join(checkpointer.directory, str(resumed_from))
       raise ConfigError(f"{step_dir} cannot be restored ({type(e).__name__}: {str(e)[:200]}); move it aside "
                         f"(mv {step_dir} {step_dir}.damaged) to resume from the step before it") from None
     logging.info("resumed from step %d (data position %s)", resumed_from, record.get("data"))
-  start_step = int(jax.device_get(state.step))
-  if jax.process_index() == 0:  # After the resume checks: a refused run leaves the workdir's as it was.
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json(indent=2))
+  return Start(state=state, step=int(jax.device_get(state.step)), resumed_from=resumed_from,
+               init_record=init_record, resume_changes=resume_changes)
 
-  # --- Steps.
-  train_step = make_train_step(graphdef, tx, schedule, mesh, shardings, train_cfg.microbatches,
-                               dropout=config.model.dropout_rate > 0)
-  eval_step = make_eval_step(graphdef, mesh, shardings.params)
+
+def _open_writer(setup: setup_lib.Setup, workdir: str, start: Start, datasets: data.Datasets,
+                 peak: tuple[float, str]) -> MetricWriter:
+  """The metric writer, which starts the log with what this run is and where it starts from; `peak`:
+  training/peak_flops.py's FLOP/s and their source."""
+  config = setup.config
+  # Records past the restored step are rewritten by this run; with nothing restored, those at the
+  # start step too (an evaluation of init.checkpoint that a killed earlier attempt logged).
+  writer = MetricWriter(workdir, config.train.num_steps,
+                        resume_step=start.step if start.resumed_from is not None else start.step - 1)
+  peak, peak_source = peak
+  init_record = start.init_record
+  writer.text(f"loom: {model_lib.num_params(config.model) / 1e6:.2f}M parameters, "
+              f"{model_lib.flops_per_token(config.model, config.data.seq_len) / 1e6:.1f} MFLOPs/token, "
+              f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), mesh {dict(setup.mesh.shape)}, "
+              + (f"resumed at step {start.step}" if start.resumed_from is not None
+                 else f"initialised from {init_record['directory']} step {init_record['restored_step']}"
+                 if init_record else "fresh start"))
+  if start.resume_changes:
+    writer.text("resumed with changes from the checkpointed run: " + "; ".join(start.resume_changes))
+  if datasets.bad_data_counts:  # Counted while the data was read, before the first step.
+    writer.write(start.step, {f"data/skipped/{reason}": count
+                              for reason, count in datasets.bad_data_counts.items()})
+  return writer
+
+
+def _make_hooks(setup: setup_lib.Setup, datasets: data.Datasets, writer: MetricWriter,
+                checkpointer: Checkpointer, start: Start, mixture_stats: hooks_lib.MixtureStats,
+                peak: float) -> tuple[hooks_lib.LoggingHook, hooks_lib.EvalHook, hooks_lib.CheckpointHook]:
+  """Logging, evaluation (of the start too, when continued training starts from init.checkpoint) and
+  checkpoints, in the order they run after a step."""
+  config, train_cfg = setup.config, setup.config.train
+  logging_hook = hooks_lib.LoggingHook(train_cfg.log_every, writer, start.step,
+                                       train_cfg.global_batch_size * config.data.seq_len,
+                                       model_lib.flops_per_token(config.model, config.data.seq_len), peak,
+                                       extra_metrics=mixture_stats.metrics)
+  eval_step = setup.eval_step()
 
   def eval_batches(name):
     def batches():
       for local in datasets.eval_batches(name, train_cfg.eval_batches):
         local.pop("source_counts", None)
-        yield sharding.global_batch_from_local(local, mesh)
+        yield sharding.global_batch_from_local(local, setup.mesh)
     return batches
 
-  # --- Hooks: logging, evaluation, checkpoints.
-  # Records past the restored step are rewritten by this run; with nothing restored, those at the
-  # start step too (an evaluation of init.checkpoint that a killed earlier attempt logged).
-  writer = MetricWriter(workdir, train_cfg.num_steps,
-                        resume_step=start_step if resumed_from is not None else start_step - 1)
-  tokens_per_step = train_cfg.global_batch_size * config.data.seq_len
-  peak, peak_source = peak_flops(COMPUTE_DTYPES[config.model.dtype])
-  flops_per_token = model_lib.flops_per_token(config.model, config.data.seq_len)
-  writer.text(f"loom: {model_lib.num_params(config.model) / 1e6:.2f}M parameters, "
-              f"{flops_per_token / 1e6:.1f} MFLOPs/token, peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), "
-              f"mesh {dict(mesh.shape)}, " + (f"resumed at step {start_step}" if resumed_from is not None
-                                             else f"initialised from {init_record['directory']} step "
-                                             f"{init_record['restored_step']}" if init_record else "fresh start"))
-  if resume_changes:
-    writer.text("resumed with changes from the checkpointed run: " + "; ".join(resume_changes))
-  if datasets.bad_data_counts:  # Counted while the data was read, before the first step.
-    writer.write(start_step, {f"data/skipped/{reason}": count
-                              for reason, count in datasets.bad_data_counts.items()})
-  mixture_stats = hooks_lib.MixtureStats(datasets.names)
-  logging_hook = hooks_lib.LoggingHook(train_cfg.log_every, writer, start_step, tokens_per_step,
-                                       flops_per_token, peak, extra_metrics=mixture_stats.metrics)
-  eval_hook = hooks_lib.EvalHook(train_cfg.eval_every, eval_step,
-                                 {name: eval_batches(name) for name in datasets.names}, writer)
+  eval_hook = hooks_lib.EvalHook(train_cfg.eval_every, eval_step, {name: eval_batches(name) for name in datasets.names},
+                                 writer, evaluate_at_start=start.init_record is not None)
+  init_record = start.init_record
   checkpoint_hook = hooks_lib.CheckpointHook(
       train_cfg.checkpoint_every, checkpointer,
       lambda step: {"step": step, "loom_version": __version__,
@@ -213,68 +262,55 @@ def train(config: ConfigDict, workdir: str) -> RunResult:
                              "rows": datasets.rows_ids},
                     "config": json.loads(config.to_json()),
                     "init": init_record and {k: init_record.get(k) for k in ("directory", "restored_step")}})
-  hooks = [logging_hook, eval_hook, checkpoint_hook]
+  return logging_hook, eval_hook, checkpoint_hook
 
-  # --- Loop. The step is compiled ahead of time so that no logged step time includes compiling.
+
+def _train_batches(datasets: data.Datasets, mesh, start_step: int, stop_step: int,
+                   mixture_stats: hooks_lib.MixtureStats):
+  """The global batches of steps start_step + 1 to stop_step, their sources counted as they pass."""
+  for local in datasets.train_batches(start_step, stop_step):
+    mixture_stats.add(local.pop("source_counts"))
+    yield sharding.global_batch_from_local(local, mesh)
+
+
+def _compile(train_step, state: TrainState, first_batch, mesh, writer: MetricWriter):
+  """The step compiled ahead of time, so that no logged step time includes compiling, and checked
+  to fit the devices' memory before the first step, not at its first allocation."""
+  compile_start = time.perf_counter()
+  try:
+    compiled_step = train_step.lower(state, first_batch).compile()
+  except Exception as e:  # noqa: BLE001 -- a TPU compiler refuses a step that does not fit its memory.
+    too_big = planner.compile_error(e)
+    if too_big is None:
+      raise
+    raise too_big from None
+  planner.check_fits(compiled_step, mesh.devices.flat[0])
+  writer.text(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
+  return compiled_step
+
+
+def _loop(compiled_step, state: TrainState, batches, hooks: hooks_lib.Hook, step: int
+          ) -> tuple[TrainState, int, bool]:
+  """Trains on every batch, or until SIGTERM; the state, its step, and whether it was preempted."""
   metrics: dict[str, Any] = {}
-  step = start_step
-  preempted = False
-  stop_step = train_cfg.stop_at_step or train_cfg.num_steps
-
-  def batches_on_mesh():
-    for local in datasets.train_batches(start_step, stop_step):
-      mixture_stats.add(local.pop("source_counts"))
-      yield sharding.global_batch_from_local(local, mesh)
-  batches = batches_on_mesh()
-  first_batch = next(batches, None)
-  if first_batch is None:
-    writer.text(f"already at step {start_step}: nothing to train")
-  else:
-    compile_start = time.perf_counter()
-    try:
-      compiled_step = train_step.lower(state, first_batch).compile()
-    except Exception as e:  # noqa: BLE001 -- a TPU compiler refuses a step that does not fit its memory.
-      too_big = planner.compile_error(e)
-      if too_big is None:
-        raise
-      raise too_big from None
-    planner.check_fits(compiled_step, mesh.devices.flat[0])  # Before the first step, not at its first allocation.
-    writer.text(f"compiled the train step in {time.perf_counter() - compile_start:.1f}s")
-    if init_record is not None and train_cfg.eval_every:  # Where continued training starts from.
-      eval_hook.run(start_step, state, {})
-    logging_hook.restart_timer(start_step)
-    in_flight = collections.deque()
-    with Preemption() as preemption:
-      for batch in itertools.chain([first_batch], batches):
-        state, metrics = compiled_step(state, batch)
-        step += 1
-        # Dispatch runs at most STEPS_IN_FLIGHT steps ahead of the devices: enough to prepare the
-        # next batch while a step runs, and XLA's CPU runtime can deadlock at a collective's
-        # rendezvous when hundreds of multi-device steps are queued (seen with 2 CPU devices).
-        in_flight.append(metrics["loss"])
-        if len(in_flight) > STEPS_IN_FLIGHT:
-          in_flight.popleft().block_until_ready()
-        hooks_lib.run_hooks(hooks, step, state, metrics)
-        if preemption.reached(step):
-          checkpoint_hook.finish(step, state, metrics)
-          writer.text(f"preempted (SIGTERM) after step {step}: checkpoint saved; exiting")
-          preempted = True
-          break
-      else:
-        hooks_lib.run_hooks(hooks, step, state, metrics, final=True)
-  checkpointer.close()
-
-  # --- Samples.
-  finished = step == train_cfg.num_steps and not preempted and first_batch is not None  # Trained to the end now.
-  samples = _samples(config, graphdef, state, datasets.tokenizer) if finished else []
-  for text in samples:
-    writer.text("--- sample ---\n" + text)
-  writer.close()
-  _unlock_workdir(workdir)
-  return RunResult(config=config, state=state, graphdef=graphdef, tokenizer=datasets.tokenizer,
-                   last_metrics=logging_hook.last_logged, eval_history=eval_hook.history,
-                   eval_history_by_source=eval_hook.source_history,
-                   samples=samples, resumed_from=resumed_from, preempted=preempted)
+  hooks.on_start(step, state)
+  in_flight = collections.deque()
+  with Preemption() as preemption:
+    for batch in batches:
+      state, metrics = compiled_step(state, batch)
+      step += 1
+      # Dispatch runs at most STEPS_IN_FLIGHT steps ahead of the devices: enough to prepare the
+      # next batch while a step runs, and XLA's CPU runtime can deadlock at a collective's
+      # rendezvous when hundreds of multi-device steps are queued (seen with 2 CPU devices).
+      in_flight.append(metrics["loss"])
+      if len(in_flight) > STEPS_IN_FLIGHT:
+        in_flight.popleft().block_until_ready()
+      hooks.on_step(step, state, metrics)
+      if preemption.reached(step):
+        hooks.on_end(step, state, metrics, hooks_lib.PREEMPTED)
+        return state, step, True
+    hooks.on_end(step, state, metrics, hooks_lib.FINISHED)
+  return state, step, False
 
 
 _workdir_locks = {}  # Released when train() returns; however the process ends, the OS releases them.

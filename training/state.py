@@ -1,4 +1,5 @@
-"""The train state: parameters, optimizer state, step and RNG, created sharded on the mesh."""
+"""The train state (parameters, optimizer state, step and RNG) and its shardings on a mesh;
+training/setup.py creates it sharded."""
 import flax
 import jax
 import jax.numpy as jnp
@@ -24,30 +25,19 @@ def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
   return nnx.split(model)
 
 
+def state_rng(seed: int) -> jax.Array:
+  """The state's RNG for `seed`: the second half of its split, the first initialises the parameters.
+  Raw uint32 key data, so that it checkpoints as a plain array."""
+  return jax.random.key_data(jax.random.split(jax.random.key(seed))[1])
+
+
 def new_train_state(model_cfg, tx: optax.GradientTransformation, seed: int) -> TrainState:
-  """A freshly initialised state (traceable: jit it, or eval_shape it for shapes alone)."""
-  params_key, rng = jax.random.split(jax.random.key(seed))
-  rng = jax.random.key_data(rng)  # Raw uint32 key data: checkpoints as a plain array.
+  """A freshly initialised state (traceable: jit it, or eval_shape it for shapes alone); the sharded
+  one is training.setup.Setup.init_state."""
+  params_key = jax.random.split(jax.random.key(seed))[0]
   params = nnx.state(Transformer(model_cfg, nnx.Rngs(params=params_key)))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
-
-
-def init_train_state(model_cfg, tx: optax.GradientTransformation, seed: int,
-                     shardings: TrainState) -> TrainState:
-  """Creates the state directly in its sharded layout.
-
-  The initialiser is jitted with out_shardings, so with fsdp no device ever
-  holds more than its shard of any parameter or moment.
-  """
-  init = jax.jit(lambda: new_train_state(model_cfg, tx, seed), out_shardings=shardings)
-  return init()
-
-
-def abstract_train_state(model_cfg, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
-  """ShapeDtypeStructs with shardings: the target a checkpoint is restored into."""
-  shapes = jax.eval_shape(lambda: new_train_state(model_cfg, tx, 0))
-  return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                      shapes, shardings)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=state_rng(seed))
 
 
 def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,

@@ -20,7 +20,7 @@ def row_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_
   With model.loss_chunk, the logits are made that many positions at a time (model/loss.py).
   """
   model = nnx.merge(graphdef, params)
-  if model.cfg.get("loss_chunk", 0):  # Absent from configs saved before it existed.
+  if model.cfg.loss_chunk:
     x_BLD = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
     return chunked_row_losses(x_BLD, model.output_kernel(), batch["targets"], batch["weights"],
                               model.cfg.loss_chunk)

@@ -6,26 +6,31 @@ import copy
 
 from ml_collections import ConfigDict
 
+import model
 from configs import base
+from data import bad_data, chat, pipeline, tokenizers
 from data.sources import check_source
 from sharding import resolve_mesh_shape
+from training import optimizer
 from training.checkpointing import locate
 
+# Each field's allowed values, as defined beside the code that implements them: a new choice
+# there is allowed here without a second list to keep in step.
 CHOICES = {
-    "model.norm": ("layernorm", "rmsnorm"),
-    "model.position": ("learned", "rope"),
-    "model.mlp": ("gelu", "swiglu"),
-    "model.dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots", "proj", "offload"),
-    "model.attention": ("auto", "xla", "blockwise", "splash", "cudnn"),
-    "data.tokenizer": ("sentencepiece", "byte", "char", "huggingface"),
-    "data.tokenizer_model_type": ("bpe", "unigram"),
-    "data.windows": ("aligned", "shifted", "random"),
-    "data.bad_data": ("skip", "stop"),
-    "data.chat_template": ("chatml",),
-    "data.chat_loss_on": ("assistant", "all"),
-    "optimizer.name": ("adamw", "sgd", "adafactor"),
-    "optimizer.schedule": ("warmup_cosine", "warmup_linear", "constant", "wsd", "rsqrt"),
+    "model.norm": tuple(model.NORMS),
+    "model.position": tuple(model.POSITIONS),
+    "model.mlp": tuple(model.MLPS),
+    "model.dtype": tuple(model.COMPUTE_DTYPES),
+    "model.remat": tuple(model.REMAT_POLICIES),
+    "model.attention": tuple(model.ATTENTION_IMPLEMENTATIONS),
+    "data.tokenizer": tokenizers.TOKENIZER_NAMES,
+    "data.tokenizer_model_type": tokenizers.MODEL_TYPES,
+    "data.windows": pipeline.WINDOWS,
+    "data.bad_data": bad_data.POLICIES,
+    "data.chat_template": chat.CHAT_TEMPLATES,
+    "data.chat_loss_on": chat.LOSS_ON,
+    "optimizer.name": optimizer.OPTIMIZERS,
+    "optimizer.schedule": optimizer.SCHEDULES,
 }
 
 

@@ -12,12 +12,11 @@ Weights are read from safetensors only. PyTorch's .bin/.pt files are pickles,
 and unpickling runs whatever code the file holds, so a directory that has only
 those is refused and never opened.
 """
+import contextlib
 import glob
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -30,9 +29,10 @@ from ml_collections import ConfigDict
 from safetensors.numpy import load_file, save_file
 
 from configs import base
+from data.files import DirectoryTaken, atomic_copy, atomic_directory, atomic_write, writable_directory
 from model import huggingface
 from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS
-from training.checkpointing import Checkpointer, locate, probe_writable
+from training.checkpointing import Checkpointer, locate
 from training.state import abstract_model
 from version import __version__
 
@@ -142,14 +142,12 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[ConfigDict, dict[str, Any]]:
             "imported_from": {"path": hf_dir, "files": [os.path.basename(f) for f in files],
                               "hf_config": hf_cfg}}
 
-  def write(directory: str) -> None:
+  with _output_directory(out_dir, "--output") as directory:
     for name in TOKENIZER_FILES:
       if os.path.isfile(os.path.join(hf_dir, name)):
-        shutil.copyfile(os.path.join(hf_dir, name), os.path.join(directory, name))
+        atomic_copy(os.path.join(hf_dir, name), os.path.join(directory, name))
     _save_params(os.path.join(directory, "checkpoints"), config.model, params, record)
     _write_config_py(os.path.join(directory, "config.py"), fields, config, tokenizer, hf_dir)
-
-  _write_atomically(out_dir, "--output", write)
   return config, params
 
 
@@ -198,33 +196,20 @@ def check_output_dir(out_dir: str, flag: str, within: tuple[tuple[str, str], ...
   if not os.path.isdir(ancestor):
     raise ValueError(f"{flag}={path}: {ancestor} is a file, so no directory can be created under it")
   try:
-    probe_writable(ancestor)
+    writable_directory(ancestor)
   except OSError as e:
     raise ValueError(f"{flag}={path}: cannot create a directory in {ancestor} "
                      f"({e.strerror or e}); choose a writable location") from None
 
 
-def _write_atomically(out_dir: str, flag: str, write: Callable[[str], Any]) -> str:
-  """Runs write(temporary directory) beside `out_dir`, then renames it to `out_dir`; returns the temporary path.
-
-  On any failure the temporary directory is removed, so `out_dir` is either complete or absent.
-  """
-  target = os.path.realpath(out_dir)  # A symlink to an empty directory: that directory is replaced.
-  parent = os.path.dirname(target)
-  os.makedirs(parent, exist_ok=True)
-  temporary = os.path.join(parent, f".{os.path.basename(target)}.partial-{uuid.uuid4().hex[:8]}")
-  os.mkdir(temporary)
+@contextlib.contextmanager
+def _output_directory(out_dir: str, flag: str) -> Iterator[str]:
+  """data.files.atomic_directory for `out_dir`, with a taken place reported in one line naming `flag`."""
   try:
-    write(temporary)
-    try:
-      os.rename(temporary, target)  # Replaces an empty directory; refuses one that filled up meanwhile.
-    except OSError as e:
-      raise ValueError(f"{flag}={out_dir}: cannot move the finished output into place ({e.strerror or e}); "
-                       "it must stay new or empty while the tool runs") from None
-  except BaseException:
-    shutil.rmtree(temporary, ignore_errors=True)
-    raise
-  return temporary
+    with atomic_directory(out_dir) as temporary:
+      yield temporary
+  except DirectoryTaken as e:
+    raise ValueError(f"{flag}={out_dir}: {e.strerror}") from None
 
 
 def _save_params(directory: str, model_cfg: ConfigDict, params: Mapping[str, Any],
@@ -268,7 +253,7 @@ def _write_config_py(path: str, fields: dict[str, Any], config: ConfigDict,
   if "init" in config:
     lines.append("  config.init.checkpoint = HERE")
   lines.append("  return config")
-  with open(path, "w") as f:
+  with atomic_write(path) as f:
     f.write("\n".join(lines) + "\n")
 
 
@@ -409,8 +394,7 @@ def export_hf(checkpoint: str, config: ConfigDict | Mapping[str, Any] | None, ou
              for name, value in tensors.items()}
 
   written: list[str] = []
-
-  def write(target: str) -> None:
+  with _output_directory(out_dir, "--output") as target:
     tokens = _write_tokenizer(full.data, workdir, target, full.model.max_seq_len, written)
     hf_cfg.update(torch_dtype=dtype, bos_token_id=tokens.get("bos_id"), eos_token_id=tokens.get("eos_id"),
                   pad_token_id=tokens.get("pad_id"))
@@ -422,9 +406,7 @@ def export_hf(checkpoint: str, config: ConfigDict | Mapping[str, Any] | None, ou
                                                 ("eos_token_id", tokens.get("eos_id")),
                                                 ("pad_token_id", tokens.get("pad_id"))) if value is not None}
     written.append(_write_json(os.path.join(target, "generation_config.json"), generation))
-
-  temporary = _write_atomically(out_dir, "--output", write)
-  return [os.path.join(out_dir, os.path.relpath(path, temporary)) for path in written]
+  return [os.path.join(out_dir, os.path.relpath(path, target)) for path in written]
 
 
 def chatml_template() -> str:
@@ -488,7 +470,7 @@ def _sentencepiece_files(path: str, out_dir: str, written: list[str]) -> tuple[d
   specials = {role: (sp.id_to_piece(token_id), token_id)
               for role, token_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()),
                                      ("unk", sp.unk_id())) if token_id >= 0}
-  written.append(shutil.copyfile(path, os.path.join(out_dir, "tokenizer.model")))
+  written.append(atomic_copy(path, os.path.join(out_dir, "tokenizer.model")))
   # loom's sentencepiece models keep text as is (no dummy prefix, identity normalisation), which
   # LlamaTokenizer reproduces with legacy=False and add_prefix_space=False.
   return {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
@@ -502,7 +484,7 @@ def _tokenizer_json_files(path: str, out_dir: str, written: list[str]) -> tuple[
   specials = {role: (tokenizer.id_to_token(token_id), token_id)
               for role, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
                                      ("pad", tokenizer.pad_id)) if token_id is not None}
-  written.append(shutil.copyfile(path, os.path.join(out_dir, "tokenizer.json")))
+  written.append(atomic_copy(path, os.path.join(out_dir, "tokenizer.json")))
   # The settings transformers saved beside it (added tokens, class) stay; the template is loom's.
   beside = os.path.join(os.path.dirname(path), "tokenizer_config.json")
   if os.path.isfile(beside):
@@ -561,7 +543,7 @@ def _read_json(path: str) -> dict[str, Any]:
 
 
 def _write_json(path: str, value: dict[str, Any]) -> str:
-  with open(path, "w", encoding="utf-8") as f:
+  with atomic_write(path, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, ensure_ascii=False)
     f.write("\n")
   return path

@@ -1,0 +1,1 @@
+"""Command-line tools (python tools/NAME.py) and the code they alone use, such as huggingface_io."""
