@@ -10,6 +10,7 @@ xla is compiled but not run where its temporaries exceed `--max_gib`. The short 
 shakespeare_char-like (nanoGPT's 256 x 64 rows and loom's 64 x 12), the long ones one row of 8 heads;
 model.attention=auto's CPU threshold (model/attention.CPU_BLOCKWISE_FROM_LENGTH) comes from this table.
 """
+
 import os
 import sys
 import time
@@ -36,16 +37,17 @@ SHORT_SHAPES = [("shakespeare_char (loom)", 12, 64, 6, 64), ("shakespeare_char (
 
 def inputs(batch, length, heads, head_dim):
   rng = np.random.default_rng(0)
-  q, k, v, d_out = (jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32)
-                    for _ in range(4))
-  segment_ids = jnp.asarray(np.broadcast_to(np.where(np.arange(length) < length // 3, 1, 2), (batch, length)),
-                            jnp.int32)
+  q, k, v, d_out = (jnp.asarray(rng.normal(size=(batch, length, heads, head_dim)), jnp.float32) for _ in range(4))
+  segment_ids = jnp.asarray(
+    np.broadcast_to(np.where(np.arange(length) < length // 3, 1, 2), (batch, length)), jnp.int32
+  )
   return q, k, v, segment_ids, d_out
 
 
 def forward_backward(implementation, block):
   def loss(q, k, v, segment_ids, d_out):
     return jnp.sum(attention.attend(q, k, v, segment_ids, implementation, block) * d_out)
+
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
@@ -74,10 +76,14 @@ def measure(batch, length, heads, head_dim):
 
 def main(argv):
   del argv
-  print(f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; float32, causal, "
-        f"2 documents per row; blockwise block {_BLOCK.value}; median of {_REPEATS.value} alternating calls")
-  print("| shape | B x L x heads x head_dim | [L, L] f32 per head | xla temp | blockwise temp | xla ms "
-        "| blockwise ms | blockwise / xla time |")
+  print(
+    f"jax {jax.__version__}, {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; float32, causal, "
+    f"2 documents per row; blockwise block {_BLOCK.value}; median of {_REPEATS.value} alternating calls"
+  )
+  print(
+    "| shape | B x L x heads x head_dim | [L, L] f32 per head | xla temp | blockwise temp | xla ms "
+    "| blockwise ms | blockwise / xla time |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   shapes = SHORT_SHAPES + [("one row", 1, int(length), 8, 64) for length in _LENGTHS.value]
   for label, batch, length, heads, head_dim in shapes:
@@ -86,8 +92,11 @@ def main(argv):
     mib = lambda n: f"{n / 2**20:,.1f} MiB"
     xla_ms = f"{xla_s * 1e3:,.1f}" if xla_s is not None else f"not run: {why}"
     ratio = f"{bw_s / xla_s:.2f}x" if xla_s is not None else "-"
-    print(f"| {label} | {batch} x {length} x {heads} x {head_dim} | {mib(length * length * 4)} "
-          f"| {mib(xla_temp)} | {mib(bw_temp)} | {xla_ms} | {bw_s * 1e3:,.1f} | {ratio} |", flush=True)
+    print(
+      f"| {label} | {batch} x {length} x {heads} x {head_dim} | {mib(length * length * 4)} "
+      f"| {mib(xla_temp)} | {mib(bw_temp)} | {xla_ms} | {bw_s * 1e3:,.1f} | {ratio} |",
+      flush=True,
+    )
 
 
 if __name__ == "__main__":

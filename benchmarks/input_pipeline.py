@@ -27,6 +27,7 @@ Each pipeline keeps one iterator for the whole run, as training does: its
 prefetch buffer is full at the start of a round, as it is in a training run
 whose pipeline is faster than the step.
 """
+
 import importlib
 import itertools
 import os
@@ -51,17 +52,22 @@ from training.setup import build_setup  # noqa: E402
 from training.validation import validate  # noqa: E402
 
 _CONFIGS = flags.DEFINE_list("configs", ["quickstart", "shakespeare_char"], "Modules of configs/ to measure.")
-_SHAKESPEARE = flags.DEFINE_string("shakespeare", "", "shakespeare_char's corpus, e.g. a local copy; '': loom's "
-                                   "download cache (python tools/download.py tinyshakespeare).")
+_SHAKESPEARE = flags.DEFINE_string(
+  "shakespeare",
+  "",
+  "shakespeare_char's corpus, e.g. a local copy; '': loom's download cache (python tools/download.py tinyshakespeare).",
+)
 _PIPELINES = flags.DEFINE_list("pipelines", ["memory", "prepared"], "memory and/or prepared.")
 _ROUNDS = flags.DEFINE_integer("rounds", 9, "Interleaved rounds of train steps.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Train steps of each arm per round.")
 _PIPELINE_ROUNDS = flags.DEFINE_integer("pipeline_rounds", 5, "Rounds of the pipeline alone.")
 _PIPELINE_STEPS = flags.DEFINE_integer("pipeline_steps", 300, "Batches per round of the pipeline alone.")
-flags.register_validator("pipelines", lambda names: set(names) <= {"memory", "prepared"},
-                         "--pipelines takes memory and/or prepared.")
-_WORKDIR = flags.DEFINE_string("workdir", "", "Tokenizers, row caches and prepared data; '': a temporary "
-                               "directory, removed at the end.")
+flags.register_validator(
+  "pipelines", lambda names: set(names) <= {"memory", "prepared"}, "--pipelines takes memory and/or prepared."
+)
+_WORKDIR = flags.DEFINE_string(
+  "workdir", "", "Tokenizers, row caches and prepared data; '': a temporary directory, removed at the end."
+)
 
 
 def build_pipelines(config, workdir: str) -> dict[str, data.Datasets]:
@@ -74,9 +80,12 @@ def build_pipelines(config, workdir: str) -> dict[str, data.Datasets]:
     prepared_dir = os.path.join(workdir, "prepared")
     prepare_datasets(config.data, prepared_dir, overwrite=True)
     prepared = config.data.copy_and_resolve_references()
-    prepared.sources = ml_collections.ConfigDict({
+    prepared.sources = ml_collections.ConfigDict(
+      {
         name: base.source(kind="prepared", paths=os.path.join(prepared_dir, name), weight=source.weight)
-        for name, source in config.data.sources.items()})
+        for name, source in config.data.sources.items()
+      }
+    )
     # The preparing workdir: a char vocabulary stays in its tokenizer/ (only a
     # sentencepiece model is copied next to the prepared rows).
     built["prepared"] = data.build_datasets(prepared, workdir=prepared_dir, **sizes)
@@ -134,8 +143,7 @@ def measure(config_name: str, workdir: str) -> list[dict]:
   b, l, v = config.train.global_batch_size, config.data.seq_len, config.model.vocab_size
   steps = _STEPS.value
 
-  alone = {name: pipeline_alone(datasets.train_batches(0, None), b * l)
-           for name, datasets in pipelines.items()}
+  alone = {name: pipeline_alone(datasets.train_batches(0, None), b * l) for name, datasets in pipelines.items()}
 
   setup = build_setup(config)
   mesh = setup.mesh
@@ -147,8 +155,10 @@ def measure(config_name: str, workdir: str) -> list[dict]:
   def from_pipeline(batches):
     return lambda: (sharding.global_batch_from_local(without_counts(next(batches)), mesh) for _ in range(steps))
 
-  arms = {"resident": lambda: (resident for _ in range(steps)),
-          "synthetic": lambda: (sharding.global_batch_from_local(batch, mesh) for batch in host_batches)}
+  arms = {
+    "resident": lambda: (resident for _ in range(steps)),
+    "synthetic": lambda: (sharding.global_batch_from_local(batch, mesh) for batch in host_batches),
+  }
   for name, datasets in pipelines.items():
     arms[name] = from_pipeline(datasets.train_batches(0, None))
   for make_batches in arms.values():  # Warm-up: fill every prefetch buffer, touch every code path.
@@ -157,7 +167,7 @@ def measure(config_name: str, workdir: str) -> list[dict]:
   times = {arm: [] for arm in arms}
   order = list(arms)
   for r in range(_ROUNDS.value):
-    for arm in order[r % len(order):] + order[:r % len(order)]:
+    for arm in order[r % len(order) :] + order[: r % len(order)]:
       ms, state = run_steps(step, state, arms[arm]())
       times[arm].append(ms)
   wall = {arm: np.array([ms[0] for ms in arm_times]) for arm, arm_times in times.items()}
@@ -166,13 +176,23 @@ def measure(config_name: str, workdir: str) -> list[dict]:
   rows = []
   for name in pipelines:
     ratios = wall[name] / wall["synthetic"]
-    rows.append({"config": config_name, "pipeline": name, "batch": f"{b} x {l}",
-                 "pipeline_tps": np.median(alone[name][0]), "pipeline_cpu_ms": np.median(alone[name][1]),
-                 "train_tps": b * l / (np.median(wall["resident"]) / 1000),
-                 "real_ms": np.median(wall[name]), "synthetic_ms": np.median(wall["synthetic"]),
-                 "ratio": np.median(ratios), "ratio_iqr": np.percentile(ratios, [25, 75]),
-                 "cpu_ratio": np.median(cpu[name] / cpu["synthetic"]),
-                 "real_cpu_ms": np.median(cpu[name]), "synthetic_cpu_ms": np.median(cpu["synthetic"])})
+    rows.append(
+      {
+        "config": config_name,
+        "pipeline": name,
+        "batch": f"{b} x {l}",
+        "pipeline_tps": np.median(alone[name][0]),
+        "pipeline_cpu_ms": np.median(alone[name][1]),
+        "train_tps": b * l / (np.median(wall["resident"]) / 1000),
+        "real_ms": np.median(wall[name]),
+        "synthetic_ms": np.median(wall["synthetic"]),
+        "ratio": np.median(ratios),
+        "ratio_iqr": np.percentile(ratios, [25, 75]),
+        "cpu_ratio": np.median(cpu[name] / cpu["synthetic"]),
+        "real_cpu_ms": np.median(cpu[name]),
+        "synthetic_cpu_ms": np.median(cpu["synthetic"]),
+      }
+    )
   return rows
 
 
@@ -182,23 +202,33 @@ def main(argv):
   start = time.perf_counter()
   with tempfile.TemporaryDirectory() as tmp:
     rows = [row for name in _CONFIGS.value for row in measure(name, _WORKDIR.value or tmp)]
-  print(f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {_ROUNDS.value} rounds of {_STEPS.value} "
-        f"steps per arm; {time.perf_counter() - start:.0f}s in all")
-  print("| config | pipeline | pipeline tok/s | train tok/s | ratio (target >= 10x) | step ms real | "
-        "step ms synthetic | real/synthetic (target <= 1.03) |")
+  print(
+    f"\n{jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {_ROUNDS.value} rounds of {_STEPS.value} "
+    f"steps per arm; {time.perf_counter() - start:.0f}s in all"
+  )
+  print(
+    "| config | pipeline | pipeline tok/s | train tok/s | ratio (target >= 10x) | step ms real | "
+    "step ms synthetic | real/synthetic (target <= 1.03) |"
+  )
   print("|---|---|---|---|---|---|---|---|")
   for row in rows:
-    print(f"| {row['config']} ({row['batch']}) | {row['pipeline']} | {row['pipeline_tps']:,.0f} | "
-          f"{row['train_tps']:,.0f} | {row['pipeline_tps'] / row['train_tps']:,.0f}x | {row['real_ms']:.1f} | "
-          f"{row['synthetic_ms']:.1f} | {row['ratio']:.3f} |")
+    print(
+      f"| {row['config']} ({row['batch']}) | {row['pipeline']} | {row['pipeline_tps']:,.0f} | "
+      f"{row['train_tps']:,.0f} | {row['pipeline_tps'] / row['train_tps']:,.0f}x | {row['real_ms']:.1f} | "
+      f"{row['synthetic_ms']:.1f} | {row['ratio']:.3f} |"
+    )
   print("\nreal/synthetic is the median over rounds of the paired ratio of wall times.")
-  print("| config | pipeline | real/synthetic interquartile | CPU ms per batch, pipeline alone | "
-        "CPU ms per step real | CPU ms per step synthetic | CPU real/synthetic |")
+  print(
+    "| config | pipeline | real/synthetic interquartile | CPU ms per batch, pipeline alone | "
+    "CPU ms per step real | CPU ms per step synthetic | CPU real/synthetic |"
+  )
   print("|---|---|---|---|---|---|---|")
   for row in rows:
     low, high = row["ratio_iqr"]
-    print(f"| {row['config']} | {row['pipeline']} | {low:.3f} to {high:.3f} | {row['pipeline_cpu_ms']:.2f} | "
-          f"{row['real_cpu_ms']:.1f} | {row['synthetic_cpu_ms']:.1f} | {row['cpu_ratio']:.3f} |")
+    print(
+      f"| {row['config']} | {row['pipeline']} | {low:.3f} to {high:.3f} | {row['pipeline_cpu_ms']:.2f} | "
+      f"{row['real_cpu_ms']:.1f} | {row['synthetic_cpu_ms']:.1f} | {row['cpu_ratio']:.3f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ TPU slices are compiled for with libtpu (memory from the compiler, per chip); a 
 a GPU here is estimated from the model. Step time and MFU are the planner's roofline estimate.
 Prints a Markdown table (benchmarks/README.md and the README carry it).
 """
+
 import importlib
 import os
 import sys
@@ -37,19 +38,24 @@ def pod_plans(names=POD_CONFIGS):
 
 def main(argv):
   del argv
-  print("| config | slice | mesh (data, fsdp, tensor) | batch x length | microbatches | remat | attention "
-        "| loss chunk | GiB per chip / HBM | memory from | compile s | est. step s | est. MFU |")
+  print(
+    "| config | slice | mesh (data, fsdp, tensor) | batch x length | microbatches | remat | attention "
+    "| loss chunk | GiB per chip / HBM | memory from | compile s | est. step s | est. MFU |"
+  )
   print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   start = time.perf_counter()
   for name, slice_name, result in pod_plans(_ONLY.value or POD_CONFIGS):
     total = result.total_bytes or result.floor_bytes()
     s = result.settings
-    print(f"| {name} | {slice_name} | {result.mesh['data']}, {result.mesh['fsdp']}, {result.mesh['tensor']} "
-          f"| {result.batch.split(' (')[0]} | {s['microbatches']} | {s['remat']} | {s['attention']} "
-          f"| {s['loss_chunk']} | {'' if result.fits else 'over: '}{total / GiB:.1f} / {result.hbm_bytes / GiB:.1f} "
-          f"| {'compiler' if result.compile_seconds is not None else 'estimate'} "
-          f"| {'-' if result.compile_seconds is None else f'{result.compile_seconds:.0f}'} "
-          f"| {result.step_seconds:.2f} | {result.mfu:.0%} |", flush=True)
+    print(
+      f"| {name} | {slice_name} | {result.mesh['data']}, {result.mesh['fsdp']}, {result.mesh['tensor']} "
+      f"| {result.batch.split(' (')[0]} | {s['microbatches']} | {s['remat']} | {s['attention']} "
+      f"| {s['loss_chunk']} | {'' if result.fits else 'over: '}{total / GiB:.1f} / {result.hbm_bytes / GiB:.1f} "
+      f"| {'compiler' if result.compile_seconds is not None else 'estimate'} "
+      f"| {'-' if result.compile_seconds is None else f'{result.compile_seconds:.0f}'} "
+      f"| {result.step_seconds:.2f} | {result.mfu:.0%} |",
+      flush=True,
+    )
   print(f"\n{time.perf_counter() - start:.0f} s in all")
 
 

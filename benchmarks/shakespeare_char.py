@@ -19,6 +19,7 @@ multithreaded device instead (the peer always uses PyTorch's default threads).
 MFU divides model FLOPs (6N + 12 L H Q T per token, nanoGPT's formula, N
 without position embeddings) by one measured matmul peak, the same for both.
 """
+
 import os
 import sys
 import time
@@ -36,8 +37,8 @@ import sharding  # noqa: E402
 from benchmarks.torch_peer import TorchPeer  # noqa: E402
 from training.cli import define_config_flag  # noqa: E402
 from training.cpu_memory import keep_step_buffers_mapped  # noqa: E402
-from training.run import STEPS_IN_FLIGHT  # noqa: E402
 from training.peak_flops import measured_matmul_flops  # noqa: E402
+from training.run import STEPS_IN_FLIGHT  # noqa: E402
 from training.setup import build_setup, use_cpu_devices  # noqa: E402
 from training.validation import validate  # noqa: E402
 
@@ -60,8 +61,9 @@ def main(argv):
   config = validate(_CONFIG.value, jax.device_count())
   keep_step_buffers_mapped()  # As train.py does.
   num_steps = config.train.num_steps
-  datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,
-                                 seed=config.seed, workdir=_WORKDIR.value)
+  datasets = data.build_datasets(
+    config.data, global_batch_size=config.train.global_batch_size, seed=config.seed, workdir=_WORKDIR.value
+  )
   config = validate(config, jax.device_count(), tokenizer_vocab_size=datasets.tokenizer.vocab_size)
   m = config.model
 
@@ -74,11 +76,23 @@ def main(argv):
 
   # The peer, with nanoGPT's hyperparameters from the same config.
   o = config.optimizer
-  peer = TorchPeer(vocab_size=m.vocab_size, n_layer=m.num_layers, n_head=m.num_heads, n_embd=m.embed_dim,
-                   block_size=config.data.seq_len, bias=m.use_bias, learning_rate=o.learning_rate,
-                   min_lr=o.learning_rate * o.min_lr_ratio, warmup_iters=o.warmup_steps,
-                   lr_decay_iters=num_steps, weight_decay=o.weight_decay, beta1=o.b1, beta2=o.b2,
-                   grad_clip=o.grad_clip_norm, seed=config.seed)
+  peer = TorchPeer(
+    vocab_size=m.vocab_size,
+    n_layer=m.num_layers,
+    n_head=m.num_heads,
+    n_embd=m.embed_dim,
+    block_size=config.data.seq_len,
+    bias=m.use_bias,
+    learning_rate=o.learning_rate,
+    min_lr=o.learning_rate * o.min_lr_ratio,
+    warmup_iters=o.warmup_steps,
+    lr_decay_iters=num_steps,
+    weight_decay=o.weight_decay,
+    beta1=o.b1,
+    beta2=o.b2,
+    grad_clip=o.grad_clip_norm,
+    seed=config.seed,
+  )
 
   def model_inputs(batch):  # The per-source row counts feed mixture metrics, not the model.
     return {name: value for name, value in batch.items() if name != "source_counts"}
@@ -146,16 +160,19 @@ def main(argv):
     if step in eval_at:
       results["loom"]["eval"][step] = loom_eval(state.params)
       results["torch"]["eval"][step] = torch_eval()
-      print(f"iter {step}: val loss loom {results['loom']['eval'][step]:.4f} "
-            f"torch {results['torch']['eval'][step]:.4f}", flush=True)
+      print(
+        f"iter {step}: val loss loom {results['loom']['eval'][step]:.4f} torch {results['torch']['eval'][step]:.4f}",
+        flush=True,
+      )
 
   flops = {"loom": model_lib.flops_per_token(m, config.data.seq_len), "torch": peer.flops_per_token()}
   print()
-  print(f"shakespeare_char: {m.num_layers} layers, {m.embed_dim} wide, block {config.data.seq_len}, "
-        f"batch {config.train.global_batch_size}, {num_steps} iterations, compute {m.dtype}; "
-        f"matmul peak {peak / 1e9:.0f} GFLOP/s (float32, measured)")
-  print("| | ms/step (median of rounds) | tokens/s | MFU | " +
-        " | ".join(f"val loss @{s}" for s in eval_at) + " |")
+  print(
+    f"shakespeare_char: {m.num_layers} layers, {m.embed_dim} wide, block {config.data.seq_len}, "
+    f"batch {config.train.global_batch_size}, {num_steps} iterations, compute {m.dtype}; "
+    f"matmul peak {peak / 1e9:.0f} GFLOP/s (float32, measured)"
+  )
+  print("| | ms/step (median of rounds) | tokens/s | MFU | " + " | ".join(f"val loss @{s}" for s in eval_at) + " |")
   print("|---|---|---|---|" + "---|" * len(eval_at))
   for name in ("loom", "torch"):
     ms = float(np.median(results[name]["round_ms"]))
@@ -163,8 +180,10 @@ def main(argv):
     evals = " | ".join(f"{results[name]['eval'].get(s, float('nan')):.4f}" for s in eval_at)
     print(f"| {name} | {ms:.1f} | {tps:,.0f} | {tps * flops[name] / peak:.0%} | {evals} |")
   ratios = np.array(results["torch"]["round_ms"]) / np.array(results["loom"]["round_ms"])
-  print(f"\nloom speed / torch speed: median over rounds {np.median(ratios):.2f}x "
-        f"(interquartile {np.percentile(ratios, 25):.2f}x to {np.percentile(ratios, 75):.2f}x)")
+  print(
+    f"\nloom speed / torch speed: median over rounds {np.median(ratios):.2f}x "
+    f"(interquartile {np.percentile(ratios, 25):.2f}x to {np.percentile(ratios, 75):.2f}x)"
+  )
 
   # nanoGPT's published losses are not over the whole split but the mean of --eval_iters=20
   # batches of random windows: how far from the whole split can such an estimate fall?
@@ -179,18 +198,25 @@ def main(argv):
   window_tokens = np.concatenate(window_tokens)
   windows = NANOGPT_EVAL_ITERS * config.train.global_batch_size
   published = NANOGPT_VAL_LOSS.get(num_steps)
-  print(f"\nnanoGPT's estimate of the val loss at iteration {num_steps} (the mean of {NANOGPT_EVAL_ITERS} "
-        f"batches, {windows} windows), drawn {_ESTIMATE_DRAWS:,} times from each final model's windows:")
-  print("| | whole split | estimate's std | 5th to 95th percentile | draws at or below nanoGPT's "
-        f"{published if published else 'n/a'} |")
+  print(
+    f"\nnanoGPT's estimate of the val loss at iteration {num_steps} (the mean of {NANOGPT_EVAL_ITERS} "
+    f"batches, {windows} windows), drawn {_ESTIMATE_DRAWS:,} times from each final model's windows:"
+  )
+  print(
+    "| | whole split | estimate's std | 5th to 95th percentile | draws at or below nanoGPT's "
+    f"{published if published else 'n/a'} |"
+  )
   print("|---|---|---|---|---|")
   rng = np.random.default_rng(0)
   for name, losses in window_losses.items():
     losses = np.concatenate(losses)
     estimates = losses[rng.integers(0, len(losses), (_ESTIMATE_DRAWS, windows))].mean(axis=1)
     below = f"{np.mean(estimates <= published):.0%}" if published else "n/a"
-    print(f"| {name} | {np.average(losses, weights=window_tokens):.4f} | {estimates.std():.4f} | {np.percentile(estimates, 5):.4f} to "
-          f"{np.percentile(estimates, 95):.4f} | {below} |")
+    print(
+      f"| {name} | {np.average(losses, weights=window_tokens):.4f} | {estimates.std():.4f} | "
+      f"{np.percentile(estimates, 5):.4f} to "
+      f"{np.percentile(estimates, 95):.4f} | {below} |"
+    )
 
 
 if __name__ == "__main__":

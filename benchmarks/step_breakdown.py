@@ -16,6 +16,7 @@ step, which slows the step down. That happens in some processes and not in
 others, and an earlier version of this script, which compiled every variant
 in one process, met it in most runs. Compare variants within one run only.
 """
+
 import collections
 import glob
 import json
@@ -48,28 +49,34 @@ _CONFIG = define_config_flag("configs/shakespeare_char.py", "loom config.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Processes per variant, run in alternating order.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per process (forward, backward, step interleaved).")
 _STEPS = flags.DEFINE_integer("steps", 20, "Calls per timed round.")
-_PROFILE = flags.DEFINE_bool("profile", False, "Also trace the configured train step and print where its "
-                             "time goes, per kind of XLA op (CPU only).")
+_PROFILE = flags.DEFINE_bool(
+  "profile", False, "Also trace the configured train step and print where its time goes, per kind of XLA op (CPU only)."
+)
 _VARIANT = flags.DEFINE_string("variant", "", "Internal: build and time this one variant, print the result.")
 _TRACE = flags.DEFINE_bool("trace", False, "Internal: with --variant, trace the train step instead.")
-_VARIANTS = flags.DEFINE_list("variants", [], "Run only these variants (names as in VARIANTS, which hold no "
-                              "commas), in this order; the first is what `/ first` divides by. Empty: the usual set.")
-_PARTS = flags.DEFINE_list("parts", list(("forward", "forward+backward", "train step")),
-                           "Time only these parts of each variant.")
+_VARIANTS = flags.DEFINE_list(
+  "variants",
+  [],
+  "Run only these variants (names as in VARIANTS, which hold no "
+  "commas), in this order; the first is what `/ first` divides by. Empty: the usual set.",
+)
+_PARTS = flags.DEFINE_list(
+  "parts", list(("forward", "forward+backward", "train step")), "Time only these parts of each variant."
+)
 _PROFILE_VARIANT = flags.DEFINE_string("profile_variant", "as configured", "The variant --profile traces.")
 
 # Model-field overrides per variant; "devices": 1 runs the whole batch on the first device alone,
 # "mesh" overrides mesh axes, "xla_flags" are added to the variant's process's XLA_FLAGS.
 VARIANTS = {
-    "as configured": {},
-    "one device (no cpu_devices split)": {"devices": 1},
-    "scanned layers": {"scan_layers": True},
-    "unrolled layers": {"scan_layers": False},
-    "bfloat16 compute": {"dtype": "bfloat16"},
-    "bfloat16 compute on one device": {"dtype": "bfloat16", "devices": 1},
-    "tanh GELU": {"gelu_approximate": True},
-    "fsdp over the devices instead of data": {"mesh": {"data": 1, "fsdp": -1}},
-    "YNNPACK fusions off (XLA flag)": {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="},
+  "as configured": {},
+  "one device (no cpu_devices split)": {"devices": 1},
+  "scanned layers": {"scan_layers": True},
+  "unrolled layers": {"scan_layers": False},
+  "bfloat16 compute": {"dtype": "bfloat16"},
+  "bfloat16 compute on one device": {"dtype": "bfloat16", "devices": 1},
+  "tanh GELU": {"gelu_approximate": True},
+  "fsdp over the devices instead of data": {"mesh": {"data": 1, "fsdp": -1}},
+  "YNNPACK fusions off (XLA flag)": {"xla_flags": "--xla_cpu_experimental_ynn_fusion_type="},
   "blockwise attention": {"attention": "blockwise"},
   "blockwise attention (block 128)": {"attention": "blockwise", "attention_block": 128},
   "bfloat16 compute and blockwise attention": {"dtype": "bfloat16", "attention": "blockwise"},
@@ -82,15 +89,27 @@ VARIANTS = {
   # Every thread allocates from the main arena, which grows without the 64 MiB heap limit of a
   # thread's arena, so keep_step_buffers_mapped's thresholds apply to XLA's worker threads too.
   "one malloc arena (MALLOC_ARENA_MAX=1)": {"env": {"MALLOC_ARENA_MAX": "1"}},
-  "one arena with 16 GiB thresholds": {"env": {"GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=17179869184:glibc.malloc.trim_threshold=17179869184"}},
+  "one arena with 16 GiB thresholds": {
+    "env": {
+      "GLIBC_TUNABLES": "glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=17179869184"
+      ":glibc.malloc.trim_threshold=17179869184"
+    }
+  },
 }
-_DEFAULT_VARIANTS = ("as configured", "one device (no cpu_devices split)", "scanned layers", "unrolled layers",
-                     "bfloat16 compute", "fsdp over the devices instead of data", "YNNPACK fusions off (XLA flag)")
+_DEFAULT_VARIANTS = (
+  "as configured",
+  "one device (no cpu_devices split)",
+  "scanned layers",
+  "unrolled layers",
+  "bfloat16 compute",
+  "fsdp over the devices instead of data",
+  "YNNPACK fusions off (XLA flag)",
+)
 
 
 def build(config, overrides):
   overrides = dict(overrides)
-  devices = jax.devices()[:overrides.pop("devices", jax.device_count())]
+  devices = jax.devices()[: overrides.pop("devices", jax.device_count())]
   overrides.pop("xla_flags", None)  # Applied by the parent, when it starts this process,
   overrides.pop("env", None)  # as are these environment variables.
   config.mesh.update(**overrides.pop("mesh", {}))
@@ -102,10 +121,16 @@ def build(config, overrides):
   rng = np.random.default_rng(0)
   b, l, v = config.train.global_batch_size, config.data.seq_len, config.model.vocab_size
   tokens = rng.integers(0, v, (b, l + 1)).astype(np.int32)
-  batch = sharding.global_batch_from_local({
-      "inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((b, l), np.int32),
+  batch = sharding.global_batch_from_local(
+    {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "segment_ids": np.ones((b, l), np.int32),
       "positions": np.broadcast_to(np.arange(l, dtype=np.int32), (b, l)).copy(),
-      "weights": np.ones((b, l), np.float32)}, mesh)
+      "weights": np.ones((b, l), np.float32),
+    },
+    mesh,
+  )
 
   def mean_loss(params, batch):
     loss_sum, weight = token_losses(graphdef, params, batch)
@@ -115,12 +140,16 @@ def build(config, overrides):
   forward = jax.jit(mean_loss)
   backward = jax.jit(jax.grad(mean_loss))
   step = setup.train_step().lower(state, batch).compile()
-  return config, {"forward": (forward, params, batch), "forward+backward": (backward, params, batch),
-                  "train step": (step, state, batch)}
+  return config, {
+    "forward": (forward, params, batch),
+    "forward+backward": (backward, params, batch),
+    "train step": (step, state, batch),
+  }
 
 
 def time_calls(fn, carry, batch, steps):
   """Mean ms per call after one warm-up call; a train step's donated state is threaded through."""
+
   def call(carry):
     out = fn(carry, batch)
     return out, (out[0] if isinstance(out, tuple) else carry)
@@ -156,33 +185,48 @@ def main(argv):
       result = run_child(forwarded + [f"--variant={name}"], env)
       for part, ms in result["ms"].items():
         times[name][part].append(ms)
-      print(f"{name}: " + ", ".join(f"{part} {result['ms'][part]:.1f} ms" for part in _PARTS.value
-                                    if part in result["ms"]), flush=True)
+      print(
+        f"{name}: " + ", ".join(f"{part} {result['ms'][part]:.1f} ms" for part in _PARTS.value if part in result["ms"]),
+        flush=True,
+      )
       if "step_flops" in result:
         loom_result = result
   peak = measured_matmul_flops()
   result = loom_result
   parts = [part for part in ("forward", "forward+backward", "train step") if part in _PARTS.value]
-  print(f"\n{result['shapes']}: {result['step_flops'] / 1e9:.2f} GFLOP per train step, "
-        f"{1000 * result['step_flops'] / peak:.1f} ms at the measured float32 matmul peak ({peak / 1e9:.0f} GFLOP/s)")
-  print(f"{_ROUNDS.value} processes per variant, median of their medians; `/ first` is the train step's time "
-        f"over the first variant's, the median of the rounds' ratios (processes run in alternation):")
-  print("| variant | " + " | ".join(f"{part} ms" for part in parts) + " | / first | train step CPU ms "
-        "(all threads) | page faults per train step |")
+  print(
+    f"\n{result['shapes']}: {result['step_flops'] / 1e9:.2f} GFLOP per train step, "
+    f"{1000 * result['step_flops'] / peak:.1f} ms at the measured float32 matmul peak ({peak / 1e9:.0f} GFLOP/s)"
+  )
+  print(
+    f"{_ROUNDS.value} processes per variant, median of their medians; `/ first` is the train step's time "
+    f"over the first variant's, the median of the rounds' ratios (processes run in alternation):"
+  )
+  print(
+    "| variant | " + " | ".join(f"{part} ms" for part in parts) + " | / first | train step CPU ms "
+    "(all threads) | page faults per train step |"
+  )
   print("|---|" + "---|" * len(parts) + "---|---|---|")
   for name in names:
     cells = " | ".join(f"{np.median(times[name][part]):.1f}" for part in parts)
-    ratio = (f"{np.median(np.array(times[name]['train step']) / np.array(times[names[0]]['train step'])):.2f}"
-             if "train step" in parts else "")
+    ratio = (
+      f"{np.median(np.array(times[name]['train step']) / np.array(times[names[0]]['train step'])):.2f}"
+      if "train step" in parts
+      else ""
+    )
     faults = f"{np.median(times[name]['faults']):,.0f}" if times[name]["faults"] else "n/a"
     cpu = f"{np.median(times[name]['train step cpu']):.0f}" if times[name]["train step cpu"] else "n/a"
     print(f"| {name} | {cells} | {ratio} | {cpu} | {faults} |")
   if _PROFILE.value:
     name = _PROFILE_VARIANT.value
-    print_op_profile(run_child(forwarded + [f"--variant={name}", "--trace"],
-                               _xla_flags_env(f"{VARIANTS[name].get('xla_flags', '')} "
-                                              "--xla_cpu_enable_xprof_traceme=true")),
-                     float(np.median(times[name]["train step"])) if name in times else float("nan"), name)
+    print_op_profile(
+      run_child(
+        forwarded + [f"--variant={name}", "--trace"],
+        _xla_flags_env(f"{VARIANTS[name].get('xla_flags', '')} --xla_cpu_enable_xprof_traceme=true"),
+      ),
+      float(np.median(times[name]["train step"])) if name in times else float("nan"),
+      name,
+    )
 
 
 def _xla_flags_env(flags_to_add: str) -> dict:
@@ -191,11 +235,12 @@ def _xla_flags_env(flags_to_add: str) -> dict:
 
 def run_child(args, env) -> dict:
   """Runs this script on one variant in a fresh process and returns what it printed."""
-  out = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, env=env, capture_output=True,
-                       text=True, check=False)
+  out = subprocess.run(
+    [sys.executable, os.path.abspath(__file__)] + args, env=env, capture_output=True, text=True, check=False
+  )
   for line in out.stdout.splitlines():
     if line.startswith("RESULT "):
-      return json.loads(line[len("RESULT "):])
+      return json.loads(line[len("RESULT ") :])
   sys.exit(f"step_breakdown child {args} failed:\n{out.stderr[-3000:]}")
 
 
@@ -225,11 +270,17 @@ def run_variant(name):
       times[part].append(ms)
   m = config.model
   tokens = config.train.global_batch_size * config.data.seq_len
-  print("RESULT " + json.dumps({
-      "ms": {part: float(np.median(t)) for part, t in times.items()},
-      "step_flops": model_lib.flops_per_token(m, config.data.seq_len) * tokens,
-      "shapes": f"{m.num_layers} layers, {m.embed_dim} wide, vocab {m.vocab_size}, "
-                f"batch {config.train.global_batch_size} x {config.data.seq_len}"}))
+  print(
+    "RESULT "
+    + json.dumps(
+      {
+        "ms": {part: float(np.median(t)) for part, t in times.items()},
+        "step_flops": model_lib.flops_per_token(m, config.data.seq_len) * tokens,
+        "shapes": f"{m.num_layers} layers, {m.embed_dim} wide, vocab {m.vocab_size}, "
+        f"batch {config.train.global_batch_size} x {config.data.seq_len}",
+      }
+    )
+  )
 
 
 def _cpu_ms(before, after) -> float:
@@ -240,12 +291,24 @@ def _cpu_ms(before, after) -> float:
 def run_peer(base):
   """In a child process: time the PyTorch peer's forward loss, forward+backward and train step."""
   import torch
+
   from benchmarks.torch_peer import TorchPeer
+
   config = validate(base, 1, tokenizer_vocab_size=base.model.vocab_size or 65)
   m, o = config.model, config.optimizer
-  peer = TorchPeer(vocab_size=m.vocab_size, n_layer=m.num_layers, n_head=m.num_heads, n_embd=m.embed_dim,
-                   block_size=config.data.seq_len, bias=m.use_bias, learning_rate=o.learning_rate,
-                   weight_decay=o.weight_decay, beta1=o.b1, beta2=o.b2, grad_clip=o.grad_clip_norm)
+  peer = TorchPeer(
+    vocab_size=m.vocab_size,
+    n_layer=m.num_layers,
+    n_head=m.num_heads,
+    n_embd=m.embed_dim,
+    block_size=config.data.seq_len,
+    bias=m.use_bias,
+    learning_rate=o.learning_rate,
+    weight_decay=o.weight_decay,
+    beta1=o.b1,
+    beta2=o.b2,
+    grad_clip=o.grad_clip_norm,
+  )
   rng = np.random.default_rng(0)
   b, l = config.train.global_batch_size, config.data.seq_len
   tokens = rng.integers(0, m.vocab_size, (b, l + 1))
@@ -260,8 +323,11 @@ def run_peer(base):
     peer.model.zero_grad(set_to_none=True)
     return 0.0
 
-  calls = {"forward": forward, "forward+backward": backward,
-           "train step": lambda: peer.train_step(tokens[:, :-1], tokens[:, 1:])}
+  calls = {
+    "forward": forward,
+    "forward+backward": backward,
+    "train step": lambda: peer.train_step(tokens[:, :-1], tokens[:, 1:]),
+  }
   times = collections.defaultdict(list)
   for _ in range(_REPEATS.value):
     for part, call in calls.items():
@@ -289,11 +355,16 @@ def op_kind(line: str, length: int, vocab: int) -> str | None:
     return None
   op_name = re.search(r'op_name="([^"]*)"', line)
   what = op_name.group(1) if op_name else ""
-  kind = ("matmul" if "dot_general" in what or match[3] == "dot" else
-          "reduction" if "reduce" in what else "elementwise, copies and the rest")
+  kind = (
+    "matmul"
+    if "dot_general" in what or match[3] == "dot"
+    else "reduction"
+    if "reduce" in what
+    else "elementwise, copies and the rest"
+  )
   # Shapes in the whole line: the result's and the operands' (a fusion's operands are listed by name
   # only, so a fusion is placed by its result's shape).
-  shapes = match[2] + line[match.end():].split(", metadata=")[0]
+  shapes = match[2] + line[match.end() :].split(", metadata=")[0]
   if re.search(rf"\b{length},{length}\]", shapes):
     part = "attention [L, L]"
   elif re.search(rf"\b{vocab}\]", match[2]) or re.search(rf"\[{vocab},", match[2]):
@@ -308,6 +379,7 @@ def op_kind(line: str, length: int, vocab: int) -> str | None:
 def trace_op_kinds(step, state, batch, config, steps=20) -> dict:
   """Milliseconds per train step and device spent in each kind of op, from a jax.profiler trace."""
   from jax._src.lib import _profile_data
+
   kinds = {}  # XLA op name -> what it computes, from the compiled HLO's metadata and shapes.
   for line in step.as_text().splitlines():
     kind = op_kind(line, config.data.seq_len, config.model.vocab_size)
@@ -331,15 +403,21 @@ def trace_op_kinds(step, state, batch, config, steps=20) -> dict:
         elif not event.name.startswith(_CONTAINERS):
           totals[kinds.get(event.name, "elementwise, copies and the rest")] += event.duration_ns
   per_step_thread = 1e6 * (steps + 1) * len(threads)  # time_calls adds one warm-up call.
-  return {"traced_step_ms": traced_ms, "devices": jax.device_count(), "threads": len(threads),
-          "kinds": {kind: ns / per_step_thread for kind, ns in totals.most_common()}}
+  return {
+    "traced_step_ms": traced_ms,
+    "devices": jax.device_count(),
+    "threads": len(threads),
+    "kinds": {kind: ns / per_step_thread for kind, ns in totals.most_common()},
+  }
 
 
 def print_op_profile(profile: dict, untraced_step_ms: float, name: str):
   ops_ms = sum(profile["kinds"].values())
-  print(f"\nwhere the train step's time goes ({name}; {profile['devices']} devices, {profile['threads']} "
-        f"threads in XLA's pool): {ops_ms:.1f} ms of ops per thread in a step of {profile['traced_step_ms']:.1f} ms "
-        f"under the trace ({untraced_step_ms:.1f} ms untraced, the table above)")
+  print(
+    f"\nwhere the train step's time goes ({name}; {profile['devices']} devices, {profile['threads']} "
+    f"threads in XLA's pool): {ops_ms:.1f} ms of ops per thread in a step of {profile['traced_step_ms']:.1f} ms "
+    f"under the trace ({untraced_step_ms:.1f} ms untraced, the table above)"
+  )
   print("| part: op kind | ms per step per thread | share |")
   print("|---|---|---|")
   for kind, ms in sorted(profile["kinds"].items()):

@@ -3,19 +3,20 @@
 A field that is not in this file is an error, so a typo in a config or an
 override fails loudly before anything runs.
 """
+
 from ml_collections import ConfigDict
 
 # Every field of a data source (config.data.sources.NAME), with its default.
 SOURCE_DEFAULTS = dict(
-    kind="text",        # text | jsonl | parquet | tfds | chat | stdlib | prepared
-    paths="",           # comma-separated globs (text, jsonl, parquet, chat); a directory (prepared)
-    max_files=0,        # keep the first N matched files after sorting (0: all)
-    field="text",       # the jsonl / parquet column / tfds feature holding the text
-    name="",            # tfds dataset, e.g. "lm1b", "c4/en:3.0.1"
-    split="train",      # tfds split, e.g. "train[:1%]"
-    data_dir="",        # tfds data_dir ("": tfds's default)
-    max_documents=0,    # stop reading after N documents (0: all)
-    weight=1.0,         # share of the training examples (weights are normalised)
+  kind="text",  # text | jsonl | parquet | tfds | chat | stdlib | prepared
+  paths="",  # comma-separated globs (text, jsonl, parquet, chat); a directory (prepared)
+  max_files=0,  # keep the first N matched files after sorting (0: all)
+  field="text",  # the jsonl / parquet column / tfds feature holding the text
+  name="",  # tfds dataset, e.g. "lm1b", "c4/en:3.0.1"
+  split="train",  # tfds split, e.g. "train[:1%]"
+  data_dir="",  # tfds data_dir ("": tfds's default)
+  max_documents=0,  # stop reading after N documents (0: all)
+  weight=1.0,  # share of the training examples (weights are normalised)
 )
 
 
@@ -42,103 +43,113 @@ def get_config() -> ConfigDict:
   # "": off (unless JAX_COMPILATION_CACHE_DIR is set). JAX caches compiles of 1 s or more.
   config.compilation_cache_dir = ""
 
-  config.model = ConfigDict(dict(
-      vocab_size=0,            # 0: the tokenizer's vocabulary size.
+  config.model = ConfigDict(
+    dict(
+      vocab_size=0,  # 0: the tokenizer's vocabulary size.
       num_layers=4,
       embed_dim=128,
       num_heads=4,
-      num_kv_heads=0,          # 0: num_heads (no grouped-query attention).
-      head_dim=0,              # 0: embed_dim // num_heads.
+      num_kv_heads=0,  # 0: num_heads (no grouped-query attention).
+      head_dim=0,  # 0: embed_dim // num_heads.
       mlp_dim=512,
       max_seq_len=128,
-      norm="layernorm",        # layernorm | rmsnorm
+      norm="layernorm",  # layernorm | rmsnorm
       norm_eps=1e-5,
-      position="learned",      # learned | rope
+      position="learned",  # learned | rope
       rope_theta=10000.0,
-      mlp="gelu",              # gelu | swiglu
+      mlp="gelu",  # gelu | swiglu
       gelu_approximate=False,  # tanh GELU (GPT-2) instead of exact erf GELU.
       tie_embeddings=True,
       use_bias=False,
-      qkv_bias=False,          # biases on q/k/v alone (Qwen2); use_bias already implies them.
-      dtype="float32",         # compute dtype: float32 | bfloat16 (parameters stay float32)
-      scan_layers=True,        # lax.scan over layers: compile time independent of depth.
-      remat="none",            # what a block keeps for the backward pass: none (everything) | full
-                               # (nothing) | dots (matmul outputs) | proj (the attention projections and
-                               # the MLP input and output) | offload (proj's, kept in host memory).
-      attention="auto",        # auto (the platform's best) | xla ([L, L] scores) | blockwise (online
-                               # softmax over key blocks, pure JAX) | splash (Pallas TPU kernel) | cudnn
-      attention_block=512,     # blockwise / splash: query and key block length.
-      loss_chunk=0,            # cross-entropy over this many positions of each row at a time, the
-                               # output projection recomputed in the backward pass (0: the whole row).
+      qkv_bias=False,  # biases on q/k/v alone (Qwen2); use_bias already implies them.
+      dtype="float32",  # compute dtype: float32 | bfloat16 (parameters stay float32)
+      scan_layers=True,  # lax.scan over layers: compile time independent of depth.
+      remat="none",  # what a block keeps for the backward pass: none (everything) | full
+      # (nothing) | dots (matmul outputs) | proj (the attention projections and
+      # the MLP input and output) | offload (proj's, kept in host memory).
+      attention="auto",  # auto (the platform's best) | xla ([L, L] scores) | blockwise (online
+      # softmax over key blocks, pure JAX) | splash (Pallas TPU kernel) | cudnn
+      attention_block=512,  # blockwise / splash: query and key block length.
+      loss_chunk=0,  # cross-entropy over this many positions of each row at a time, the
+      # output projection recomputed in the backward pass (0: the whole row).
       dropout_rate=0.0,
       init_std=0.02,
-  ))
+    )
+  )
 
-  config.data = ConfigDict(dict(
+  config.data = ConfigDict(
+    dict(
       # Named sources mixed by weight; see source() below. Python's standard library by default.
       sources=ConfigDict({"main": source(kind="stdlib")}),
       seq_len=128,
       tokenizer="sentencepiece",  # sentencepiece | byte | char | huggingface (a tokenizer.json)
-      tokenizer_path="",       # a sentencepiece .model; "": a prepared source's, or train one on the
-                               # sources (cached in the workdir).
+      tokenizer_path="",  # a sentencepiece .model; "": a prepared source's, or train one on the
+      # sources (cached in the workdir).
       tokenizer_vocab_size=4096,
       tokenizer_model_type="bpe",  # bpe | unigram
-      validation_fraction=0.1, # the last share of each source's tokens (of each chunk when prepared).
+      validation_fraction=0.1,  # the last share of each source's tokens (of each chunk when prepared).
       shuffle=True,
-      windows="shifted",       # aligned | shifted (later epochs at a random offset) | random (nanoGPT's
-                               # i.i.d. windows, no epochs); see data/pipeline.py.
-      bad_data="skip",         # skip (and count in the metrics) | stop: what a bad record does.
+      windows="shifted",  # aligned | shifted (later epochs at a random offset) | random (nanoGPT's
+      # i.i.d. windows, no epochs); see data/pipeline.py.
+      bad_data="skip",  # skip (and count in the metrics) | stop: what a bad record does.
       chat_template="chatml",  # how chat sources render messages into tokens.
       chat_loss_on="assistant",  # assistant | all: which chat tokens are loss targets.
-  ))
+    )
+  )
 
   # Device mesh; one axis may be -1 (all remaining devices).
   config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 
-  config.optimizer = ConfigDict(dict(
-      name="adamw",            # adamw | sgd | adafactor
-      learning_rate=1e-3,      # peak
+  config.optimizer = ConfigDict(
+    dict(
+      name="adamw",  # adamw | sgd | adafactor
+      learning_rate=1e-3,  # peak
       b1=0.9,
       b2=0.95,
       eps=1e-8,
       weight_decay=0.1,
       decay_embeddings=False,  # norms and biases are never decayed.
-      momentum=0.9,            # sgd
-      nesterov=False,          # sgd
-      grad_clip_norm=1.0,      # 0: no clipping.
+      momentum=0.9,  # sgd
+      nesterov=False,  # sgd
+      grad_clip_norm=1.0,  # 0: no clipping.
       schedule="warmup_cosine",  # warmup_cosine | warmup_linear | constant | wsd | rsqrt
       warmup_steps=100,
-      min_lr_ratio=0.1,        # final learning rate / peak (cosine, linear, wsd).
-      decay_fraction=0.2,      # wsd: share of the steps spent decaying.
-  ))
+      min_lr_ratio=0.1,  # final learning rate / peak (cosine, linear, wsd).
+      decay_fraction=0.2,  # wsd: share of the steps spent decaying.
+    )
+  )
 
   # Start from another run's parameters (continued pre-training, fine-tuning, a converted Hugging
   # Face model) instead of a fresh initialisation. Ignored when the workdir has its own checkpoint
   # (the run then resumes).
-  config.init = ConfigDict(dict(
-      checkpoint="",           # a loom workdir, its checkpoints/ directory, or one checkpoints/STEP.
-      step=-1,                 # which of its steps (-1: the latest).
-      load_optimizer=False,    # also its optimizer state (needs the same optimizer and shapes).
-      keep_step=False,         # continue its step counter instead of starting the schedule at 0.
-      freeze="",               # comma-separated regexes of parameter paths to keep fixed, e.g.
-                               # "embed,final_norm" (paths look like blocks/attn/wq).
-      freeze_layers="",        # layer indices to keep fixed, e.g. "0-5,7" (every parameter of those blocks).
-  ))
+  config.init = ConfigDict(
+    dict(
+      checkpoint="",  # a loom workdir, its checkpoints/ directory, or one checkpoints/STEP.
+      step=-1,  # which of its steps (-1: the latest).
+      load_optimizer=False,  # also its optimizer state (needs the same optimizer and shapes).
+      keep_step=False,  # continue its step counter instead of starting the schedule at 0.
+      freeze="",  # comma-separated regexes of parameter paths to keep fixed, e.g.
+      # "embed,final_norm" (paths look like blocks/attn/wq).
+      freeze_layers="",  # layer indices to keep fixed, e.g. "0-5,7" (every parameter of those blocks).
+    )
+  )
 
-  config.train = ConfigDict(dict(
-      num_steps=1000,          # the length of the run (and of the learning-rate schedule).
-      stop_at_step=0,          # stop here with a checkpoint, as a preemption would; 0: run to num_steps.
+  config.train = ConfigDict(
+    dict(
+      num_steps=1000,  # the length of the run (and of the learning-rate schedule).
+      stop_at_step=0,  # stop here with a checkpoint, as a preemption would; 0: run to num_steps.
       global_batch_size=32,
-      microbatches=1,          # gradient accumulation: the batch is split into this many.
+      microbatches=1,  # gradient accumulation: the batch is split into this many.
       log_every=50,
-      eval_every=200,          # 0: only at the end.
-      eval_batches=20,         # 0: the whole validation split.
+      eval_every=200,  # 0: only at the end.
+      eval_batches=20,  # 0: the whole validation split.
       checkpoint_every=500,
-      keep_checkpoints=3,       # the last K checkpoints are kept...
-      keep_checkpoints_every=0, # ...and, beyond them, every step divisible by this (0: none).
-      num_samples=3,           # text samples printed at the end.
+      keep_checkpoints=3,  # the last K checkpoints are kept...
+      keep_checkpoints_every=0,  # ...and, beyond them, every step divisible by this (0: none).
+      num_samples=3,  # text samples printed at the end.
       sample_length=200,
       sample_temperature=0.8,
       sample_prompt="",
-  ))
+    )
+  )
   return config

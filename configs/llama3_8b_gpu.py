@@ -3,6 +3,7 @@
 512K tokens a step (64 x 8192), cuDNN flash attention (model.attention=auto picks it on GPUs).
 Without a GPU attached, tools/plan.py --topology=h100-8 estimates its memory from the model.
 """
+
 from configs import llama3_8b
 
 SLICES = ("h100-8",)

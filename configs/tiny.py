@@ -1,4 +1,5 @@
 """A model small enough for a test to train in seconds on a CPU."""
+
 from configs import base
 
 
@@ -8,6 +9,14 @@ def get_config():
   config.data.sources = {"main": base.source(kind="stdlib", max_files=20)}
   config.data.update(seq_len=32, tokenizer="byte")
   config.optimizer.update(learning_rate=3e-3, warmup_steps=5)
-  config.train.update(num_steps=40, global_batch_size=16, log_every=10, eval_every=20,
-                      eval_batches=2, checkpoint_every=20, num_samples=1, sample_length=32)
+  config.train.update(
+    num_steps=40,
+    global_batch_size=16,
+    log_every=10,
+    eval_every=20,
+    eval_batches=2,
+    checkpoint_every=20,
+    num_samples=1,
+    sample_length=32,
+  )
   return config

@@ -14,6 +14,7 @@ in the cache is exactly the corpus its results were measured on.
 
 Standard library only: configs import this module.
 """
+
 import contextlib
 import dataclasses
 import hashlib
@@ -22,7 +23,7 @@ import urllib.request
 
 from data.files import atomic_write
 
-DOWNLOAD_COMMAND = 'python tools/download.py'
+DOWNLOAD_COMMAND = "python tools/download.py"
 _CHUNK_BYTES = 1 << 20
 _TIMEOUT_SECONDS = 60
 
@@ -35,11 +36,12 @@ class Corpus:
 
 
 CORPORA = {
-    # Karpathy's char-rnn tiny Shakespeare (1,115,394 bytes), nanoGPT's shakespeare_char corpus.
-    'tinyshakespeare': Corpus(
-        url='https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt',
-        file_name='input.txt',
-        sha256='86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed'),
+  # Karpathy's char-rnn tiny Shakespeare (1,115,394 bytes), nanoGPT's shakespeare_char corpus.
+  "tinyshakespeare": Corpus(
+    url="https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+    file_name="input.txt",
+    sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+  ),
 }
 
 
@@ -49,16 +51,16 @@ class DownloadError(Exception):
 
 def _corpus(name: str) -> Corpus:
   if name not in CORPORA:
-    raise DownloadError(f'no corpus named {name!r}; known: {", ".join(sorted(CORPORA))}')
+    raise DownloadError(f"no corpus named {name!r}; known: {', '.join(sorted(CORPORA))}")
   return CORPORA[name]
 
 
 def cache_dir() -> str:
   """Where downloaded corpora live (read from the environment on every call, so tests can move it)."""
-  if os.environ.get('LOOM_DATA_DIR'):
-    return os.path.abspath(os.path.expanduser(os.environ['LOOM_DATA_DIR']))
-  cache_home = os.environ.get('XDG_CACHE_HOME') or os.path.join('~', '.cache')
-  return os.path.abspath(os.path.join(os.path.expanduser(cache_home), 'loom', 'data'))
+  if os.environ.get("LOOM_DATA_DIR"):
+    return os.path.abspath(os.path.expanduser(os.environ["LOOM_DATA_DIR"]))
+  cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+  return os.path.abspath(os.path.join(os.path.expanduser(cache_home), "loom", "data"))
 
 
 def cached_path(name: str) -> str:
@@ -74,19 +76,21 @@ def corpus_for_path(path: str) -> str | None:
 
 def missing_message(name: str, field: str) -> str:
   """What to do when corpus `name`, which config field `field` points at, is not in the cache."""
-  return (f'{field}: {cached_path(name)} is not downloaded yet; run `{DOWNLOAD_COMMAND} {name}` '
-          f'(offline: add --from=A_LOCAL_COPY), or set --config.{field}=FILE to read a copy you have.')
+  return (
+    f"{field}: {cached_path(name)} is not downloaded yet; run `{DOWNLOAD_COMMAND} {name}` "
+    f"(offline: add --from=A_LOCAL_COPY), or set --config.{field}=FILE to read a copy you have."
+  )
 
 
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for chunk in iter(lambda: f.read(_CHUNK_BYTES), b''):
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(_CHUNK_BYTES), b""):
       digest.update(chunk)
   return digest.hexdigest()
 
 
-def download(name: str, from_file: str = '') -> str:
+def download(name: str, from_file: str = "") -> str:
   """Puts corpus `name` in the cache and returns its path.
 
   From the corpus's URL, or from the local file `from_file` (an offline
@@ -109,30 +113,33 @@ def download(name: str, from_file: str = '') -> str:
     directory = os.path.dirname(directory)
   try:
     if from_file:
-      reader = open(source, 'rb')
+      reader = open(source, "rb")
     else:
       reader = urllib.request.urlopen(corpus.url, timeout=_TIMEOUT_SECONDS)
   except OSError as e:  # urllib.error.URLError, a socket timeout and a missing --from file are all OSErrors.
     if from_file:
-      raise DownloadError(f'--from={source}: cannot be read ({e.strerror or e})') from None
-    reason = getattr(e, 'reason', None) or e
-    raise DownloadError(f'cannot download {name} from {corpus.url} ({reason}); without a network, fetch '
-                        f'that URL elsewhere and run `{DOWNLOAD_COMMAND} {name} --from=THE_FILE`') from None
+      raise DownloadError(f"--from={source}: cannot be read ({e.strerror or e})") from None
+    reason = getattr(e, "reason", None) or e
+    raise DownloadError(
+      f"cannot download {name} from {corpus.url} ({reason}); without a network, fetch "
+      f"that URL elsewhere and run `{DOWNLOAD_COMMAND} {name} --from=THE_FILE`"
+    ) from None
   try:
-    with reader, atomic_write(path, 'wb') as out:
+    with reader, atomic_write(path, "wb") as out:
       digest = hashlib.sha256()
-      for chunk in iter(lambda: reader.read(_CHUNK_BYTES), b''):
+      for chunk in iter(lambda: reader.read(_CHUNK_BYTES), b""):
         digest.update(chunk)
         out.write(chunk)
       if digest.hexdigest() != corpus.sha256:  # Raised inside atomic_write: the partial file goes too.
-        raise DownloadError(f'{source}: sha256 {digest.hexdigest()} is not the {corpus.sha256} registered '
-                            f'for {name} in data/downloads.py; nothing was written to {path}')
+        raise DownloadError(
+          f"{source}: sha256 {digest.hexdigest()} is not the {corpus.sha256} registered "
+          f"for {name} in data/downloads.py; nothing was written to {path}"
+        )
   except BaseException as e:
     for directory in new_directories:  # Leave no empty folder behind either.
       with contextlib.suppress(OSError):
         os.rmdir(directory)
     if isinstance(e, OSError):  # A connection dropped midway, a full disk.
-      raise DownloadError(f'{name}: copying {source} to {path} failed ({e}); nothing was written') from None
+      raise DownloadError(f"{name}: copying {source} to {path} failed ({e}); nothing was written") from None
     raise
   return path
-

@@ -7,11 +7,13 @@ complete new one, never a half-written one. A directory written as one piece
 (a converted Hugging Face model) goes through `atomic_directory`.
 `writable_directory` is the one probe for a directory loom is about to fill.
 """
+
 import contextlib
 import os
 import shutil
 import uuid
-from typing import IO, Iterator
+from collections.abc import Iterator
+from typing import IO
 
 
 class DirectoryTaken(OSError):
@@ -68,8 +70,11 @@ def atomic_directory(path: str) -> Iterator[str]:
     try:
       os.rename(temporary, target)  # Replaces an empty directory; refuses a file or a non-empty one.
     except OSError as e:
-      raise DirectoryTaken(e.errno, f"cannot move the finished directory into place at {target} "
-                           f"({e.strerror or e}); it must stay new or empty while it is written") from None
+      raise DirectoryTaken(
+        e.errno,
+        f"cannot move the finished directory into place at {target} "
+        f"({e.strerror or e}); it must stay new or empty while it is written",
+      ) from None
   except BaseException:
     shutil.rmtree(temporary, ignore_errors=True)
     raise

@@ -4,8 +4,9 @@ Rows are `seq_len + 1` tokens wide and start every `seq_len` tokens, so row i
 holds the inputs and the targets of positions i*L .. i*L+L-1 and no target is
 lost between rows. All of it is vectorised numpy.
 """
+
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,6 +33,7 @@ class PackedRows:
     token (row i is stream[i*L : i*L+L+1]), so a window may start inside a row
     and run into the next. False for rows of whole examples (chat).
   """
+
   tokens: np.ndarray  # (num_rows, seq_len + 1) int32
   segment_ids: np.ndarray  # (num_rows, seq_len + 1) int32
   loss_mask: np.ndarray | None = None  # (num_rows, seq_len + 1) uint8
@@ -57,8 +59,11 @@ class PackedRows:
   def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tokens, segment_ids, loss_mask) of the given rows: the row-store interface."""
     indices = np.asarray(indices, np.int64)
-    mask = (np.ones((len(indices), self.seq_len + 1), np.uint8) if self.loss_mask is None
-            else self.loss_mask[indices].astype(np.uint8))
+    mask = (
+      np.ones((len(indices), self.seq_len + 1), np.uint8)
+      if self.loss_mask is None
+      else self.loss_mask[indices].astype(np.uint8)
+    )
     return self.tokens[indices], self.segment_ids[indices], mask
 
 
@@ -68,27 +73,25 @@ class TokenStream:
   document_ids: np.ndarray  # (n,) int32, which document each token came from
 
 
-def concatenate_documents(documents: Sequence[np.ndarray],
-                          eos_id: int | None) -> TokenStream:
+def concatenate_documents(documents: Sequence[np.ndarray], eos_id: int | None) -> TokenStream:
   """Joins documents into one stream, with eos after each when there is one."""
   if eos_id is not None:
     documents = [np.append(d, np.int32(eos_id)) for d in documents]
   lengths = np.array([len(d) for d in documents], np.int64)
-  tokens = (np.concatenate(documents).astype(np.int32) if len(documents)
-            else np.zeros(0, np.int32))
+  tokens = np.concatenate(documents).astype(np.int32) if len(documents) else np.zeros(0, np.int32)
   document_ids = np.repeat(np.arange(len(documents), dtype=np.int32), lengths)
   return TokenStream(tokens, document_ids)
 
 
-def split_by_position(stream: TokenStream, validation_fraction: float
-                      ) -> tuple[TokenStream, TokenStream]:
+def split_by_position(stream: TokenStream, validation_fraction: float) -> tuple[TokenStream, TokenStream]:
   """First (1 - fraction) of the tokens train, the rest validate (nanoGPT)."""
   if not 0.0 <= validation_fraction < 1.0:
-    raise ValueError('data.validation_fraction: must be in [0, 1), got '
-                     f'{validation_fraction}.')
+    raise ValueError(f"data.validation_fraction: must be in [0, 1), got {validation_fraction}.")
   n_train = int(len(stream.tokens) * (1.0 - validation_fraction))
-  return (TokenStream(stream.tokens[:n_train], stream.document_ids[:n_train]),
-          TokenStream(stream.tokens[n_train:], stream.document_ids[n_train:]))
+  return (
+    TokenStream(stream.tokens[:n_train], stream.document_ids[:n_train]),
+    TokenStream(stream.tokens[n_train:], stream.document_ids[n_train:]),
+  )
 
 
 def pack_rows(stream: TokenStream, seq_len: int) -> PackedRows:
@@ -96,8 +99,7 @@ def pack_rows(stream: TokenStream, seq_len: int) -> PackedRows:
   n = len(stream.tokens)
   # Enough rows that every target (stream positions 1 .. n-1) is in one row.
   num_rows = max(0, -(-(n - 1) // seq_len))
-  index = (np.arange(num_rows, dtype=np.int64)[:, None] * seq_len
-           + np.arange(seq_len + 1, dtype=np.int64)[None, :])
+  index = np.arange(num_rows, dtype=np.int64)[:, None] * seq_len + np.arange(seq_len + 1, dtype=np.int64)[None, :]
   valid = index < n
   safe_index = np.minimum(index, max(n - 1, 0))
   if n:
@@ -129,7 +131,7 @@ def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: in
   row, column = 0, 0
   for ids, _ in examples:
     if len(ids) > width:
-      raise ValueError(f'an example of {len(ids)} tokens does not fit a row of {width}.')
+      raise ValueError(f"an example of {len(ids)} tokens does not fit a row of {width}.")
     if column + len(ids) > width:
       row, column = row + 1, 0
     row_of.append(row)
@@ -152,8 +154,12 @@ def pack_examples(examples: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: in
 def concatenate_rows(chunks: Sequence[PackedRows]) -> PackedRows:
   """One PackedRows from several of the same layout (chunks of one source)."""
   if not chunks:
-    raise ValueError('no rows to concatenate.')
+    raise ValueError("no rows to concatenate.")
   masks = [c.loss_mask for c in chunks]
   loss_mask = None if all(m is None for m in masks) else np.concatenate([c.full_loss_mask() for c in chunks])
-  return PackedRows(np.concatenate([c.tokens for c in chunks]),
-                    np.concatenate([c.segment_ids for c in chunks]), loss_mask, stream=chunks[0].stream)
+  return PackedRows(
+    np.concatenate([c.tokens for c in chunks]),
+    np.concatenate([c.segment_ids for c in chunks]),
+    loss_mask,
+    stream=chunks[0].stream,
+  )

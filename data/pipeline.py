@@ -9,16 +9,18 @@ epoch of that source, independently of the other sources. Resuming at step s
 therefore reads only step s's rows, and every process computes, and reads,
 only its own slice of the same global batch.
 """
+
 import dataclasses
 import math
-from typing import Iterator, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 
 from data.tf_cpu import tf
 
 Batch = dict[str, np.ndarray]
-WINDOWS = ('aligned', 'shifted', 'random')
+WINDOWS = ("aligned", "shifted", "random")
 # Steps whose batches one tf.data call builds: the per-call costs (graph dispatch, a
 # prepared store's read) are then shared, and the step time barely feels the pipeline.
 _STEPS_PER_CALL = 8
@@ -26,6 +28,7 @@ _STEPS_PER_CALL = 8
 
 class RowStore(Protocol):
   """Random access to packed rows: in memory (PackedRows) or on disk (PreparedRows)."""
+
   num_rows: int
   seq_len: int
   stream: bool
@@ -41,6 +44,7 @@ class Mixture:
   Counts are exact within each period, so the proportions of any run of
   examples are within one period's rounding of the weights.
   """
+
   pattern: np.ndarray  # (P,) int64 source of the j-th example of a period
   rank: np.ndarray  # (P,) int64 how many earlier examples of the period have the same source
   counts: np.ndarray  # (K,) int64 examples of each source per period
@@ -53,8 +57,7 @@ class Mixture:
     return self.pattern[np.asarray(examples) % self.period]
 
 
-def make_mixture(weights: Sequence[float], max_period: int = 1000,
-                 tolerance: float = 1e-3) -> Mixture:
+def make_mixture(weights: Sequence[float], max_period: int = 1000, tolerance: float = 1e-3) -> Mixture:
   """The shortest period whose integer counts match the weights within `tolerance`.
 
   Examples of a period are spread evenly (smooth weighted round-robin), so
@@ -62,7 +65,7 @@ def make_mixture(weights: Sequence[float], max_period: int = 1000,
   """
   weights = np.asarray(weights, np.float64)
   if weights.ndim != 1 or not len(weights) or (weights < 0).any() or weights.sum() <= 0:
-    raise ValueError(f'mixture weights {weights.tolist()} must be >= 0 with a positive sum.')
+    raise ValueError(f"mixture weights {weights.tolist()} must be >= 0 with a positive sum.")
   shares = weights / weights.sum()
   counts = None
   for period in range(1, max_period + 1):
@@ -87,45 +90,46 @@ def make_mixture(weights: Sequence[float], max_period: int = 1000,
 def _round_to_sum(values: np.ndarray, total: int) -> np.ndarray:
   """Largest-remainder rounding: integers that sum to `total`."""
   floors = np.floor(values).astype(np.int64)
-  order = np.argsort(-(values - floors), kind='stable')
-  floors[order[:total - floors.sum()]] += 1
+  order = np.argsort(-(values - floors), kind="stable")
+  floors[order[: total - floors.sum()]] += 1
   return floors
 
 
-def check_fills_a_batch(rows: RowStore, global_batch_size: int, name: str = '') -> None:
+def check_fills_a_batch(rows: RowStore, global_batch_size: int, name: str = "") -> None:
   """Raises if the training rows cannot fill one global batch."""
   if rows.num_rows < global_batch_size:
-    where = f'data.sources.{name}: ' if name else ''
+    where = f"data.sources.{name}: " if name else ""
     raise ValueError(
-        f'{where}the training split has {rows.num_rows} rows of data.seq_len='
-        f'{rows.seq_len}, fewer than one global batch ({global_batch_size}). '
-        'Use more data (data.sources.*.paths / max_files), a smaller data.seq_len '
-        'or data.validation_fraction, or a smaller global batch size.')
+      f"{where}the training split has {rows.num_rows} rows of data.seq_len="
+      f"{rows.seq_len}, fewer than one global batch ({global_batch_size}). "
+      "Use more data (data.sources.*.paths / max_files), a smaller data.seq_len "
+      "or data.validation_fraction, or a smaller global batch size."
+    )
 
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size % process_count:
-    raise ValueError(f'global batch size {global_batch_size} is not divisible '
-                     f'by the process count {process_count}.')
+    raise ValueError(f"global batch size {global_batch_size} is not divisible by the process count {process_count}.")
   return global_batch_size // process_count
 
 
 def _reader(rows: RowStore):
   """rows -> (tokens, segment_ids, loss_mask) tensors: a graph gather in memory, else numpy."""
   width = rows.seq_len + 1
-  if hasattr(rows, 'tokens'):  # In memory: constants in the graph, no Python per batch.
+  if hasattr(rows, "tokens"):  # In memory: constants in the graph, no Python per batch.
     tables = [tf.constant(array) for array in rows.read(np.arange(rows.num_rows))]
 
     def read(indices: tf.Tensor) -> tuple[tf.Tensor, ...]:
       return tuple(tf.gather(table, indices) for table in tables)
+
     return read
 
   def read_from_store(indices: tf.Tensor) -> tuple[tf.Tensor, ...]:
-    arrays = tf.numpy_function(rows.read, [indices], (tf.int32, tf.int32, tf.uint8),
-                               stateful=False)
+    arrays = tf.numpy_function(rows.read, [indices], (tf.int32, tf.int32, tf.uint8), stateful=False)
     for array in arrays:
       array.set_shape([None, width])
     return tuple(arrays)
+
   return read_from_store
 
 
@@ -138,8 +142,7 @@ def _segment_positions(segment_ids: tf.Tensor) -> tf.Tensor:
   run = tf.cumsum(tf.cast(tf.not_equal(segment_ids, previous), tf.int64), axis=1)  # 1, 2, ... per row
   flat_run = tf.reshape(run + tf.range(batch)[:, None] * (width + 1), [-1])
   run_start = tf.math.unsorted_segment_min(tf.reshape(column, [-1]), flat_run, batch * (width + 1))
-  positions = tf.reshape(tf.reshape(column, [-1]) - tf.gather(run_start, flat_run),
-                         tf.shape(segment_ids))
+  positions = tf.reshape(tf.reshape(column, [-1]) - tf.gather(run_start, flat_run), tf.shape(segment_ids))
   return tf.cast(tf.where(segment_ids > 0, positions, 0), tf.int32)
 
 
@@ -151,11 +154,11 @@ def _features(tokens: tf.Tensor, segment_ids: tf.Tensor, loss_mask: tf.Tensor) -
   same_segment = tf.equal(segment_ids[:, :-1], segment_ids[:, 1:])
   weights = same_segment & (segment_ids[:, :-1] > 0) & (loss_mask[:, 1:] > 0)
   return {
-      'inputs': tokens[:, :-1],
-      'targets': tokens[:, 1:],
-      'segment_ids': segment_ids[:, :-1],
-      'positions': _segment_positions(segment_ids[:, :-1]),
-      'weights': tf.cast(weights, tf.float32),
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "segment_ids": segment_ids[:, :-1],
+    "positions": _segment_positions(segment_ids[:, :-1]),
+    "weights": tf.cast(weights, tf.float32),
   }
 
 
@@ -163,13 +166,17 @@ def _epoch_shift(seed: tf.Tensor, epoch: tf.Tensor, source: int, seq_len: int) -
   """A pseudo-random window shift in [0, seq_len) for each epoch after the first."""
   ones = tf.ones_like(epoch)
   scrambled = tf.raw_ops.RandomIndexShuffle(
-      index=epoch, seed=tf.stack([tf.fill(tf.shape(epoch), seed), ones, ones + source], axis=1),
-      max_index=tf.constant(2**31 - 1, tf.int64), rounds=4)
+    index=epoch,
+    seed=tf.stack([tf.fill(tf.shape(epoch), seed), ones, ones + source], axis=1),
+    max_index=tf.constant(2**31 - 1, tf.int64),
+    rounds=4,
+  )
   return tf.where(epoch > 0, scrambled % seq_len, tf.zeros_like(epoch))
 
 
-def _window(current: tuple[tf.Tensor, ...], following: tuple[tf.Tensor, ...],
-            shift: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+def _window(
+  current: tuple[tf.Tensor, ...], following: tuple[tf.Tensor, ...], shift: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   """The window that starts `shift` tokens into row r: stream[r*L + shift : ... + L + 1].
 
   Stream rows overlap by one token (row r is stream[r*L : r*L+L+1]), so row r
@@ -181,8 +188,9 @@ def _window(current: tuple[tf.Tensor, ...], following: tuple[tf.Tensor, ...],
   next_tokens, next_segments, next_mask = following
   length = tf.shape(tokens, out_type=tf.int64)[1] - 1
   continued = tf.where(next_segments > 0, next_segments + segments[:, -1:] - next_segments[:, :1], 0)
-  joined = [tf.concat([a, b[:, 1:]], axis=1) for a, b in
-            ((tokens, next_tokens), (segments, continued), (mask, next_mask))]
+  joined = [
+    tf.concat([a, b[:, 1:]], axis=1) for a, b in ((tokens, next_tokens), (segments, continued), (mask, next_mask))
+  ]
   columns = shift[:, None] + tf.range(length + 1)[None, :]
   window_tokens, raw_segments, window_mask = (tf.gather(a, columns, batch_dims=1) for a in joined)
   previous = tf.concat([raw_segments[:, :1], raw_segments[:, :-1]], axis=1)
@@ -196,10 +204,19 @@ def _no_rows(rows: RowStore) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
   return (tf.zeros([0, width], tf.int32), tf.zeros([0, width], tf.int32), tf.zeros([0, width], tf.uint8))
 
 
-def train_batches(rows: RowStore | Sequence[RowStore], *, global_batch_size: int, seed: int,
-                  weights: Sequence[float] | None = None, shuffle: bool = True,
-                  windows: str = 'shifted', start_step: int = 0, stop_step: int | None = None,
-                  process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+def train_batches(
+  rows: RowStore | Sequence[RowStore],
+  *,
+  global_batch_size: int,
+  seed: int,
+  weights: Sequence[float] | None = None,
+  shuffle: bool = True,
+  windows: str = "shifted",
+  start_step: int = 0,
+  stop_step: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[Batch]:
   """Yields this process's slice of the global batches start_step..stop_step-1.
 
   `rows` is one row store or several mixed by `weights`. Endless when
@@ -218,11 +235,11 @@ def train_batches(rows: RowStore | Sequence[RowStore], *, global_batch_size: int
   global batch (for the observed mixture proportions).
   """
   if windows not in WINDOWS:
-    raise ValueError(f'data.windows={windows!r}; allowed: {", ".join(WINDOWS)}')
-  sources = [rows] if hasattr(rows, 'num_rows') else list(rows)
+    raise ValueError(f"data.windows={windows!r}; allowed: {', '.join(WINDOWS)}")
+  sources = [rows] if hasattr(rows, "num_rows") else list(rows)
   mixture = make_mixture([1.0] * len(sources) if weights is None else weights)
   if len(mixture.counts) != len(sources):
-    raise ValueError(f'{len(sources)} row stores but {len(mixture.counts)} weights.')
+    raise ValueError(f"{len(sources)} row stores but {len(mixture.counts)} weights.")
   for source, count in zip(sources, mixture.counts):
     if count:
       check_fills_a_batch(source, 1)
@@ -234,21 +251,24 @@ def train_batches(rows: RowStore | Sequence[RowStore], *, global_batch_size: int
   pattern, rank, counts = (tf.constant(a) for a in (mixture.pattern, mixture.rank, mixture.counts))
   readers = [_reader(source) for source in sources]
 
-  def source_examples(k: int, source: RowStore, n: tf.Tensor, slot: tf.Tensor,
-                      steps: tf.Tensor) -> tuple[tf.Tensor, ...]:
+  def source_examples(
+    k: int, source: RowStore, n: tf.Tensor, slot: tf.Tensor, steps: tf.Tensor
+  ) -> tuple[tf.Tensor, ...]:
     """Windows for this source's examples number n (at `slot` of the global batch of step `steps`)."""
     read = readers[k]
     num_rows = tf.constant(source.num_rows, tf.int64)
-    can_shift = shuffle and source.stream and windows != 'aligned'
-    if can_shift and windows == 'random':
+    can_shift = shuffle and source.stream and windows != "aligned"
+    if can_shift and windows == "random":
       # Each step's global batch of starts is drawn from (seed, step, source) and
       # the process's slots picked out, so every process agrees on them.
       def draw(step):
         draw_seed = tf.stack([seed_t, step])
         if k:
           draw_seed = tf.random.experimental.stateless_fold_in(draw_seed, k)
-        return tf.random.stateless_uniform([global_batch_size], seed=draw_seed, minval=0,
-                                           maxval=(num_rows - 1) * source.seq_len + 1, dtype=tf.int64)
+        return tf.random.stateless_uniform(
+          [global_batch_size], seed=draw_seed, minval=0, maxval=(num_rows - 1) * source.seq_len + 1, dtype=tf.int64
+        )
+
       unique_steps, step_index = tf.unique(steps)
       starts = tf.map_fn(draw, unique_steps)
       starts = tf.gather_nd(starts, tf.stack([tf.cast(step_index, tf.int64), slot], axis=1))
@@ -257,10 +277,11 @@ def train_batches(rows: RowStore | Sequence[RowStore], *, global_batch_size: int
       epoch, row = n // num_rows, n % num_rows
       if shuffle:
         # The raw op takes a [b, 3] seed; the public wrapper mis-pads a batch of seeds.
-        row_seed = tf.stack([tf.fill(tf.shape(n), seed_t), epoch, tf.fill(tf.shape(n), tf.constant(k, tf.int64))],
-                            axis=1)
+        row_seed = tf.stack(
+          [tf.fill(tf.shape(n), seed_t), epoch, tf.fill(tf.shape(n), tf.constant(k, tf.int64))], axis=1
+        )
         row = tf.raw_ops.RandomIndexShuffle(index=row, seed=row_seed, max_index=num_rows - 1, rounds=4)
-      if not (can_shift and windows == 'shifted'):
+      if not (can_shift and windows == "shifted"):
         return read(row)
       shift = _epoch_shift(seed_t, epoch, k, source.seq_len)
     shift = tf.where(row < num_rows - 1, shift, tf.zeros_like(shift))  # The last row has no successor.
@@ -288,26 +309,41 @@ def train_batches(rows: RowStore | Sequence[RowStore], *, global_batch_size: int
       partition = tf.cast(local_source, tf.int32)
       picked = tf.dynamic_partition(tf.range(tf.size(local_n)), partition, len(sources))
       # A source of weight 0 (evaluation only) never appears: nothing to read for it.
-      parts = [source_examples(k, source, tf.gather(local_n, picked[k]), tf.gather(slot, picked[k]),
-                               tf.gather(step_of, picked[k])) if mixture.counts[k] else _no_rows(source)
-               for k, source in enumerate(sources)]
+      parts = [
+        source_examples(
+          k, source, tf.gather(local_n, picked[k]), tf.gather(slot, picked[k]), tf.gather(step_of, picked[k])
+        )
+        if mixture.counts[k]
+        else _no_rows(source)
+        for k, source in enumerate(sources)
+      ]
       arrays = [tf.dynamic_stitch(picked, [part[i] for part in parts]) for i in range(3)]
-    batch = {name: tf.reshape(value, tf.concat([[num_steps, local_batch_size], tf.shape(value)[1:]], 0))
-             for name, value in _features(*arrays).items()}
-    batch['source_counts'] = tf.reduce_sum(tf.one_hot(source_id, len(sources), dtype=tf.int32), axis=1)
+    batch = {
+      name: tf.reshape(value, tf.concat([[num_steps, local_batch_size], tf.shape(value)[1:]], 0))
+      for name, value in _features(*arrays).items()
+    }
+    batch["source_counts"] = tf.reduce_sum(tf.one_hot(source_id, len(sources), dtype=tf.int32), axis=1)
     return batch
 
   stop = np.iinfo(np.int64).max if stop_step is None else stop_step
-  dataset = (tf.data.Dataset.range(start_step, stop)
-             .batch(_STEPS_PER_CALL)
-             .map(gather_steps, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-             .unbatch()
-             .prefetch(tf.data.AUTOTUNE))
+  dataset = (
+    tf.data.Dataset.range(start_step, stop)
+    .batch(_STEPS_PER_CALL)
+    .map(gather_steps, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    .unbatch()
+    .prefetch(tf.data.AUTOTUNE)
+  )
   return dataset.as_numpy_iterator()
 
 
-def eval_batches(rows: RowStore, *, global_batch_size: int, max_batches: int | None = None,
-                 process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+def eval_batches(
+  rows: RowStore,
+  *,
+  global_batch_size: int,
+  max_batches: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> Iterator[Batch]:
   """Yields the validation rows in order, this process's slice of each batch.
 
   The last batch is padded with all-padding rows, whose weights are 0, so
@@ -329,7 +365,9 @@ def eval_batches(rows: RowStore, *, global_batch_size: int, max_batches: int | N
     arrays = read(tf.minimum(row, num_rows - 1))
     return _features(*(tf.where(real, array, tf.zeros([], array.dtype)) for array in arrays))
 
-  dataset = (tf.data.Dataset.range(num_batches)
-             .map(gather_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-             .prefetch(tf.data.AUTOTUNE))
+  dataset = (
+    tf.data.Dataset.range(num_batches)
+    .map(gather_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    .prefetch(tf.data.AUTOTUNE)
+  )
   return dataset.as_numpy_iterator()

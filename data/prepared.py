@@ -15,6 +15,7 @@ One ArrayRecord record is one packed row (see `_encode_rows`). meta.json is the
 mark of a finished preparation: a directory without it was interrupted and is
 refused by the reader.
 """
+
 import json
 import os
 import re
@@ -29,7 +30,7 @@ from data.files import atomic_write, fsync_file
 from data.packing import PackedRows
 
 FORMAT_VERSION = 1  # Bump when the record layout or meta.json changes meaning.
-META_FILE = 'meta.json'
+META_FILE = "meta.json"
 
 # group_size:1 puts every record in its own chunk, so reading one row
 # decompresses that row only; ArrayRecordDataSource logs an error for any other
@@ -41,27 +42,26 @@ META_FILE = 'meta.json'
 # 1024: zstd:3 ~23k rows/s, uncompressed ~30k, snappy (55% of raw) ~26k; the
 # 3x smaller files are worth more on a real corpus than that read speed, which
 # is already far above what a training step consumes.
-WRITER_OPTIONS = 'group_size:1,zstd:3'
+WRITER_OPTIONS = "group_size:1,zstd:3"
 # readahead_buffer_size:0 and max_parallelism:0 are what the reader documents
 # for random access: no prefetching of neighbouring chunks that a random batch
 # would throw away.
-READER_OPTIONS = 'readahead_buffer_size:0,max_parallelism:0'
+READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
 
-_SPLIT_NAME = re.compile(r'[A-Za-z0-9_][A-Za-z0-9_.]*')
+_SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]*")
 # Every file write_prepared may have left behind, finished shards or not.
-_OWN_FILE = re.compile(r'.+-\d{5}(-of-\d{5})?\.array_record(\.partial)?')
+_OWN_FILE = re.compile(r".+-\d{5}(-of-\d{5})?\.array_record(\.partial)?")
 
 
 def shard_name(split: str, shard: int, num_shards: int) -> str:
-  return f'{split}-{shard:05d}-of-{num_shards:05d}.array_record'
+  return f"{split}-{shard:05d}-of-{num_shards:05d}.array_record"
 
 
 def _row_bytes(seq_len: int) -> int:
   return (seq_len + 1) * (4 + 4 + 1)
 
 
-def _encode_rows(tokens: np.ndarray, segment_ids: np.ndarray,
-                 loss_mask: np.ndarray) -> np.ndarray:
+def _encode_rows(tokens: np.ndarray, segment_ids: np.ndarray, loss_mask: np.ndarray) -> np.ndarray:
   """(n, row_bytes) uint8: each row's tokens, segment ids and mask, raw.
 
   Raw little-endian fixed-width arrays, not tf.train.Example or protobuf: every
@@ -72,30 +72,32 @@ def _encode_rows(tokens: np.ndarray, segment_ids: np.ndarray,
   left to the shard's zstd compression.
   """
   n, width = tokens.shape
-  return np.concatenate([
-      np.ascontiguousarray(tokens, '<i4').view(np.uint8).reshape(n, 4 * width),
-      np.ascontiguousarray(segment_ids, '<i4').view(np.uint8).reshape(
-          n, 4 * width),
+  return np.concatenate(
+    [
+      np.ascontiguousarray(tokens, "<i4").view(np.uint8).reshape(n, 4 * width),
+      np.ascontiguousarray(segment_ids, "<i4").view(np.uint8).reshape(n, 4 * width),
       loss_mask.astype(np.uint8).reshape(n, width),
-  ], axis=1)
+    ],
+    axis=1,
+  )
 
 
-def _decode_rows(records: list[bytes], seq_len: int, where: str
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _decode_rows(records: list[bytes], seq_len: int, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   width = seq_len + 1
   row_bytes = _row_bytes(seq_len)
-  data = b''.join(records)
+  data = b"".join(records)
   if len(data) != len(records) * row_bytes:
     sizes = sorted({len(r) for r in records} - {row_bytes})
-    raise ValueError(f'{where}: a record of {sizes[0]} bytes where every row of '
-                     f'seq_len {seq_len} takes {row_bytes} bytes; the shard is '
-                     'corrupt or not from this meta.json.')
+    raise ValueError(
+      f"{where}: a record of {sizes[0]} bytes where every row of "
+      f"seq_len {seq_len} takes {row_bytes} bytes; the shard is "
+      "corrupt or not from this meta.json."
+    )
   raw = np.frombuffer(data, np.uint8).reshape(len(records), row_bytes)
-  tokens = np.ascontiguousarray(raw[:, :4 * width]).view('<i4')
-  segment_ids = np.ascontiguousarray(raw[:, 4 * width:8 * width]).view('<i4')
-  loss_mask = raw[:, 8 * width:].copy()
-  return (tokens.astype(np.int32, copy=False),
-          segment_ids.astype(np.int32, copy=False), loss_mask)
+  tokens = np.ascontiguousarray(raw[:, : 4 * width]).view("<i4")
+  segment_ids = np.ascontiguousarray(raw[:, 4 * width : 8 * width]).view("<i4")
+  loss_mask = raw[:, 8 * width :].copy()
+  return (tokens.astype(np.int32, copy=False), segment_ids.astype(np.int32, copy=False), loss_mask)
 
 
 class _SplitWriter:
@@ -116,9 +118,7 @@ class _SplitWriter:
     self.last_column_is_token = False
 
   def _open_shard(self) -> None:
-    path = os.path.join(self._directory,
-                        f'{self._split}-{len(self.partial_paths):05d}'
-                        '.array_record.partial')
+    path = os.path.join(self._directory, f"{self._split}-{len(self.partial_paths):05d}.array_record.partial")
     self._writer = array_record_module.ArrayRecordWriter(path, WRITER_OPTIONS)
     self.partial_paths.append(path)
     self.shard_rows.append(0)
@@ -153,8 +153,7 @@ class _SplitWriter:
   def finish(self) -> list[str]:
     """Closes the last shard and gives the shards their final names."""
     self._close_shard()
-    names = [shard_name(self._split, i, len(self.partial_paths))
-             for i in range(len(self.partial_paths))]
+    names = [shard_name(self._split, i, len(self.partial_paths)) for i in range(len(self.partial_paths))]
     for partial, name in zip(self.partial_paths, names):
       os.replace(partial, os.path.join(self._directory, name))
     return names
@@ -165,38 +164,41 @@ class _SplitWriter:
 
 
 def _check_chunk(rows: Any, split: str, chunk: int) -> None:
-  where = f'write_prepared: split {split!r} chunk {chunk}'
+  where = f"write_prepared: split {split!r} chunk {chunk}"
   if not isinstance(rows, PackedRows):
-    raise ValueError(f'{where}: expected a data.packing.PackedRows, got '
-                     f'{type(rows).__name__}.')
+    raise ValueError(f"{where}: expected a data.packing.PackedRows, got {type(rows).__name__}.")
   if rows.tokens.ndim != 2 or rows.tokens.shape[1] < 2:
-    raise ValueError(f'{where}: tokens must have shape (num_rows, seq_len + 1) '
-                     f'with seq_len >= 1, got {rows.tokens.shape}.')
-  for name in ('tokens', 'segment_ids', 'loss_mask'):
+    raise ValueError(
+      f"{where}: tokens must have shape (num_rows, seq_len + 1) with seq_len >= 1, got {rows.tokens.shape}."
+    )
+  for name in ("tokens", "segment_ids", "loss_mask"):
     array = getattr(rows, name)
     if array is None:
       continue
     if array.shape != rows.tokens.shape:
-      raise ValueError(f'{where}: {name} has shape {array.shape}, tokens '
-                       f'{rows.tokens.shape}; they must be equal.')
-    if array.dtype.kind not in 'iub':
-      raise ValueError(f'{where}: {name} has dtype {array.dtype}; integers '
-                       'expected.')
+      raise ValueError(f"{where}: {name} has shape {array.shape}, tokens {rows.tokens.shape}; they must be equal.")
+    if array.dtype.kind not in "iub":
+      raise ValueError(f"{where}: {name} has dtype {array.dtype}; integers expected.")
     # Stored as int32 (the mask as uint8): refuse values a cast would wrap.
-    low, high = (0, 1) if name == 'loss_mask' else (-2**31, 2**31 - 1)
+    low, high = (0, 1) if name == "loss_mask" else (-(2**31), 2**31 - 1)
     if array.size and (array.min() < low or array.max() > high):
-      raise ValueError(f'{where}: {name} has values in [{array.min()}, '
-                       f'{array.max()}], outside [{low}, {high}] that the '
-                       'format stores.')
+      raise ValueError(
+        f"{where}: {name} has values in [{array.min()}, {array.max()}], outside [{low}, {high}] that the format stores."
+      )
 
 
 class NothingToWrite(ValueError):
   """Every split was empty: the source had no usable rows."""
 
 
-def write_prepared(directory: str, splits: dict[str, Iterable[PackedRows]], *,
-                   metadata: dict, rows_per_shard: int = 8192,
-                   overwrite: bool = False) -> dict:
+def write_prepared(
+  directory: str,
+  splits: dict[str, Iterable[PackedRows]],
+  *,
+  metadata: dict,
+  rows_per_shard: int = 8192,
+  overwrite: bool = False,
+) -> dict:
   """Writes each split's chunks of rows as ArrayRecord shards, then meta.json.
 
   Streaming: each split is an iterable of PackedRows chunks, consumed one chunk
@@ -223,29 +225,31 @@ def write_prepared(directory: str, splits: dict[str, Iterable[PackedRows]], *,
     The meta dict written to meta.json.
   """
   if not splits:
-    raise ValueError('write_prepared: no splits given; pass e.g. '
-                     '{"train": chunks, "validation": chunks}.')
+    raise ValueError('write_prepared: no splits given; pass e.g. {"train": chunks, "validation": chunks}.')
   for split in splits:
     if not isinstance(split, str) or not _SPLIT_NAME.fullmatch(split):
-      raise ValueError(f'write_prepared: split name {split!r}: allowed are '
-                       'letters, digits, "_" and "." (not first), as it is part '
-                       'of the shard file names.')
-  if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, int) or (
-      rows_per_shard < 1):
-    raise ValueError(f'write_prepared: rows_per_shard must be an integer >= 1, '
-                     f'got {rows_per_shard!r}.')
+      raise ValueError(
+        f"write_prepared: split name {split!r}: allowed are "
+        'letters, digits, "_" and "." (not first), as it is part '
+        "of the shard file names."
+      )
+  if isinstance(rows_per_shard, bool) or not isinstance(rows_per_shard, int) or (rows_per_shard < 1):
+    raise ValueError(f"write_prepared: rows_per_shard must be an integer >= 1, got {rows_per_shard!r}.")
   try:
     json.dumps(metadata)
   except (TypeError, ValueError) as e:
-    raise ValueError(f'write_prepared: metadata must be JSON-serialisable '
-                     f'(str, numbers, bools, None, lists, dicts): {e}') from None
+    raise ValueError(
+      f"write_prepared: metadata must be JSON-serialisable (str, numbers, bools, None, lists, dicts): {e}"
+    ) from None
 
   meta_path = os.path.join(directory, META_FILE)
   if os.path.exists(meta_path):
     if not overwrite:
-      raise ValueError(f'{directory}: already holds a prepared dataset '
-                       f'({META_FILE}); pass overwrite=True (tools/prepare_data.py: --overwrite) to replace it, or '
-                       'choose another directory.')
+      raise ValueError(
+        f"{directory}: already holds a prepared dataset "
+        f"({META_FILE}); pass overwrite=True (tools/prepare_data.py: --overwrite) to replace it, or "
+        "choose another directory."
+      )
     # First, so that a replacement interrupted midway cannot look finished.
     os.remove(meta_path)
   os.makedirs(directory, exist_ok=True)
@@ -260,38 +264,41 @@ def write_prepared(directory: str, splits: dict[str, Iterable[PackedRows]], *,
     for chunk_index, rows in enumerate(chunks):
       _check_chunk(rows, split, chunk_index)
       if seq_len is None:
-        seq_len, stream, first = rows.seq_len, bool(rows.stream), (split,
-                                                                   chunk_index)
-      where = f'write_prepared: split {split!r} chunk {chunk_index}'
+        seq_len, stream, first = rows.seq_len, bool(rows.stream), (split, chunk_index)
+      where = f"write_prepared: split {split!r} chunk {chunk_index}"
       if rows.seq_len != seq_len:
-        raise ValueError(f'{where}: seq_len {rows.seq_len} differs from seq_len '
-                         f'{seq_len} of split {first[0]!r} chunk {first[1]}; '
-                         'every chunk must have the same seq_len.')
+        raise ValueError(
+          f"{where}: seq_len {rows.seq_len} differs from seq_len "
+          f"{seq_len} of split {first[0]!r} chunk {first[1]}; "
+          "every chunk must have the same seq_len."
+        )
       if bool(rows.stream) != stream:
-        raise ValueError(f'{where}: stream={rows.stream} differs from '
-                         f'stream={stream} of split {first[0]!r} chunk '
-                         f'{first[1]}; every chunk must agree.')
+        raise ValueError(
+          f"{where}: stream={rows.stream} differs from "
+          f"stream={stream} of split {first[0]!r} chunk "
+          f"{first[1]}; every chunk must agree."
+        )
       writer.add(rows, stream)
     shards = writer.finish()
     split_meta[split] = {
-        'num_rows': writer.num_rows,
-        'num_tokens': writer.num_tokens,
-        'shards': shards,
-        'shard_rows': writer.shard_rows,
+      "num_rows": writer.num_rows,
+      "num_tokens": writer.num_tokens,
+      "shards": shards,
+      "shard_rows": writer.shard_rows,
     }
   if seq_len is None:
-    raise NothingToWrite('write_prepared: every split was empty (no PackedRows '
-                         'chunks), so there is no seq_len to record.')
+    raise NothingToWrite(
+      "write_prepared: every split was empty (no PackedRows chunks), so there is no seq_len to record."
+    )
 
   meta = {
-      'format_version': FORMAT_VERSION,
-      'seq_len': seq_len,
-      'stream': stream,
-      'record_layout': (f'tokens <i4[{seq_len + 1}], segment_ids '
-                        f'<i4[{seq_len + 1}], loss_mask u1[{seq_len + 1}]'),
-      'writer_options': WRITER_OPTIONS,
-      'splits': split_meta,
-      'metadata': metadata,
+    "format_version": FORMAT_VERSION,
+    "seq_len": seq_len,
+    "stream": stream,
+    "record_layout": (f"tokens <i4[{seq_len + 1}], segment_ids <i4[{seq_len + 1}], loss_mask u1[{seq_len + 1}]"),
+    "writer_options": WRITER_OPTIONS,
+    "splits": split_meta,
+    "metadata": metadata,
   }
   with atomic_write(meta_path) as f:  # A reader sees either no meta.json or a complete one.
     json.dump(meta, f, indent=2)  # Key order kept: splits as given.
@@ -301,70 +308,76 @@ def write_prepared(directory: str, splits: dict[str, Iterable[PackedRows]], *,
 def read_metadata(directory: str) -> dict:
   """meta.json of a finished preparation; ValueError for anything else."""
   if not os.path.isdir(directory):
-    raise ValueError(f'{directory}: no such directory (a prepared dataset is a '
-                     'directory written by data.prepared.write_prepared).')
+    raise ValueError(
+      f"{directory}: no such directory (a prepared dataset is a directory written by data.prepared.write_prepared)."
+    )
   meta_path = os.path.join(directory, META_FILE)
   if not os.path.exists(meta_path):
-    raise ValueError(f'{directory}: no {META_FILE}: not a prepared dataset, or '
-                     'its preparation did not finish; prepare it again.')
+    raise ValueError(
+      f"{directory}: no {META_FILE}: not a prepared dataset, or its preparation did not finish; prepare it again."
+    )
   try:
     with open(meta_path) as f:
       meta = json.load(f)
   except json.JSONDecodeError as e:
-    raise ValueError(f'{meta_path}: not valid JSON ({e}); prepare the dataset '
-                     'again.') from None
-  version = meta.get('format_version') if isinstance(meta, dict) else None
+    raise ValueError(f"{meta_path}: not valid JSON ({e}); prepare the dataset again.") from None
+  version = meta.get("format_version") if isinstance(meta, dict) else None
   if version != FORMAT_VERSION:
-    raise ValueError(f'{meta_path}: format_version {version!r}, this loom reads '
-                     f'format_version {FORMAT_VERSION}; prepare the dataset '
-                     'again with this version.')
+    raise ValueError(
+      f"{meta_path}: format_version {version!r}, this loom reads "
+      f"format_version {FORMAT_VERSION}; prepare the dataset "
+      "again with this version."
+    )
   _check_meta_keys(meta, meta_path)
   return meta
 
 
 # What write_prepared puts in meta.json and the reader relies on.
-_REQUIRED_KEYS = ('seq_len', 'stream', 'splits', 'metadata')
-_REQUIRED_SPLIT_KEYS = ('num_rows', 'num_tokens', 'shards', 'shard_rows')
+_REQUIRED_KEYS = ("seq_len", "stream", "splits", "metadata")
+_REQUIRED_SPLIT_KEYS = ("num_rows", "num_tokens", "shards", "shard_rows")
 
 
 def _check_meta_keys(meta: dict, meta_path: str) -> None:
   """ValueError naming what a meta.json lacks, instead of a KeyError later."""
-  again = 'not written by data.prepared.write_prepared, or edited; prepare it again.'
+  again = "not written by data.prepared.write_prepared, or edited; prepare it again."
   missing = [key for key in _REQUIRED_KEYS if key not in meta]
   if missing:
-    raise ValueError(f'{meta_path}: missing keys {", ".join(missing)} (a '
-                     f'prepared dataset has {", ".join(_REQUIRED_KEYS)}); '
-                     f'{again}')
-  seq_len, splits = meta['seq_len'], meta['splits']
+    raise ValueError(
+      f"{meta_path}: missing keys {', '.join(missing)} (a prepared dataset has {', '.join(_REQUIRED_KEYS)}); {again}"
+    )
+  seq_len, splits = meta["seq_len"], meta["splits"]
   if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-    raise ValueError(f'{meta_path}: seq_len {seq_len!r}, expected an integer '
-                     f'>= 1; {again}')
+    raise ValueError(f"{meta_path}: seq_len {seq_len!r}, expected an integer >= 1; {again}")
   if not isinstance(splits, dict) or not splits:
-    raise ValueError(f'{meta_path}: splits {splits!r}, expected a non-empty '
-                     f'mapping of split name to its shards; {again}')
+    raise ValueError(
+      f"{meta_path}: splits {splits!r}, expected a non-empty mapping of split name to its shards; {again}"
+    )
   for split, info in splits.items():
-    where = f'{meta_path}: split {split!r}'
+    where = f"{meta_path}: split {split!r}"
     if not isinstance(info, dict):
-      raise ValueError(f'{where} is {info!r}, expected a mapping with '
-                       f'{", ".join(_REQUIRED_SPLIT_KEYS)}; {again}')
+      raise ValueError(f"{where} is {info!r}, expected a mapping with {', '.join(_REQUIRED_SPLIT_KEYS)}; {again}")
     missing = [key for key in _REQUIRED_SPLIT_KEYS if key not in info]
     if missing:
-      raise ValueError(f'{where}: missing keys {", ".join(missing)} (each '
-                       f'split has {", ".join(_REQUIRED_SPLIT_KEYS)}); {again}')
-    shards, shard_rows = info['shards'], info['shard_rows']
-    if (not isinstance(shards, list) or not isinstance(shard_rows, list)
-        or not all(isinstance(s, str) for s in shards)
-        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                   for n in shard_rows)
-        or len(shards) != len(shard_rows)):
-      raise ValueError(f'{where}: shards must be a list of file names and '
-                       'shard_rows a list of row counts >= 0 of the same '
-                       f'length, got shards {shards!r:.200} and shard_rows '
-                       f'{shard_rows!r:.200}; {again}')
+      raise ValueError(
+        f"{where}: missing keys {', '.join(missing)} (each split has {', '.join(_REQUIRED_SPLIT_KEYS)}); {again}"
+      )
+    shards, shard_rows = info["shards"], info["shard_rows"]
+    if (
+      not isinstance(shards, list)
+      or not isinstance(shard_rows, list)
+      or not all(isinstance(s, str) for s in shards)
+      or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shard_rows)
+      or len(shards) != len(shard_rows)
+    ):
+      raise ValueError(
+        f"{where}: shards must be a list of file names and "
+        "shard_rows a list of row counts >= 0 of the same "
+        f"length, got shards {shards!r:.200} and shard_rows "
+        f"{shard_rows!r:.200}; {again}"
+      )
 
 
-def _check_shards(directory: str, split: str, paths: list[str],
-                  shard_rows: list[int]) -> None:
+def _check_shards(directory: str, split: str, paths: list[str], shard_rows: list[int]) -> None:
   """ValueError now, not at the first read, for missing or truncated shards.
 
   Opening an ArrayRecordReader reads only the file's footer and chunk index
@@ -373,24 +386,28 @@ def _check_shards(directory: str, split: str, paths: list[str],
   """
   missing = [path for path in paths if not os.path.isfile(path)]
   if missing:
-    shown = ', '.join(missing[:5]) + (f' and {len(missing) - 5} more'
-                                      if len(missing) > 5 else '')
-    raise ValueError(f'{directory}: split {split!r}: {len(missing)} of '
-                     f'{len(paths)} shard files listed in {META_FILE} are '
-                     f'missing: {shown}; the prepared dataset is incomplete, '
-                     'prepare it again.')
+    shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    raise ValueError(
+      f"{directory}: split {split!r}: {len(missing)} of "
+      f"{len(paths)} shard files listed in {META_FILE} are "
+      f"missing: {shown}; the prepared dataset is incomplete, "
+      "prepare it again."
+    )
   for path, expected in zip(paths, shard_rows):
     try:  # A damaged file opens with ok() False; close() raises its status.
       reader = array_record_module.ArrayRecordReader(path, READER_OPTIONS)
       found = reader.num_records()
       reader.close()
     except RuntimeError as e:
-      raise ValueError(f'{path}: not a readable ArrayRecord shard ({e}); the '
-                       'prepared dataset is damaged, prepare it again.') from None
+      raise ValueError(
+        f"{path}: not a readable ArrayRecord shard ({e}); the prepared dataset is damaged, prepare it again."
+      ) from None
     if found != expected:
-      raise ValueError(f'{path}: {found} rows, {META_FILE} says {expected}; '
-                       'the shard is truncated or not from this preparation, '
-                       'prepare it again.')
+      raise ValueError(
+        f"{path}: {found} rows, {META_FILE} says {expected}; "
+        "the shard is truncated or not from this preparation, "
+        "prepare it again."
+      )
 
 
 class PreparedRows:
@@ -420,24 +437,24 @@ class PreparedRows:
     self.directory = directory
     self.split = split
     self.metadata = read_metadata(directory)
-    splits = self.metadata['splits']
+    splits = self.metadata["splits"]
     if split not in splits:
-      raise ValueError(f'{directory}: no split {split!r}; it has '
-                       f'{", ".join(repr(s) for s in splits) or "no splits"}.')
+      raise ValueError(f"{directory}: no split {split!r}; it has {', '.join(repr(s) for s in splits) or 'no splits'}.")
     info = splits[split]
-    self.seq_len: int = self.metadata['seq_len']
-    self.stream: bool = self.metadata['stream']
-    self.num_rows: int = info['num_rows']
-    self.num_tokens: int = info['num_tokens']
-    self._shard_paths = [os.path.join(directory, name) for name in info['shards']]
-    self._shard_rows = list(info['shard_rows'])
+    self.seq_len: int = self.metadata["seq_len"]
+    self.stream: bool = self.metadata["stream"]
+    self.num_rows: int = info["num_rows"]
+    self.num_tokens: int = info["num_tokens"]
+    self._shard_paths = [os.path.join(directory, name) for name in info["shards"]]
+    self._shard_rows = list(info["shard_rows"])
     # Global row index of each shard's first row.
-    self._shard_starts = np.concatenate(
-        [[0], np.cumsum(self._shard_rows, dtype=np.int64)])
+    self._shard_starts = np.concatenate([[0], np.cumsum(self._shard_rows, dtype=np.int64)])
     if self._shard_starts[-1] != self.num_rows:
-      raise ValueError(f'{directory}/{META_FILE}: split {split!r} has num_rows '
-                       f'{self.num_rows} but its shard_rows add up to '
-                       f'{self._shard_starts[-1]}; prepare it again.')
+      raise ValueError(
+        f"{directory}/{META_FILE}: split {split!r} has num_rows "
+        f"{self.num_rows} but its shard_rows add up to "
+        f"{self._shard_starts[-1]}; prepare it again."
+      )
     _check_shards(directory, split, self._shard_paths, self._shard_rows)
     self.rows_read = 0
     self._lock = threading.Lock()
@@ -445,7 +462,7 @@ class PreparedRows:
 
   def __getstate__(self):
     state = self.__dict__.copy()
-    del state['_lock'], state['_readers']
+    del state["_lock"], state["_readers"]
     return state
 
   def __setstate__(self, state):
@@ -457,8 +474,7 @@ class PreparedRows:
     return self.num_rows
 
   def __repr__(self) -> str:
-    return (f'PreparedRows({self.directory!r}, {self.split!r}: {self.num_rows} '
-            f'rows of seq_len {self.seq_len})')
+    return f"PreparedRows({self.directory!r}, {self.split!r}: {self.num_rows} rows of seq_len {self.seq_len})"
 
   def _reader(self, shard: int):
     reader = self._readers[shard]
@@ -468,13 +484,14 @@ class PreparedRows:
       if self._readers[shard] is None:
         path = self._shard_paths[shard]
         if not os.path.exists(path):
-          raise ValueError(f'{path}: shard listed in {META_FILE} is missing; '
-                           'the prepared dataset is incomplete.')
+          raise ValueError(f"{path}: shard listed in {META_FILE} is missing; the prepared dataset is incomplete.")
         reader = array_record_module.ArrayRecordReader(path, READER_OPTIONS)
         if reader.num_records() != self._shard_rows[shard]:
-          raise ValueError(f'{path}: {reader.num_records()} rows, {META_FILE} '
-                           f'says {self._shard_rows[shard]}; the prepared '
-                           'dataset is inconsistent, prepare it again.')
+          raise ValueError(
+            f"{path}: {reader.num_records()} rows, {META_FILE} "
+            f"says {self._shard_rows[shard]}; the prepared "
+            "dataset is inconsistent, prepare it again."
+          )
         self._readers[shard] = reader
       return self._readers[shard]
 
@@ -484,16 +501,18 @@ class PreparedRows:
     Rows come in the order of `indices`, which may repeat and be unsorted.
     """
     indices = np.asarray(indices)
-    if indices.ndim != 1 or (indices.size and indices.dtype.kind not in 'iu'):
-      raise ValueError(f'PreparedRows.read: indices must be a 1-D integer array, '
-                       f'got dtype {indices.dtype} shape {indices.shape}.')
+    if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+      raise ValueError(
+        f"PreparedRows.read: indices must be a 1-D integer array, got dtype {indices.dtype} shape {indices.shape}."
+      )
     indices = indices.astype(np.int64)
     bad = (indices < 0) | (indices >= self.num_rows)
     if bad.any():
-      raise IndexError(f'{self.directory} split {self.split!r}: row index '
-                       f'{int(indices[bad][0])} out of range [0, {self.num_rows}).')
-    shards = np.searchsorted(self._shard_starts, indices, side='right') - 1
-    records: list[bytes] = [b''] * len(indices)
+      raise IndexError(
+        f"{self.directory} split {self.split!r}: row index {int(indices[bad][0])} out of range [0, {self.num_rows})."
+      )
+    shards = np.searchsorted(self._shard_starts, indices, side="right") - 1
+    records: list[bytes] = [b""] * len(indices)
     for shard in np.unique(shards):
       where = np.flatnonzero(shards == shard)
       positions = (indices[where] - self._shard_starts[shard]).tolist()
@@ -501,8 +520,7 @@ class PreparedRows:
         records[i] = record
     with self._lock:
       self.rows_read += len(indices)
-    return _decode_rows(records, self.seq_len,
-                        f'{self.directory} split {self.split!r}')
+    return _decode_rows(records, self.seq_len, f"{self.directory} split {self.split!r}")
 
   def close(self) -> None:
     with self._lock:

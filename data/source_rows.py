@@ -10,13 +10,12 @@ that overlap by one token, and the train rows of successive chunks continue
 one stream, so shifted windows never straddle a seam. Chat examples are
 rendered through the chat template and packed whole (data/packing.py).
 """
-from typing import Iterator
+
+from collections.abc import Iterator
 
 import numpy as np
 
-from data import chat
-from data import packing
-from data import sources
+from data import chat, packing, sources
 from data.bad_data import BadData, BadExample
 from data.special_tokens import IM_END, IM_START
 from data.tokenizers import Tokenizer
@@ -35,14 +34,15 @@ def _document_batches(name, source, bad_data: BadData) -> Iterator[list[sources.
     yield batch
 
 
-def tokenized_examples(name, source, tokenizer: Tokenizer, data_config, bad_data: BadData
-                       ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+def tokenized_examples(
+  name, source, tokenizer: Tokenizer, data_config, bad_data: BadData
+) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
   """(ids, loss mask or None) per usable document, bad ones reported to `bad_data`."""
-  is_chat = source.get('kind', 'text') == 'chat'
+  is_chat = source.get("kind", "text") == "chat"
   width = data_config.seq_len + 1
   for batch in _document_batches(name, source, bad_data):
     if not is_chat:
-      for document, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
+      for ids in tokenizer.encode_batch([d.text for d in batch]):
         yield ids, None
       continue
     valid = []
@@ -52,13 +52,14 @@ def tokenized_examples(name, source, tokenizer: Tokenizer, data_config, bad_data
         valid.append(document)
       except BadExample as error:
         bad_data.report_example(error, document.where)
-    rendered = chat.render_chat_batch([d.messages for d in valid], tokenizer,
-                                      loss_on=data_config.chat_loss_on,
-                                      template=data_config.chat_template)
+    rendered = chat.render_chat_batch(
+      [d.messages for d in valid], tokenizer, loss_on=data_config.chat_loss_on, template=data_config.chat_template
+    )
     for document, (ids, mask) in zip(valid, rendered):
       if len(ids) > width:
-        bad_data.report('too_long', document.where,
-                        f'a chat example of {len(ids)} tokens does not fit data.seq_len + 1 = {width}')
+        bad_data.report(
+          "too_long", document.where, f"a chat example of {len(ids)} tokens does not fit data.seq_len + 1 = {width}"
+        )
       else:
         yield ids, mask
 
@@ -77,8 +78,7 @@ class StreamPacker:
     self._documents = np.concatenate([self._documents, stream.document_ids.astype(np.int64)])
     num_rows = max(0, (len(self._tokens) - 1) // self.seq_len)
     end = num_rows * self.seq_len
-    rows = packing.pack_rows(packing.TokenStream(self._tokens[:end + 1], self._documents[:end + 1]),
-                             self.seq_len)
+    rows = packing.pack_rows(packing.TokenStream(self._tokens[: end + 1], self._documents[: end + 1]), self.seq_len)
     # The last token of the last full row is the first of the next row (overlap).
     self._tokens, self._documents = self._tokens[end:], self._documents[end:]
     return rows
@@ -90,16 +90,16 @@ class StreamPacker:
     return rows
 
 
-def packed_chunks(name, source, tokenizer: Tokenizer, data_config, bad_data: BadData,
-                  chunk_tokens: int | None = None
-                  ) -> Iterator[tuple[packing.PackedRows, packing.PackedRows, int]]:
+def packed_chunks(
+  name, source, tokenizer: Tokenizer, data_config, bad_data: BadData, chunk_tokens: int | None = None
+) -> Iterator[tuple[packing.PackedRows, packing.PackedRows, int]]:
   """Yields (train rows, validation rows, train tokens) per chunk of ~chunk_tokens tokens.
 
   chunk_tokens=None: the whole source in one chunk.
   """
   seq_len = data_config.seq_len
   fraction = data_config.validation_fraction
-  is_chat = source.get('kind', 'text') == 'chat'
+  is_chat = source.get("kind", "text") == "chat"
   packer = StreamPacker(seq_len)
   pending: list[tuple[np.ndarray, np.ndarray | None]] = []
   pending_tokens = 0
@@ -109,9 +109,12 @@ def packed_chunks(name, source, tokenizer: Tokenizer, data_config, bad_data: Bad
     nonlocal first_document
     if is_chat:
       num_val = int(round(len(pending) * fraction))
-      train, val = pending[:len(pending) - num_val], pending[len(pending) - num_val:]
-      return (packing.pack_examples(train, seq_len), packing.pack_examples(val, seq_len),
-              sum(len(ids) for ids, _ in train))
+      train, val = pending[: len(pending) - num_val], pending[len(pending) - num_val :]
+      return (
+        packing.pack_examples(train, seq_len),
+        packing.pack_examples(val, seq_len),
+        sum(len(ids) for ids, _ in train),
+      )
     stream = packing.concatenate_documents([ids for ids, _ in pending], tokenizer.eos_id)
     # Document ids stay unique across chunks, so no two documents ever merge at a seam.
     stream = packing.TokenStream(stream.tokens, stream.document_ids + first_document)
@@ -130,8 +133,7 @@ def packed_chunks(name, source, tokenizer: Tokenizer, data_config, bad_data: Bad
   if not is_chat:
     rest = packer.finish()
     if rest.num_rows:
-      yield rest, packing.pack_rows(packing.TokenStream(np.zeros(0, np.int32), np.zeros(0, np.int32)),
-                                    seq_len), 0
+      yield rest, packing.pack_rows(packing.TokenStream(np.zeros(0, np.int32), np.zeros(0, np.int32)), seq_len), 0
 
 
 def document_texts(name, source, bad_data: BadData) -> Iterator[str]:
@@ -140,5 +142,6 @@ def document_texts(name, source, bad_data: BadData) -> Iterator[str]:
     if document.text is not None:
       yield document.text
     elif isinstance(document.messages, list):
-      yield ''.join(f'{IM_START}{m.get("role")}\n{m.get("content")}{IM_END}\n'
-                    for m in document.messages if isinstance(m, dict))
+      yield "".join(
+        f"{IM_START}{m.get('role')}\n{m.get('content')}{IM_END}\n" for m in document.messages if isinstance(m, dict)
+      )

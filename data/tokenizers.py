@@ -6,6 +6,7 @@ has no such token), `encode_batch(texts)` and `decode(ids)`, `special_id(piece)`
 a string that changes whenever the text -> ids mapping changes (used to key
 the tokenized-data cache).
 """
+
 import abc
 import hashlib
 import io
@@ -13,12 +14,12 @@ import itertools
 import json
 import os
 import time
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from absl import logging
 import numpy as np
 import sentencepiece as spm
 import tokenizers
+from absl import logging
 
 from data import special_tokens
 from data.files import atomic_write
@@ -66,24 +67,23 @@ class ByteTokenizer(Tokenizer):
     self.eos_id = special_tokens.EOS_ID
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-    return [np.frombuffer(t.encode('utf-8'), np.uint8).astype(np.int32)
-            + self._OFFSET for t in texts]
+    return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.int32) + self._OFFSET for t in texts]
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
     ids = np.asarray(ids, np.int64)
     # Special tokens carry no text; drop them instead of mangling the bytes.
     ids = ids[ids >= self._OFFSET] - self._OFFSET
-    return ids.astype(np.uint8).tobytes().decode('utf-8', errors='replace')
+    return ids.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
   def identity(self) -> str:
-    return 'byte'
+    return "byte"
 
 
 class CharTokenizer(Tokenizer):
   """One id per character of the corpus, nanoGPT style: no special tokens."""
 
   def __init__(self, chars: Sequence[str]):
-    self.chars = ''.join(chars)
+    self.chars = "".join(chars)
     self.vocab_size = len(self.chars)
     self.pad_id = self.bos_id = self.eos_id = None
     # A lookup table over code points makes encoding one numpy gather per text.
@@ -93,42 +93,43 @@ class CharTokenizer(Tokenizer):
       self._code_to_id[ord(c)] = i
 
   @classmethod
-  def from_texts(cls, texts: Iterable[str]) -> 'CharTokenizer':
+  def from_texts(cls, texts: Iterable[str]) -> "CharTokenizer":
     charset = set()
     for text in texts:
       charset.update(text)
     return cls(sorted(charset))
 
   @classmethod
-  def load(cls, path: str) -> 'CharTokenizer':
-    with open(path, encoding='utf-8') as f:
-      return cls(json.load(f)['chars'])
+  def load(cls, path: str) -> "CharTokenizer":
+    with open(path, encoding="utf-8") as f:
+      return cls(json.load(f)["chars"])
 
   def save(self, path: str) -> None:
-    with atomic_write(path, 'w', encoding='utf-8') as f:  # Other processes may be reading it.
-      json.dump({'chars': self.chars}, f)
+    with atomic_write(path, "w", encoding="utf-8") as f:  # Other processes may be reading it.
+      json.dump({"chars": self.chars}, f)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     return [self._encode(t) for t in texts]
 
   def _encode(self, text: str) -> np.ndarray:
-    codes = np.frombuffer(text.encode('utf-32-le'), np.uint32).astype(np.int64)
+    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32).astype(np.int64)
     known = codes < len(self._code_to_id)
     ids = np.where(known, self._code_to_id[np.where(known, codes, 0)], -1)
     if (ids < 0).any():
       unknown = sorted({chr(c) for c in codes[ids < 0]})
       raise ValueError(
-          f'characters {unknown[:20]!r} are not in the {self.vocab_size}-character '
-          'vocabulary of the char tokenizer, built from the corpus when the workdir '
-          'was started (WORKDIR/tokenizer/char_vocab.json); text with new characters '
-          'needs a new --workdir, since the model has no ids for them.')
+        f"characters {unknown[:20]!r} are not in the {self.vocab_size}-character "
+        "vocabulary of the char tokenizer, built from the corpus when the workdir "
+        "was started (WORKDIR/tokenizer/char_vocab.json); text with new characters "
+        "needs a new --workdir, since the model has no ids for them."
+      )
     return ids.astype(np.int32)
 
   def decode(self, ids: Sequence[int] | np.ndarray) -> str:
-    return ''.join(self.chars[i] for i in np.asarray(ids).tolist())
+    return "".join(self.chars[i] for i in np.asarray(ids).tolist())
 
   def identity(self) -> str:
-    return 'char:' + hashlib.sha256(self.chars.encode('utf-8')).hexdigest()
+    return "char:" + hashlib.sha256(self.chars.encode("utf-8")).hexdigest()
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -136,13 +137,14 @@ class SentencePieceTokenizer(Tokenizer):
 
   def __init__(self, model_path: str):
     self.model_path = model_path
-    with open(model_path, 'rb') as f:
+    with open(model_path, "rb") as f:
       self._model_bytes = f.read()
     try:
       self._sp = spm.SentencePieceProcessor(model_proto=self._model_bytes)
     except RuntimeError as e:
-      raise ValueError(f'data.tokenizer_path: {model_path} is not a sentencepiece model '
-                       f'({str(e).strip()[:120]}).') from None
+      raise ValueError(
+        f"data.tokenizer_path: {model_path} is not a sentencepiece model ({str(e).strip()[:120]})."
+      ) from None
     self.vocab_size = self._sp.get_piece_size()
     self.pad_id = _none_if_negative(self._sp.pad_id())
     self.bos_id = _none_if_negative(self._sp.bos_id())
@@ -163,7 +165,7 @@ class SentencePieceTokenizer(Tokenizer):
     return token_id if self._sp.id_to_piece(token_id) == piece else None
 
   def identity(self) -> str:
-    return 'sentencepiece:' + hashlib.sha256(self._model_bytes).hexdigest()
+    return "sentencepiece:" + hashlib.sha256(self._model_bytes).hexdigest()
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -176,27 +178,28 @@ class HuggingFaceTokenizer(Tokenizer):
 
   # Names tried, in order, when no tokenizer_config.json names the token.
   _DEFAULT_NAMES = {
-      'bos_token': ('<|begin_of_text|>', '<s>', '<|startoftext|>'),
-      'eos_token': ('<|end_of_text|>', '</s>', '<|endoftext|>'),
-      'pad_token': ('<pad>', '<|pad|>'),
+    "bos_token": ("<|begin_of_text|>", "<s>", "<|startoftext|>"),
+    "eos_token": ("<|end_of_text|>", "</s>", "<|endoftext|>"),
+    "pad_token": ("<pad>", "<|pad|>"),
   }
 
   def __init__(self, path: str):
     self.path = path
-    with open(path, 'rb') as f:
+    with open(path, "rb") as f:
       self._json_bytes = f.read()
     try:
-      self._tokenizer = tokenizers.Tokenizer.from_str(self._json_bytes.decode('utf-8'))
+      self._tokenizer = tokenizers.Tokenizer.from_str(self._json_bytes.decode("utf-8"))
     except Exception as e:  # The Rust parser's errors have no common Python type.
-      raise ValueError(f'data.tokenizer_path: {path} is not a tokenizer.json that the '
-                       f'tokenizers library can read: {e}') from None
+      raise ValueError(
+        f"data.tokenizer_path: {path} is not a tokenizer.json that the tokenizers library can read: {e}"
+      ) from None
     self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
     named = _special_tokens_beside(path)
     ids = {}
     for kind, defaults in self._DEFAULT_NAMES.items():
       names = (named[kind],) if kind in named else defaults
       ids[kind] = next((i for i in map(self._tokenizer.token_to_id, names) if i is not None), None)
-    self.bos_id, self.eos_id, self.pad_id = ids['bos_token'], ids['eos_token'], ids['pad_token']
+    self.bos_id, self.eos_id, self.pad_id = ids["bos_token"], ids["eos_token"], ids["pad_token"]
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     # add_special_tokens=False: no bos/eos from the post-processor, as the interface promises.
@@ -217,24 +220,24 @@ class HuggingFaceTokenizer(Tokenizer):
     return self._tokenizer.id_to_token(token_id)
 
   def identity(self) -> str:
-    return 'huggingface:' + hashlib.sha256(self._json_bytes).hexdigest()
+    return "huggingface:" + hashlib.sha256(self._json_bytes).hexdigest()
 
 
 def _special_tokens_beside(path: str) -> dict[str, str]:
   """bos/eos/pad token names from the tokenizer_config.json next to `path`, when there is one."""
-  config_path = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
+  config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
   if not os.path.isfile(config_path):
     return {}
   try:
-    with open(config_path, encoding='utf-8') as f:
+    with open(config_path, encoding="utf-8") as f:
       config = json.load(f)
   except (OSError, ValueError) as e:
-    raise ValueError(f'{config_path}: not readable JSON ({e})') from None
+    raise ValueError(f"{config_path}: not readable JSON ({e})") from None
   names = {}
   for kind in HuggingFaceTokenizer._DEFAULT_NAMES:
     value = config.get(kind)
     if isinstance(value, dict):  # An AddedToken written out: {"content": "<s>", ...}.
-      value = value.get('content')
+      value = value.get("content")
     if isinstance(value, str):
       names[kind] = value
   return names
@@ -244,7 +247,7 @@ def _none_if_negative(token_id: int) -> int | None:
   return None if token_id < 0 else token_id
 
 
-MODEL_TYPES = ('bpe', 'unigram')
+MODEL_TYPES = ("bpe", "unigram")
 
 
 class NoTextError(ValueError):
@@ -259,18 +262,23 @@ _MAX_PIECE_CHARS = 1024
 
 def _lines_of(texts: Iterable[str]) -> Iterator[str]:
   for text in texts:
-    for line in text.split('\n'):
+    for line in text.split("\n"):
       for start in range(0, len(line), _MAX_PIECE_CHARS):
-        piece = line[start:start + _MAX_PIECE_CHARS]
+        piece = line[start : start + _MAX_PIECE_CHARS]
         if piece.strip():
           yield piece
 
 
-def train_sentencepiece(texts: Iterable[str], output_path: str, *,
-                        vocab_size: int, model_type: str = 'bpe',
-                        num_threads: int = 2,
-                        max_sentences: int = 2_000_000,
-                        extra_symbols: Sequence[str] = ()) -> str:
+def train_sentencepiece(
+  texts: Iterable[str],
+  output_path: str,
+  *,
+  vocab_size: int,
+  model_type: str = "bpe",
+  num_threads: int = 2,
+  max_sentences: int = 2_000_000,
+  extra_symbols: Sequence[str] = (),
+) -> str:
   """Trains a sentencepiece model on the lines of `texts`; returns its path.
 
   The options keep text exactly round-trippable (identity normalisation,
@@ -278,25 +286,30 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, *,
   The newline, the chat markers and `extra_symbols` become single pieces.
   """
   if model_type not in MODEL_TYPES:
-    raise ValueError(f'sentencepiece model_type {model_type!r} is not '
-                     f'supported; expected one of {", ".join(MODEL_TYPES)}.')
-  symbols = tuple(dict.fromkeys(  # In order, without duplicates.
-      special_tokens.USER_DEFINED_SYMBOLS + tuple(extra_symbols)))
+    raise ValueError(
+      f"sentencepiece model_type {model_type!r} is not supported; expected one of {', '.join(MODEL_TYPES)}."
+    )
+  symbols = tuple(
+    dict.fromkeys(  # In order, without duplicates.
+      special_tokens.USER_DEFINED_SYMBOLS + tuple(extra_symbols)
+    )
+  )
   if not all(isinstance(s, str) and s for s in symbols):
-    raise ValueError(f'extra_symbols must be non-empty strings; got '
-                     f'{list(extra_symbols)!r}.')
+    raise ValueError(f"extra_symbols must be non-empty strings; got {list(extra_symbols)!r}.")
   # Every model holds pad/bos/eos/unk, the user-defined pieces and 256 bytes;
   # sentencepiece then needs room for the corpus characters (checked below).
   min_vocab_size = 4 + len(symbols) + 256
   if not isinstance(vocab_size, int) or vocab_size <= min_vocab_size:
-    raise ValueError(f'data.tokenizer_vocab_size={vocab_size!r}: sentencepiece needs an '
-                     f'integer above {min_vocab_size} (4 special tokens, '
-                     f'{len(symbols)} user-defined symbols, 256 byte pieces, '
-                     'plus the characters of the corpus).')
+    raise ValueError(
+      f"data.tokenizer_vocab_size={vocab_size!r}: sentencepiece needs an "
+      f"integer above {min_vocab_size} (4 special tokens, "
+      f"{len(symbols)} user-defined symbols, 256 byte pieces, "
+      "plus the characters of the corpus)."
+    )
   lines = _lines_of(texts)
   first_line = next(lines, None)
   if first_line is None:
-    raise NoTextError('train_sentencepiece: the texts hold no non-empty line.')
+    raise NoTextError("train_sentencepiece: the texts hold no non-empty line.")
 
   spm.set_random_generator_seed(0)  # Sentence sampling must be reproducible.
   model = io.BytesIO()
@@ -305,41 +318,46 @@ def train_sentencepiece(texts: Iterable[str], output_path: str, *,
     # there are no input files), so the same texts give byte-identical models
     # and thus the same data-cache key.
     spm.SentencePieceTrainer.train(
-        sentence_iterator=itertools.chain([first_line], lines),
-        model_writer=model,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        pad_id=special_tokens.PAD_ID, pad_piece=special_tokens.PAD,
-        bos_id=special_tokens.BOS_ID, bos_piece=special_tokens.BOS,
-        eos_id=special_tokens.EOS_ID, eos_piece=special_tokens.EOS,
-        unk_id=special_tokens.UNK_ID, unk_piece=special_tokens.UNK,
-        byte_fallback=True,
-        user_defined_symbols=list(symbols),
-        normalization_rule_name='identity',
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        allow_whitespace_only_pieces=True,
-        split_digits=True,
-        character_coverage=0.9995,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        num_threads=num_threads,
-        minloglevel=2,
+      sentence_iterator=itertools.chain([first_line], lines),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      pad_id=special_tokens.PAD_ID,
+      pad_piece=special_tokens.PAD,
+      bos_id=special_tokens.BOS_ID,
+      bos_piece=special_tokens.BOS,
+      eos_id=special_tokens.EOS_ID,
+      eos_piece=special_tokens.EOS,
+      unk_id=special_tokens.UNK_ID,
+      unk_piece=special_tokens.UNK,
+      byte_fallback=True,
+      user_defined_symbols=list(symbols),
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      allow_whitespace_only_pieces=True,
+      split_digits=True,
+      character_coverage=0.9995,
+      input_sentence_size=max_sentences,
+      shuffle_input_sentence=True,
+      num_threads=num_threads,
+      minloglevel=2,
     )
   except RuntimeError as e:
     # E.g. "Vocabulary size too high (5000). Please set it to a value <= 308."
-    raise ValueError(f'training a sentencepiece tokenizer with data.tokenizer_vocab_size={vocab_size}, '
-                     f'data.tokenizer_model_type={model_type!r} failed: {e}') from e
-  with atomic_write(output_path, 'wb') as f:  # Other processes may be reading it.
+    raise ValueError(
+      f"training a sentencepiece tokenizer with data.tokenizer_vocab_size={vocab_size}, "
+      f"data.tokenizer_model_type={model_type!r} failed: {e}"
+    ) from e
+  with atomic_write(output_path, "wb") as f:  # Other processes may be reading it.
     f.write(model.getvalue())
   return output_path
 
 
-TOKENIZER_NAMES = ('sentencepiece', 'byte', 'char', 'huggingface')
+TOKENIZER_NAMES = ("sentencepiece", "byte", "char", "huggingface")
 
 
-def build_tokenizer(data_config, corpus_texts: Callable[[], Iterator[str]],
-                    workdir: str) -> Tokenizer:
+def build_tokenizer(data_config, corpus_texts: Callable[[], Iterator[str]], workdir: str) -> Tokenizer:
   """Loads or builds the tokenizer named by `data_config.tokenizer`.
 
   Learned vocabularies (char, sentencepiece) are built from the document texts
@@ -349,70 +367,61 @@ def build_tokenizer(data_config, corpus_texts: Callable[[], Iterator[str]],
   """
   name = data_config.tokenizer
   if name not in TOKENIZER_NAMES:
-    raise ValueError(f'data.tokenizer: unknown tokenizer {name!r}; expected '
-                     f'one of {", ".join(TOKENIZER_NAMES)}.')
-  if name == 'byte':
+    raise ValueError(f"data.tokenizer: unknown tokenizer {name!r}; expected one of {', '.join(TOKENIZER_NAMES)}.")
+  if name == "byte":
     return ByteTokenizer()
-  if name == 'huggingface':
-    path = data_config.get('tokenizer_path', '')
+  if name == "huggingface":
+    path = data_config.get("tokenizer_path", "")
     if not path or not os.path.isfile(path):
-      raise ValueError(f'data.tokenizer=huggingface needs data.tokenizer_path, a tokenizer.json '
-                       f'file; got {path!r}.')
+      raise ValueError(f"data.tokenizer=huggingface needs data.tokenizer_path, a tokenizer.json file; got {path!r}.")
     return HuggingFaceTokenizer(path)
-  cache_dir = os.path.join(workdir, 'tokenizer')
-  if name == 'char':
+  cache_dir = os.path.join(workdir, "tokenizer")
+  if name == "char":
     return _build_char_tokenizer(corpus_texts, cache_dir)
   return _build_sentencepiece_tokenizer(data_config, corpus_texts, cache_dir)
 
 
-def _build_char_tokenizer(corpus_texts: Callable[[], Iterator[str]],
-                          cache_dir: str) -> CharTokenizer:
-  vocab_path = os.path.join(cache_dir, 'char_vocab.json')
+def _build_char_tokenizer(corpus_texts: Callable[[], Iterator[str]], cache_dir: str) -> CharTokenizer:
+  vocab_path = os.path.join(cache_dir, "char_vocab.json")
   if os.path.exists(vocab_path):
     tokenizer = CharTokenizer.load(vocab_path)
-    logging.info('Loaded char vocabulary (%d chars) from %s',
-                 tokenizer.vocab_size, vocab_path)
+    logging.info("Loaded char vocabulary (%d chars) from %s", tokenizer.vocab_size, vocab_path)
     return tokenizer
   tokenizer = CharTokenizer.from_texts(corpus_texts())
   tokenizer.save(vocab_path)
-  logging.info('Built char vocabulary (%d chars), saved to %s',
-               tokenizer.vocab_size, vocab_path)
+  logging.info("Built char vocabulary (%d chars), saved to %s", tokenizer.vocab_size, vocab_path)
   return tokenizer
 
 
-def _build_sentencepiece_tokenizer(data_config,
-                                   corpus_texts: Callable[[], Iterator[str]],
-                                   cache_dir: str) -> SentencePieceTokenizer:
-  model_path = data_config.get('tokenizer_path', '')
+def _build_sentencepiece_tokenizer(
+  data_config, corpus_texts: Callable[[], Iterator[str]], cache_dir: str
+) -> SentencePieceTokenizer:
+  model_path = data_config.get("tokenizer_path", "")
   if model_path:
     if not os.path.isfile(model_path):
-      raise ValueError(
-          f'data.tokenizer_path: file {model_path} does not exist.')
+      raise ValueError(f"data.tokenizer_path: file {model_path} does not exist.")
     return SentencePieceTokenizer(model_path)
 
   vocab_size = data_config.tokenizer_vocab_size
-  cached_path = os.path.join(cache_dir, 'sp.model')
+  cached_path = os.path.join(cache_dir, "sp.model")
   if os.path.exists(cached_path):
     tokenizer = SentencePieceTokenizer(cached_path)
     if tokenizer.vocab_size != vocab_size:
       raise ValueError(
-          f'data.tokenizer_vocab_size={vocab_size} but the cached model '
-          f'{cached_path} has {tokenizer.vocab_size} pieces; delete it or use '
-          'a fresh workdir.')
-    logging.info('Loaded cached sentencepiece model %s (vocab %d)',
-                 cached_path, vocab_size)
+        f"data.tokenizer_vocab_size={vocab_size} but the cached model "
+        f"{cached_path} has {tokenizer.vocab_size} pieces; delete it or use "
+        "a fresh workdir."
+      )
+    logging.info("Loaded cached sentencepiece model %s (vocab %d)", cached_path, vocab_size)
     return tokenizer
 
-  model_type = data_config.get('tokenizer_model_type', 'bpe')
+  model_type = data_config.get("tokenizer_model_type", "bpe")
   if model_type not in MODEL_TYPES:
-    raise ValueError(f'data.tokenizer_model_type: unknown model type '
-                     f'{model_type!r}; expected one of '
-                     f'{", ".join(MODEL_TYPES)}.')
-  logging.info('Training a %s sentencepiece model (vocab %d)', model_type,
-               vocab_size)
+    raise ValueError(
+      f"data.tokenizer_model_type: unknown model type {model_type!r}; expected one of {', '.join(MODEL_TYPES)}."
+    )
+  logging.info("Training a %s sentencepiece model (vocab %d)", model_type, vocab_size)
   start = time.perf_counter()
-  train_sentencepiece(corpus_texts(), cached_path, vocab_size=vocab_size,
-                      model_type=model_type)
-  logging.info('Trained sentencepiece model in %.2fs, saved to %s',
-               time.perf_counter() - start, cached_path)
+  train_sentencepiece(corpus_texts(), cached_path, vocab_size=vocab_size, model_type=model_type)
+  logging.info("Trained sentencepiece model in %.2fs, saved to %s", time.perf_counter() - start, cached_path)
   return SentencePieceTokenizer(cached_path)

@@ -18,11 +18,22 @@ A tensor's name ends in its shape, one letter a dimension (`x_BLD`: batch, lengt
   C  positions within one such block or chunk
   1  a broadcast dimension of size 1
 """
+
 from model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from model.config import ModelConfig
 from model.flops import flops_per_token, num_params
 from model.layers import NORMS
 from model.transformer import COMPUTE_DTYPES, MLPS, POSITIONS, REMAT_POLICIES, Transformer
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "COMPUTE_DTYPES", "MLPS", "ModelConfig", "NORMS", "POSITIONS",
-           "REMAT_POLICIES", "Transformer", "flops_per_token", "num_params"]
+__all__ = [
+  "ATTENTION_IMPLEMENTATIONS",
+  "COMPUTE_DTYPES",
+  "MLPS",
+  "ModelConfig",
+  "NORMS",
+  "POSITIONS",
+  "REMAT_POLICIES",
+  "Transformer",
+  "flops_per_token",
+  "num_params",
+]

@@ -1,4 +1,5 @@
 """Causal self-attention with grouped-query heads, RoPE and packed-segment masking."""
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -57,8 +58,7 @@ def dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL) -> jax.Array:
   q_BKMH = q_BLNH.reshape(b, l, kv, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * l, h)
   k_BKSH = k_BLKH.transpose(0, 2, 1, 3)
   v_BKSH = v_BLKH.transpose(0, 2, 1, 3)
-  scores_BKMS = jnp.einsum("bkmh,bksh->bkms", q_BKMH, k_BKSH,
-                           preferred_element_type=jnp.float32) * (h ** -0.5)
+  scores_BKMS = jnp.einsum("bkmh,bksh->bkms", q_BKMH, k_BKSH, preferred_element_type=jnp.float32) * (h**-0.5)
   mask_B1MS = jnp.tile(attention_mask(segment_ids_BL), (1, groups, 1))[:, None]
   scores_BKMS = jnp.where(mask_B1MS, scores_BKMS, -1e30)
   # Softmax written out: one fused exp/sum/divide, cheaper to differentiate than
@@ -66,16 +66,14 @@ def dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL) -> jax.Array:
   scores_BKMS = scores_BKMS - jax.lax.stop_gradient(jnp.max(scores_BKMS, axis=-1, keepdims=True))
   weights_BKMS = jnp.exp(scores_BKMS)
   probs_BKMS = (weights_BKMS / jnp.sum(weights_BKMS, axis=-1, keepdims=True)).astype(dtype)
-  out_BKMH = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSH,
-                        preferred_element_type=jnp.float32).astype(dtype)
+  out_BKMH = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSH, preferred_element_type=jnp.float32).astype(dtype)
   return out_BKMH.reshape(b, kv, groups, l, h).transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
 
 
 def resolve_implementation(implementation: str, q_BLNH: jax.Array) -> str:
   """The implementation `auto` stands for on the active mesh's devices (else JAX's default backend)."""
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"config field 'model.attention'={implementation!r}: allowed are "
-                     f"{list(IMPLEMENTATIONS)}")
+    raise ValueError(f"config field 'model.attention'={implementation!r}: allowed are {list(IMPLEMENTATIONS)}")
   if implementation != "auto":
     return implementation
   platform = kernels.platform_of_active_devices()
@@ -100,8 +98,9 @@ def attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, implementation: str = "auto",
     return kernels.splash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, block)
   platform = kernels.platform_of_active_devices()
   if platform != "gpu":
-    raise ValueError(f"config field 'model.attention'='cudnn' needs an NVIDIA GPU, not {platform}; "
-                     "use auto, xla or blockwise")
+    raise ValueError(
+      f"config field 'model.attention'='cudnn' needs an NVIDIA GPU, not {platform}; use auto, xla or blockwise"
+    )
   reason = kernels.cudnn_unsupported(q_BLNH)
   if reason:
     raise ValueError(f"config field 'model.attention'='cudnn': {reason}; or use blockwise")
@@ -109,7 +108,6 @@ def attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, implementation: str = "auto",
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_std: float):
     d, n, k, h = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     std = cfg.init_std

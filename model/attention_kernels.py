@@ -9,6 +9,7 @@ float32 softmax statistics, the output in q's dtype.
 - splash: the Pallas TPU kernel (Pallas's interpreter elsewhere, for tests).
 - cudnn: cuDNN's fused attention through jax.nn.dot_product_attention (NVIDIA GPUs).
 """
+
 import functools
 import math
 
@@ -96,8 +97,7 @@ def _flash_forward(q, k, v, seg):
       pv = jnp.einsum("bkgqs,bksh->bkgqh", p.astype(v.dtype), v[j], preferred_element_type=jnp.float32)
       return m_new, l, alpha[..., None] * acc + pv
 
-    init = (jnp.full(shape, MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
-            jnp.zeros(q_i.shape, jnp.float32))
+    init = (jnp.full(shape, MASKED, jnp.float32), jnp.zeros(shape, jnp.float32), jnp.zeros(q_i.shape, jnp.float32))
     # Causal: key blocks after query block i are all masked, so the loop stops at the diagonal.
     m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
     return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
@@ -165,8 +165,9 @@ def _per_shard(fn, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
   if active is None:
     return fn(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
   mesh, rules = active
-  batch, _, heads, _ = logical_to_spec(("act_batch", "act_length", "act_heads", "act_head_dim"), rules,
-                                       q_BLNH.shape, mesh)
+  batch, _, heads, _ = logical_to_spec(
+    ("act_batch", "act_length", "act_heads", "act_head_dim"), rules, q_BLNH.shape, mesh
+  )
   kv_heads = k_BLKH.shape[2]
   head_shards = math.prod(mesh.shape[a] for a in ((heads,) if isinstance(heads, str) else heads or ()))
   # A device's query heads are a contiguous 1/head_shards of them, and their kv heads the same
@@ -178,8 +179,9 @@ def _per_shard(fn, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
     k_BLKH, v_BLKH = jnp.repeat(k_BLKH, repeats, axis=2), jnp.repeat(v_BLKH, repeats, axis=2)
   spec = PartitionSpec(batch, None, heads, None)
   # check_vma=False: pallas_call's outputs carry no varying-axes annotation for the check to read.
-  return jax.shard_map(fn, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(batch)), out_specs=spec,
-                       check_vma=False)(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+  return jax.shard_map(
+    fn, mesh=mesh, in_specs=(spec, spec, spec, PartitionSpec(batch)), out_specs=spec, check_vma=False
+  )(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
 
 
 # splash (Pallas, TPU). Its blocks tile the lanes of a TPU vector register: multiples of 128.
@@ -189,11 +191,17 @@ SPLASH_LANES = 128
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, length: int, block: int, interpret: bool):
   mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
-  sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
-                            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
-                            block_q_dq=block, block_kv_dq=block)
-  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
-                                interpret=interpret)
+  sizes = splash.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  return splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 def splash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, block: int) -> jax.Array:
@@ -207,14 +215,15 @@ def splash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, block: int) -> jax.
     kernel = _splash_kernel(n, padded, size, interpret)
     # The kernel does not scale. Padding goes in a segment of its own (-1): every padded row keeps
     # its diagonal, and real rows never see it (it comes after them).
-    q_BNLH = _pad_length(q_BLNH * jnp.asarray(h ** -0.5, q_BLNH.dtype), padded).transpose(0, 2, 1, 3)
+    q_BNLH = _pad_length(q_BLNH * jnp.asarray(h**-0.5, q_BLNH.dtype), padded).transpose(0, 2, 1, 3)
     k_BKLH = _pad_length(k_BLKH, padded).transpose(0, 2, 1, 3)
     v_BKLH = _pad_length(v_BLKH, padded).transpose(0, 2, 1, 3)
     seg_BL = _pad_length(segment_ids_BL.astype(jnp.int32), padded, value=-1)
     # The kernel takes one sequence: N query heads [N, L, H] against K kv heads [K, L, H] (it maps
     # query head i to kv head i // G itself).
     out_BNLH = jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(q=s, kv=s)))(
-        q_BNLH, k_BKLH, v_BKLH, seg_BL)
+      q_BNLH, k_BKLH, v_BKLH, seg_BL
+    )
     return out_BNLH.transpose(0, 2, 1, 3)[:, :l].astype(q_BLNH.dtype)
 
   return _per_shard(local, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
@@ -245,10 +254,18 @@ def cudnn_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, implementation: str 
   size and returns its gradient too, so with packed rows this saves time, not memory: where
   memory is the limit use blockwise.
   """
+
   def local(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL):
     same_B1LL = (segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask=same_B1LL, is_causal=True,
-                                        scale=q_BLNH.shape[-1] ** -0.5, implementation=implementation)
+    return jax.nn.dot_product_attention(
+      q_BLNH,
+      k_BLKH,
+      v_BLKH,
+      mask=same_B1LL,
+      is_causal=True,
+      scale=q_BLNH.shape[-1] ** -0.5,
+      implementation=implementation,
+    )
 
   return _per_shard(local, q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
 
@@ -260,4 +277,3 @@ def platform_of_active_devices() -> str:
   if device.platform == "gpu" and "rocm" in getattr(device.client, "platform_version", "").lower():
     return "rocm"
   return device.platform
-

@@ -6,6 +6,7 @@ attributes and never a default of its own: a field a saved config predates takes
 which is base.py's. Frozen and hashable, so it can be a static jit argument and a graph's static
 attribute.
 """
+
 import dataclasses
 import numbers
 from collections.abc import Mapping
@@ -22,29 +23,30 @@ class ModelConfig:
   holds what they stand for. To change num_heads or embed_dim, build a new one with from_config
   rather than dataclasses.replace, which would keep the derived values of the old one.
   """
-  vocab_size: int = 0             # 0: the tokenizer's vocabulary size (filled in by validation).
+
+  vocab_size: int = 0  # 0: the tokenizer's vocabulary size (filled in by validation).
   num_layers: int = 4
   embed_dim: int = 128
   num_heads: int = 4
-  num_kv_heads: int = 0           # 0: num_heads (no grouped-query attention).
-  head_dim: int = 0               # 0: embed_dim // num_heads.
+  num_kv_heads: int = 0  # 0: num_heads (no grouped-query attention).
+  head_dim: int = 0  # 0: embed_dim // num_heads.
   mlp_dim: int = 512
   max_seq_len: int = 128
-  norm: str = "layernorm"         # model.layers.NORMS
+  norm: str = "layernorm"  # model.layers.NORMS
   norm_eps: float = 1e-5
-  position: str = "learned"       # model.transformer.POSITIONS
+  position: str = "learned"  # model.transformer.POSITIONS
   rope_theta: float = 10000.0
-  mlp: str = "gelu"               # model.transformer.MLPS
+  mlp: str = "gelu"  # model.transformer.MLPS
   gelu_approximate: bool = False  # tanh GELU (GPT-2) instead of exact erf GELU.
   tie_embeddings: bool = True
   use_bias: bool = False
-  qkv_bias: bool = False          # biases on q/k/v alone (Qwen2); use_bias already implies them.
-  dtype: str = "float32"          # model.transformer.COMPUTE_DTYPES
+  qkv_bias: bool = False  # biases on q/k/v alone (Qwen2); use_bias already implies them.
+  dtype: str = "float32"  # model.transformer.COMPUTE_DTYPES
   scan_layers: bool = True
-  remat: str = "none"             # model.transformer.REMAT_POLICIES
-  attention: str = "auto"         # model.attention.IMPLEMENTATIONS
+  remat: str = "none"  # model.transformer.REMAT_POLICIES
+  attention: str = "auto"  # model.attention.IMPLEMENTATIONS
   attention_block: int = 512
-  loss_chunk: int = 0             # 0: the cross-entropy over the whole row at once.
+  loss_chunk: int = 0  # 0: the cross-entropy over the whole row at once.
   dropout_rate: float = 0.0
   init_std: float = 0.02
 
@@ -77,8 +79,9 @@ class ModelConfig:
     fields = {field.name: field for field in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-      raise ValueError(f"unknown model config field(s) {', '.join(repr(name) for name in unknown)}; "
-                       f"fields: {', '.join(fields)}")
+      raise ValueError(
+        f"unknown model config field(s) {', '.join(repr(name) for name in unknown)}; fields: {', '.join(fields)}"
+      )
     return cls(**{name: _typed(name, fields[name].type, value) for name, value in values.items()})
 
 
@@ -93,4 +96,3 @@ def _typed(name: str, kind: type, value: Any) -> Any:
   if kind is str and isinstance(value, str):
     return value
   raise ValueError(f"model config field '{name}'={value!r} must be a {kind.__name__}")
-

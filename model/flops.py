@@ -1,4 +1,5 @@
 """Model size and training FLOPs per token, from the config alone."""
+
 from ml_collections import ConfigDict
 
 from model.config import ModelConfig
@@ -6,8 +7,7 @@ from model.config import ModelConfig
 
 def num_params(cfg: ModelConfig | ConfigDict, include_embeddings: bool = True) -> int:
   cfg = ModelConfig.from_config(cfg)
-  d, f, n, k, h, v = (cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads,
-                      cfg.head_dim, cfg.vocab_size)
+  d, f, n, k, h, v = (cfg.embed_dim, cfg.mlp_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size)
   attn = d * n * h * 2 + d * k * h * 2
   mlp = d * f * (3 if cfg.mlp == "swiglu" else 2)
   norm = d * (2 if cfg.has_norm_bias else 1)

@@ -23,6 +23,7 @@ parameter stacked along a leading layers axis. Import converts to float32,
 loom's parameter dtype; all conversions are transposes, reshapes and splits, so
 export then import gives back the same bits.
 """
+
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,8 +34,12 @@ from model.config import ModelConfig
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 MODEL_TYPES = LLAMA_TYPES + ("gpt2",)
 
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+_ARCHITECTURES = {
+  "llama": "LlamaForCausalLM",
+  "mistral": "MistralForCausalLM",
+  "qwen2": "Qwen2ForCausalLM",
+  "gpt2": "GPT2LMHeadModel",
+}
 # GPT-2 activations loom computes exactly: the tanh approximation under its names, and erf GELU.
 _GPT2_ACTIVATIONS = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu": False}
 
@@ -86,8 +91,11 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
       raise _refuse(field, rope, "expected an object")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type != "default":
-      raise _refuse(field, dict(rope), f"rope_type {rope_type!r} rescales the rotary frequencies and loom "
-                    "has only plain RoPE (rope_type 'default')")
+      raise _refuse(
+        field,
+        dict(rope),
+        f"rope_type {rope_type!r} rescales the rotary frequencies and loom has only plain RoPE (rope_type 'default')",
+      )
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
       raise _refuse(field, dict(rope), "a partial rotary factor is not supported")
   if hf.get("partial_rotary_factor", 1.0) != 1.0:
@@ -107,10 +115,13 @@ def _check_sliding_window(hf: Mapping[str, Any], max_positions: int) -> None:
   if window is not None and (isinstance(window, bool) or not isinstance(window, int)):
     raise _refuse("sliding_window", window, "expected an integer or null")
   if window is not None and window < max_positions:
-    raise _refuse("sliding_window", window,
-                  f"attention limited to the last {window} tokens, shorter than max_position_embeddings="
-                  f"{max_positions}, and loom attends to the whole context (a window of null or >= "
-                  "max_position_embeddings is accepted)")
+    raise _refuse(
+      "sliding_window",
+      window,
+      f"attention limited to the last {window} tokens, shorter than max_position_embeddings="
+      f"{max_positions}, and loom attends to the whole context (a window of null or >= "
+      "max_position_embeddings is accepted)",
+    )
 
 
 def loom_model_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,8 +138,9 @@ def loom_model_config(hf_config: Mapping[str, Any]) -> dict[str, Any]:
   hf = hf_config
   model_type = hf.get("model_type")
   if model_type not in MODEL_TYPES:
-    raise ValueError(f"config.json field 'model_type'={model_type!r} is not supported; "
-                     f"supported: {', '.join(MODEL_TYPES)}")
+    raise ValueError(
+      f"config.json field 'model_type'={model_type!r} is not supported; supported: {', '.join(MODEL_TYPES)}"
+    )
   if model_type == "gpt2":
     return _gpt2_to_loom(hf)
   return _llama_to_loom(hf)
@@ -153,31 +165,30 @@ def _llama_to_loom(hf: Mapping[str, Any]) -> dict[str, Any]:
   if model_type == "qwen2" and head_dim * num_heads != embed_dim:
     raise _refuse("head_dim", head_dim, "Qwen2's head_dim is hidden_size // num_attention_heads")
   return dict(
-      vocab_size=_int(hf, "vocab_size", required=True),
-      num_layers=_int(hf, "num_hidden_layers", required=True),
-      embed_dim=embed_dim,
-      num_heads=num_heads,
-      num_kv_heads=_int(hf, "num_key_value_heads", num_heads),
-      head_dim=head_dim,
-      mlp_dim=_int(hf, "intermediate_size", required=True),
-      max_seq_len=max_positions,
-      norm="rmsnorm",
-      norm_eps=_float(hf, "rms_norm_eps", 1e-6),
-      position="rope",
-      rope_theta=_rope_theta(hf),
-      mlp="swiglu",
-      gelu_approximate=False,
-      tie_embeddings=_bool(hf, "tie_word_embeddings", False),
-      use_bias=False,
-      qkv_bias=model_type == "qwen2",
+    vocab_size=_int(hf, "vocab_size", required=True),
+    num_layers=_int(hf, "num_hidden_layers", required=True),
+    embed_dim=embed_dim,
+    num_heads=num_heads,
+    num_kv_heads=_int(hf, "num_key_value_heads", num_heads),
+    head_dim=head_dim,
+    mlp_dim=_int(hf, "intermediate_size", required=True),
+    max_seq_len=max_positions,
+    norm="rmsnorm",
+    norm_eps=_float(hf, "rms_norm_eps", 1e-6),
+    position="rope",
+    rope_theta=_rope_theta(hf),
+    mlp="swiglu",
+    gelu_approximate=False,
+    tie_embeddings=_bool(hf, "tie_word_embeddings", False),
+    use_bias=False,
+    qkv_bias=model_type == "qwen2",
   )
 
 
 def _gpt2_to_loom(hf: Mapping[str, Any]) -> dict[str, Any]:
   activation = _get(hf, "activation_function", "gelu_new")
   if activation not in _GPT2_ACTIVATIONS:
-    raise _refuse("activation_function", activation,
-                  f"loom computes only {', '.join(_GPT2_ACTIVATIONS)} exactly")
+    raise _refuse("activation_function", activation, f"loom computes only {', '.join(_GPT2_ACTIVATIONS)} exactly")
   if not _get(hf, "scale_attn_weights", True):
     raise _refuse("scale_attn_weights", False, "loom always scales attention scores by head_dim ** -0.5")
   for field in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
@@ -188,31 +199,33 @@ def _gpt2_to_loom(hf: Mapping[str, Any]) -> dict[str, Any]:
   if embed_dim % num_heads:
     raise _refuse("n_head", num_heads, f"n_embd={embed_dim} is not divisible by it")
   return dict(
-      vocab_size=_int(hf, "vocab_size", required=True),
-      num_layers=_int(hf, "n_layer", required=True),
-      embed_dim=embed_dim,
-      num_heads=num_heads,
-      num_kv_heads=num_heads,
-      head_dim=embed_dim // num_heads,
-      mlp_dim=_int(hf, "n_inner", 4 * embed_dim),
-      max_seq_len=_int(hf, "n_positions", required=True),
-      norm="layernorm",
-      norm_eps=_float(hf, "layer_norm_epsilon", 1e-5),
-      position="learned",
-      mlp="gelu",
-      gelu_approximate=_GPT2_ACTIVATIONS[activation],
-      tie_embeddings=_bool(hf, "tie_word_embeddings", True),
-      use_bias=True,
-      qkv_bias=False,
+    vocab_size=_int(hf, "vocab_size", required=True),
+    num_layers=_int(hf, "n_layer", required=True),
+    embed_dim=embed_dim,
+    num_heads=num_heads,
+    num_kv_heads=num_heads,
+    head_dim=embed_dim // num_heads,
+    mlp_dim=_int(hf, "n_inner", 4 * embed_dim),
+    max_seq_len=_int(hf, "n_positions", required=True),
+    norm="layernorm",
+    norm_eps=_float(hf, "layer_norm_epsilon", 1e-5),
+    position="learned",
+    mlp="gelu",
+    gelu_approximate=_GPT2_ACTIVATIONS[activation],
+    tie_embeddings=_bool(hf, "tie_word_embeddings", True),
+    use_bias=True,
+    qkv_bias=False,
   )
 
 
 def _dims(m: ModelConfig) -> tuple[int, int, int, int, int, int, int]:
   """(layers, vocab, embed, heads, kv heads, head dim, mlp dim)."""
   if not m.vocab_size:
-    raise ValueError("model.vocab_size is 0 (the tokenizer's size, filled in by validation); pass a "
-                     "validated model config, such as the one in the checkpoint's record (what "
-                     "tools/hf_export.py uses without --config), or set model.vocab_size")
+    raise ValueError(
+      "model.vocab_size is 0 (the tokenizer's size, filled in by validation); pass a "
+      "validated model config, such as the one in the checkpoint's record (what "
+      "tools/hf_export.py uses without --config), or set model.vocab_size"
+    )
   return m.num_layers, m.vocab_size, m.embed_dim, m.num_heads, m.num_kv_heads, m.head_dim, m.mlp_dim
 
 
@@ -238,43 +251,64 @@ def hf_config(model_config: ModelConfig | Mapping[str, Any], model_type: str) ->
   def require(field: str, allowed: Any, why: str = "") -> None:
     value = getattr(m, field)
     if value != allowed:
-      raise ValueError(f"model.{field}={value!r} cannot be exported as {model_type} (it needs "
-                       f"{allowed!r}{why})")
+      raise ValueError(f"model.{field}={value!r} cannot be exported as {model_type} (it needs {allowed!r}{why})")
 
   if model_type == "gpt2":
-    for field, allowed in (("norm", "layernorm"), ("position", "learned"), ("mlp", "gelu"),
-                           ("use_bias", True)):
+    for field, allowed in (("norm", "layernorm"), ("position", "learned"), ("mlp", "gelu"), ("use_bias", True)):
       require(field, allowed)
     if kv_heads != heads or head_dim * heads != embed:
-      raise ValueError(f"model.num_kv_heads={kv_heads}, head_dim={head_dim} cannot be exported as gpt2 "
-                       f"(it needs num_kv_heads = num_heads = {heads} and head_dim * num_heads = embed_dim)")
+      raise ValueError(
+        f"model.num_kv_heads={kv_heads}, head_dim={head_dim} cannot be exported as gpt2 "
+        f"(it needs num_kv_heads = num_heads = {heads} and head_dim * num_heads = embed_dim)"
+      )
     return {
-        "architectures": [_ARCHITECTURES[model_type]], "model_type": "gpt2",
-        "vocab_size": vocab, "n_embd": embed, "n_layer": layers, "n_head": heads, "n_inner": mlp_dim,
-        "n_positions": m.max_seq_len, "layer_norm_epsilon": m.norm_eps,
-        "activation_function": "gelu_new" if m.gelu_approximate else "gelu",
-        "tie_word_embeddings": m.tie_embeddings,
-        "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-        "initializer_range": m.init_std,
+      "architectures": [_ARCHITECTURES[model_type]],
+      "model_type": "gpt2",
+      "vocab_size": vocab,
+      "n_embd": embed,
+      "n_layer": layers,
+      "n_head": heads,
+      "n_inner": mlp_dim,
+      "n_positions": m.max_seq_len,
+      "layer_norm_epsilon": m.norm_eps,
+      "activation_function": "gelu_new" if m.gelu_approximate else "gelu",
+      "tie_word_embeddings": m.tie_embeddings,
+      "scale_attn_weights": True,
+      "scale_attn_by_inverse_layer_idx": False,
+      "resid_pdrop": 0.0,
+      "embd_pdrop": 0.0,
+      "attn_pdrop": 0.0,
+      "initializer_range": m.init_std,
     }
 
   for field, allowed in (("norm", "rmsnorm"), ("position", "rope"), ("mlp", "swiglu"), ("use_bias", False)):
     require(field, allowed)
   if qkv_bias != (model_type == "qwen2"):
-    require("qkv_bias", model_type == "qwen2",
-            ": q/k/v biases are Qwen2's; export as qwen2" if qkv_bias else ": qwen2 always has q/k/v biases")
+    require(
+      "qkv_bias",
+      model_type == "qwen2",
+      ": q/k/v biases are Qwen2's; export as qwen2" if qkv_bias else ": qwen2 always has q/k/v biases",
+    )
   if model_type == "qwen2" and head_dim * heads != embed:
-    raise ValueError(f"model.head_dim={head_dim} cannot be exported as qwen2 "
-                     "(it needs embed_dim // num_heads)")
+    raise ValueError(f"model.head_dim={head_dim} cannot be exported as qwen2 (it needs embed_dim // num_heads)")
   config = {
-      "architectures": [_ARCHITECTURES[model_type]], "model_type": model_type,
-      "vocab_size": vocab, "hidden_size": embed, "intermediate_size": mlp_dim,
-      "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-      "head_dim": head_dim, "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
-      "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "rope_scaling": None,
-      "tie_word_embeddings": m.tie_embeddings, "attention_dropout": 0.0,
-      "initializer_range": m.init_std,
+    "architectures": [_ARCHITECTURES[model_type]],
+    "model_type": model_type,
+    "vocab_size": vocab,
+    "hidden_size": embed,
+    "intermediate_size": mlp_dim,
+    "num_hidden_layers": layers,
+    "num_attention_heads": heads,
+    "num_key_value_heads": kv_heads,
+    "head_dim": head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": m.max_seq_len,
+    "rms_norm_eps": m.norm_eps,
+    "rope_theta": m.rope_theta,
+    "rope_scaling": None,
+    "tie_word_embeddings": m.tie_embeddings,
+    "attention_dropout": 0.0,
+    "initializer_range": m.init_std,
   }
   if model_type == "llama":
     config.update(attention_bias=False, mlp_bias=False)
@@ -287,6 +321,7 @@ def hf_config(model_config: ModelConfig | Mapping[str, Any], model_type: str) ->
 
 
 # --- Parameters.
+
 
 class _Reader:
   """Hands out tensors by name, checking shapes, and remembers which were used."""
@@ -323,8 +358,7 @@ class _Reader:
       raise ValueError(f"the checkpoint has {len(unused)} tensor(s) loom's model has no place for: {shown}")
 
 
-def params_from_hf(tensors: Mapping[str, np.ndarray],
-                   model_config: ModelConfig | Mapping[str, Any]) -> dict[str, Any]:
+def params_from_hf(tensors: Mapping[str, np.ndarray], model_config: ModelConfig | Mapping[str, Any]) -> dict[str, Any]:
   """loom's parameter pure dict (float32 numpy) from a Hugging Face state dict.
 
   `model_config` is loom's model config (loom_model_config's fields are
@@ -344,8 +378,10 @@ def _head(reader: _Reader, embed: np.ndarray, m: ModelConfig) -> np.ndarray | No
     if "lm_head.weight" in reader.tensors:
       copy = reader.take("lm_head.weight", (vocab, dim), top_level=True)
       if not np.array_equal(copy, embed):
-        raise ValueError("tie_word_embeddings is true but lm_head.weight differs from the token embedding; "
-                         "set tie_word_embeddings to false in config.json if the head is separate")
+        raise ValueError(
+          "tie_word_embeddings is true but lm_head.weight differs from the token embedding; "
+          "set tie_word_embeddings to false in config.json if the head is separate"
+        )
     return None
   return reader.take("lm_head.weight", (vocab, dim), top_level=True).T
 
@@ -360,30 +396,30 @@ def _llama_params(tensors: Mapping[str, np.ndarray], m: ModelConfig) -> dict[str
   v = r.stack(attn + "v_proj.weight", layers, (k * h, d))
   o = r.stack(attn + "o_proj.weight", layers, (d, n * h))
   attention = {
-      "wq": q.transpose(0, 2, 1).reshape(layers, d, n, h),
-      "wk": kk.transpose(0, 2, 1).reshape(layers, d, k, h),
-      "wv": v.transpose(0, 2, 1).reshape(layers, d, k, h),
-      "wo": o.transpose(0, 2, 1).reshape(layers, n, h, d),
+    "wq": q.transpose(0, 2, 1).reshape(layers, d, n, h),
+    "wk": kk.transpose(0, 2, 1).reshape(layers, d, k, h),
+    "wv": v.transpose(0, 2, 1).reshape(layers, d, k, h),
+    "wo": o.transpose(0, 2, 1).reshape(layers, n, h, d),
   }
   if m.qkv_bias:
     attention["bq"] = r.stack(attn + "q_proj.bias", layers, (n * h,)).reshape(layers, n, h)
     attention["bk"] = r.stack(attn + "k_proj.bias", layers, (k * h,)).reshape(layers, k, h)
     attention["bv"] = r.stack(attn + "v_proj.bias", layers, (k * h,)).reshape(layers, k, h)
   mlp = {
-      "w_gate": r.stack("layers.{}.mlp.gate_proj.weight", layers, (f, d)).transpose(0, 2, 1),
-      "w_up": r.stack("layers.{}.mlp.up_proj.weight", layers, (f, d)).transpose(0, 2, 1),
-      "w_down": r.stack("layers.{}.mlp.down_proj.weight", layers, (d, f)).transpose(0, 2, 1),
+    "w_gate": r.stack("layers.{}.mlp.gate_proj.weight", layers, (f, d)).transpose(0, 2, 1),
+    "w_up": r.stack("layers.{}.mlp.up_proj.weight", layers, (f, d)).transpose(0, 2, 1),
+    "w_down": r.stack("layers.{}.mlp.down_proj.weight", layers, (d, f)).transpose(0, 2, 1),
   }
   embed = r.take("embed_tokens.weight", (vocab, d))
   params = {
-      "embed": embed,
-      "blocks": {
-          "attn_norm": {"scale": r.stack("layers.{}.input_layernorm.weight", layers, (d,))},
-          "attn": attention,
-          "mlp_norm": {"scale": r.stack("layers.{}.post_attention_layernorm.weight", layers, (d,))},
-          "mlp": mlp,
-      },
-      "final_norm": {"scale": r.take("norm.weight", (d,))},
+    "embed": embed,
+    "blocks": {
+      "attn_norm": {"scale": r.stack("layers.{}.input_layernorm.weight", layers, (d,))},
+      "attn": attention,
+      "mlp_norm": {"scale": r.stack("layers.{}.post_attention_layernorm.weight", layers, (d,))},
+      "mlp": mlp,
+    },
+    "final_norm": {"scale": r.take("norm.weight", (d,))},
   }
   head = _head(r, embed, m)
   if head is not None:
@@ -406,25 +442,29 @@ def _gpt2_params(tensors: Mapping[str, np.ndarray], m: ModelConfig) -> dict[str,
 
   embed = r.take("wte.weight", (vocab, d))
   params = {
-      "embed": embed,
-      "pos_embed": r.take("wpe.weight", (m.max_seq_len, d)),
-      "blocks": {
-          "attn_norm": norm("h.{}.ln_1"),
-          "attn": {
-              "wq": qkv[:, :, 0], "wk": qkv[:, :, 1], "wv": qkv[:, :, 2],
-              "bq": qkv_bias[:, 0], "bk": qkv_bias[:, 1], "bv": qkv_bias[:, 2],
-              "wo": r.stack("h.{}.attn.c_proj.weight", layers, (d, d)).reshape(layers, n, h, d),
-              "bo": r.stack("h.{}.attn.c_proj.bias", layers, (d,)),
-          },
-          "mlp_norm": norm("h.{}.ln_2"),
-          "mlp": {
-              "w_up": r.stack("h.{}.mlp.c_fc.weight", layers, (d, f)),
-              "b_up": r.stack("h.{}.mlp.c_fc.bias", layers, (f,)),
-              "w_down": r.stack("h.{}.mlp.c_proj.weight", layers, (f, d)),
-              "b_down": r.stack("h.{}.mlp.c_proj.bias", layers, (d,)),
-          },
+    "embed": embed,
+    "pos_embed": r.take("wpe.weight", (m.max_seq_len, d)),
+    "blocks": {
+      "attn_norm": norm("h.{}.ln_1"),
+      "attn": {
+        "wq": qkv[:, :, 0],
+        "wk": qkv[:, :, 1],
+        "wv": qkv[:, :, 2],
+        "bq": qkv_bias[:, 0],
+        "bk": qkv_bias[:, 1],
+        "bv": qkv_bias[:, 2],
+        "wo": r.stack("h.{}.attn.c_proj.weight", layers, (d, d)).reshape(layers, n, h, d),
+        "bo": r.stack("h.{}.attn.c_proj.bias", layers, (d,)),
       },
-      "final_norm": norm("ln_f", stacked=False),
+      "mlp_norm": norm("h.{}.ln_2"),
+      "mlp": {
+        "w_up": r.stack("h.{}.mlp.c_fc.weight", layers, (d, f)),
+        "b_up": r.stack("h.{}.mlp.c_fc.bias", layers, (f,)),
+        "w_down": r.stack("h.{}.mlp.c_proj.weight", layers, (f, d)),
+        "b_down": r.stack("h.{}.mlp.c_proj.bias", layers, (d,)),
+      },
+    },
+    "final_norm": norm("ln_f", stacked=False),
   }
   head = _head(r, embed, m)
   if head is not None:
@@ -434,12 +474,14 @@ def _gpt2_params(tensors: Mapping[str, np.ndarray], m: ModelConfig) -> dict[str,
 
 
 def _contiguous(tree: dict[str, Any]) -> dict[str, Any]:
-  return {key: _contiguous(value) if isinstance(value, dict) else np.ascontiguousarray(value)
-          for key, value in tree.items()}
+  return {
+    key: _contiguous(value) if isinstance(value, dict) else np.ascontiguousarray(value) for key, value in tree.items()
+  }
 
 
-def hf_tensors(params: Mapping[str, Any], model_config: ModelConfig | Mapping[str, Any],
-               model_type: str) -> dict[str, np.ndarray]:
+def hf_tensors(
+  params: Mapping[str, Any], model_config: ModelConfig | Mapping[str, Any], model_type: str
+) -> dict[str, np.ndarray]:
   """The Hugging Face state dict (numpy, the params' dtype) for loom's parameter pure dict.
 
   The inverse of params_from_hf. A tied head is not written (as
@@ -462,15 +504,15 @@ def _llama_tensors(params: Mapping[str, Any], m: ModelConfig) -> dict[str, np.nd
   blocks = params["blocks"]
   attn, mlp = blocks["attn"], blocks["mlp"]
   per_layer = {
-      "self_attn.q_proj.weight": np.asarray(attn["wq"]).reshape(layers, d, n * h).transpose(0, 2, 1),
-      "self_attn.k_proj.weight": np.asarray(attn["wk"]).reshape(layers, d, k * h).transpose(0, 2, 1),
-      "self_attn.v_proj.weight": np.asarray(attn["wv"]).reshape(layers, d, k * h).transpose(0, 2, 1),
-      "self_attn.o_proj.weight": np.asarray(attn["wo"]).reshape(layers, n * h, d).transpose(0, 2, 1),
-      "mlp.gate_proj.weight": np.asarray(mlp["w_gate"]).transpose(0, 2, 1),
-      "mlp.up_proj.weight": np.asarray(mlp["w_up"]).transpose(0, 2, 1),
-      "mlp.down_proj.weight": np.asarray(mlp["w_down"]).transpose(0, 2, 1),
-      "input_layernorm.weight": np.asarray(blocks["attn_norm"]["scale"]),
-      "post_attention_layernorm.weight": np.asarray(blocks["mlp_norm"]["scale"]),
+    "self_attn.q_proj.weight": np.asarray(attn["wq"]).reshape(layers, d, n * h).transpose(0, 2, 1),
+    "self_attn.k_proj.weight": np.asarray(attn["wk"]).reshape(layers, d, k * h).transpose(0, 2, 1),
+    "self_attn.v_proj.weight": np.asarray(attn["wv"]).reshape(layers, d, k * h).transpose(0, 2, 1),
+    "self_attn.o_proj.weight": np.asarray(attn["wo"]).reshape(layers, n * h, d).transpose(0, 2, 1),
+    "mlp.gate_proj.weight": np.asarray(mlp["w_gate"]).transpose(0, 2, 1),
+    "mlp.up_proj.weight": np.asarray(mlp["w_up"]).transpose(0, 2, 1),
+    "mlp.down_proj.weight": np.asarray(mlp["w_down"]).transpose(0, 2, 1),
+    "input_layernorm.weight": np.asarray(blocks["attn_norm"]["scale"]),
+    "post_attention_layernorm.weight": np.asarray(blocks["mlp_norm"]["scale"]),
   }
   if m.qkv_bias:
     per_layer["self_attn.q_proj.bias"] = np.asarray(attn["bq"]).reshape(layers, n * h)
@@ -489,15 +531,22 @@ def _gpt2_tensors(params: Mapping[str, Any], m: ModelConfig) -> dict[str, np.nda
   c_attn = np.stack([np.asarray(attn[w]) for w in ("wq", "wk", "wv")], axis=2).reshape(layers, d, 3 * d)
   c_attn_bias = np.stack([np.asarray(attn[b]) for b in ("bq", "bk", "bv")], axis=1).reshape(layers, 3 * d)
   per_layer = {
-      "ln_1.weight": blocks["attn_norm"]["scale"], "ln_1.bias": blocks["attn_norm"]["bias"],
-      "attn.c_attn.weight": c_attn, "attn.c_attn.bias": c_attn_bias,
-      "attn.c_proj.weight": np.asarray(attn["wo"]).reshape(layers, d, d), "attn.c_proj.bias": attn["bo"],
-      "ln_2.weight": blocks["mlp_norm"]["scale"], "ln_2.bias": blocks["mlp_norm"]["bias"],
-      "mlp.c_fc.weight": mlp["w_up"], "mlp.c_fc.bias": mlp["b_up"],
-      "mlp.c_proj.weight": mlp["w_down"], "mlp.c_proj.bias": mlp["b_down"],
+    "ln_1.weight": blocks["attn_norm"]["scale"],
+    "ln_1.bias": blocks["attn_norm"]["bias"],
+    "attn.c_attn.weight": c_attn,
+    "attn.c_attn.bias": c_attn_bias,
+    "attn.c_proj.weight": np.asarray(attn["wo"]).reshape(layers, d, d),
+    "attn.c_proj.bias": attn["bo"],
+    "ln_2.weight": blocks["mlp_norm"]["scale"],
+    "ln_2.bias": blocks["mlp_norm"]["bias"],
+    "mlp.c_fc.weight": mlp["w_up"],
+    "mlp.c_fc.bias": mlp["b_up"],
+    "mlp.c_proj.weight": mlp["w_down"],
+    "mlp.c_proj.bias": mlp["b_down"],
   }
-  tensors = {f"transformer.h.{i}.{name}": np.asarray(value)[i]
-             for name, value in per_layer.items() for i in range(layers)}
+  tensors = {
+    f"transformer.h.{i}.{name}": np.asarray(value)[i] for name, value in per_layer.items() for i in range(layers)
+  }
   tensors["transformer.wte.weight"] = np.asarray(params["embed"])
   tensors["transformer.wpe.weight"] = np.asarray(params["pos_embed"])
   tensors["transformer.ln_f.weight"] = np.asarray(params["final_norm"]["scale"])

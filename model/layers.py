@@ -1,4 +1,5 @@
 """Parameter creation, matmuls and norms shared by the attention and MLP blocks."""
+
 import math
 from collections.abc import Sequence
 
@@ -10,8 +11,9 @@ from flax import nnx
 NORMS = ("layernorm", "rmsnorm")
 
 
-def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float | None,
-          dtype=jnp.float32) -> nnx.Param:
+def param(
+  rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], std: float | None, dtype=jnp.float32
+) -> nnx.Param:
   """A parameter with logical axis names; normal(0, std) or, with std=None, zeros.
 
   eager_sharding=False: placement is decided once for the whole state from
@@ -38,7 +40,7 @@ def dense(x: jax.Array, kernel: jax.Array, contract: int, dtype) -> jax.Array:
   is what makes them fast on CPUs.
   """
   in_shape, out_shape = kernel.shape[:contract], kernel.shape[contract:]
-  batch_shape = x.shape[:x.ndim - contract]
+  batch_shape = x.shape[: x.ndim - contract]
   x_2d = x.reshape(-1, math.prod(in_shape)).astype(dtype)
   kernel_2d = kernel.reshape(math.prod(in_shape), math.prod(out_shape)).astype(dtype)
   y = jnp.dot(x_2d, kernel_2d, preferred_element_type=jnp.float32)
@@ -55,8 +57,7 @@ class Norm(nnx.Module):
     self.kind = kind
     self.eps = eps
     self.scale = ones_param((dim,), ("embed",))
-    self.bias = nnx.Param(jnp.zeros((dim,)), out_sharding=("embed",), eager_sharding=False) \
-        if use_bias else None
+    self.bias = nnx.Param(jnp.zeros((dim,)), out_sharding=("embed",), eager_sharding=False) if use_bias else None
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     x = x_BLD.astype(jnp.float32)

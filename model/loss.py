@@ -1,4 +1,5 @@
 """Cross-entropy a chunk of positions at a time, so the [B, L, V] logits never exist at once."""
+
 import functools
 
 import jax
@@ -9,8 +10,9 @@ from model.layers import dense
 from sharding import constrain
 
 
-def chunked_row_losses(x_BLD: jax.Array, kernel_DV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array,
-                       chunk: int) -> tuple[jax.Array, jax.Array]:
+def chunked_row_losses(
+  x_BLD: jax.Array, kernel_DV: jax.Array, targets_BL: jax.Array, weights_BL: jax.Array, chunk: int
+) -> tuple[jax.Array, jax.Array]:
   """Per row: summed cross-entropy over weighted target tokens [B], and the weight total [B].
 
   The logits are those of Transformer.__call__ (x [B, L, D] in the compute dtype times the output
@@ -30,7 +32,7 @@ def chunked_row_losses(x_BLD: jax.Array, kernel_DV: jax.Array, targets_BL: jax.A
 
   def chunks(a_BL):  # [B, T*C, ...] -> [T, B, C, ...]: the scan's slices keep the batch sharding.
     a_TBC = a_BL.reshape((batch, num_chunks, chunk) + a_BL.shape[2:]).swapaxes(0, 1)
-    return constrain(a_TBC, (None, "act_batch", "act_length", "act_embed")[:a_TBC.ndim])
+    return constrain(a_TBC, (None, "act_batch", "act_length", "act_embed")[: a_TBC.ndim])
 
   # Gather the fsdp-sharded feature dimension once here rather than in every chunk (in both
   # passes); the vocabulary stays tensor-sharded.

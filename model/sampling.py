@@ -1,19 +1,27 @@
 """Autoregressive sampling over a sliding window (no KV cache: for small models and previews)."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 
-def sample(graphdef: nnx.GraphDef, params: nnx.State, prompts: list[list[int]], num_tokens: int,
-           window: int, temperature: float, seed: int) -> list[list[int]]:
+def sample(
+  graphdef: nnx.GraphDef,
+  params: nnx.State,
+  prompts: list[list[int]],
+  num_tokens: int,
+  window: int,
+  temperature: float,
+  seed: int,
+) -> list[list[int]]:
   """Extends each prompt by `num_tokens` tokens; temperature 0 is greedy."""
   batch = len(prompts)
   buffer = np.zeros((batch, window), np.int32)
   lengths = np.zeros((batch,), np.int32)
   for i, prompt in enumerate(prompts):
     prompt = list(prompt)[-window:] or [0]
-    buffer[i, :len(prompt)] = prompt
+    buffer[i, : len(prompt)] = prompt
     lengths[i] = len(prompt)
 
   @jax.jit

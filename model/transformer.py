@@ -6,6 +6,7 @@ head). The blocks' parameters are stacked along a leading "layers" axis whether
 or not the forward pass scans over them, so a checkpoint does not depend on
 `scan_layers` or `remat`.
 """
+
 import math
 
 import jax
@@ -31,8 +32,9 @@ MLPS = ("gelu", "swiglu")
 # Config fields that change how the same parameters are computed with (precision, the layer loop,
 # rematerialisation) or trained (dropout), or are read only at initialisation: a checkpoint fits a
 # model that differs from its own in these alone.
-CHECKPOINT_INDEPENDENT_FIELDS = frozenset({"dtype", "scan_layers", "remat", "dropout_rate", "init_std",
-                                           "attention", "attention_block", "loss_chunk"})
+CHECKPOINT_INDEPENDENT_FIELDS = frozenset(
+  {"dtype", "scan_layers", "remat", "dropout_rate", "init_std", "attention", "attention_block", "loss_chunk"}
+)
 
 # The activations model/attention.py and Mlp name with checkpoint_name: the inputs of the attention
 # core and of the MLP's down projection, and the two outputs a block adds to its residual stream.
@@ -43,13 +45,16 @@ PROJECTION_NAMES = ("query_proj", "key_proj", "value_proj", "attention_out", "ml
 # pass. On the CPU backend the host memory is the device memory: JAX lowers the move to nothing there
 # (only TPU and GPU lower memory kinds), so offload runs as proj does.
 REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "proj": jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
-    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
-        names_which_can_be_saved=(), names_which_can_be_offloaded=PROJECTION_NAMES,
-        offload_src="device", offload_dst="pinned_host"),
+  "none": None,
+  "full": jax.checkpoint_policies.nothing_saveable,
+  "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "proj": jax.checkpoint_policies.save_only_these_names(*PROJECTION_NAMES),
+  "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+    names_which_can_be_saved=(),
+    names_which_can_be_offloaded=PROJECTION_NAMES,
+    offload_src="device",
+    offload_dst="pinned_host",
+  ),
 }
 
 
@@ -58,11 +63,10 @@ def gelu(x: jax.Array, approximate: bool) -> jax.Array:
   2x faster than the erfc that jax.nn.gelu(approximate=False) lowers to (same values to 5e-7)."""
   if approximate:
     return jax.nn.gelu(x, approximate=True)
-  return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0 ** -0.5)))
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
 
 
 class Mlp(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_std: float):
     if cfg.mlp not in MLPS:
       raise ValueError(f"config field 'model.mlp'={cfg.mlp!r}: allowed are {list(MLPS)}")
@@ -96,7 +100,6 @@ class Mlp(nnx.Module):
 
 
 class Block(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     # GPT-2's scaling of the residual projections keeps the residual stream's
     # variance independent of depth.
@@ -178,8 +181,7 @@ class Transformer(nnx.Module):
   def _run_blocks(self, x_BLD, segment_ids_BL, positions_BL, dropout_key):
     cfg = self.cfg
     graphdef, stacked_state = nnx.split(self.blocks)
-    layer_keys = (jax.random.split(dropout_key, cfg.num_layers) if dropout_key is not None
-                  else [None] * cfg.num_layers)
+    layer_keys = jax.random.split(dropout_key, cfg.num_layers) if dropout_key is not None else [None] * cfg.num_layers
 
     def apply_block(x, layer_state, key):
       return nnx.merge(graphdef, layer_state)(x, segment_ids_BL, positions_BL, key)
@@ -198,6 +200,6 @@ class Transformer(nnx.Module):
       x_BLD, _ = jax.lax.scan(body, x_BLD, (stacked_state, keys))
       return x_BLD
     for i in range(cfg.num_layers):
-      layer_state = jax.tree.map(lambda a: a[i], stacked_state)
+      layer_state = jax.tree.map(lambda a: a[i], stacked_state)  # noqa: B023 (runs in this iteration)
       x_BLD = apply_block(x_BLD, layer_state, layer_keys[i])
     return x_BLD

@@ -2,13 +2,30 @@
 
 Imports no other loom package, so model/, data/ and training/ can all build on it.
 """
+
 from sharding.mesh import MESH_AXES, make_mesh, resolve_mesh_shape, use_cpu_devices
 from sharding.placement import global_batch_from_local
-from sharding.rules import (DEFAULT_RULES, activation_rules, active_mesh_and_rules, constrain,
-                            logical_to_sharding, logical_to_spec, tree_shardings)
+from sharding.rules import (
+  DEFAULT_RULES,
+  activation_rules,
+  active_mesh_and_rules,
+  constrain,
+  logical_to_sharding,
+  logical_to_spec,
+  tree_shardings,
+)
 
 __all__ = [
-    "MESH_AXES", "make_mesh", "resolve_mesh_shape", "use_cpu_devices", "global_batch_from_local",
-    "DEFAULT_RULES", "activation_rules", "active_mesh_and_rules", "constrain", "logical_to_sharding",
-    "logical_to_spec", "tree_shardings",
+  "MESH_AXES",
+  "make_mesh",
+  "resolve_mesh_shape",
+  "use_cpu_devices",
+  "global_batch_from_local",
+  "DEFAULT_RULES",
+  "activation_rules",
+  "active_mesh_and_rules",
+  "constrain",
+  "logical_to_sharding",
+  "logical_to_spec",
+  "tree_shardings",
 ]

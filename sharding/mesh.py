@@ -1,4 +1,5 @@
 """Named device meshes built from a config's `mesh` section."""
+
 import os
 from collections.abc import Mapping, Sequence
 
@@ -19,8 +20,9 @@ def available_cores() -> int:
     return os.cpu_count() or 1
 
 
-def resolve_cpu_devices(count: int, mesh_config: Mapping[str, int] | None = None,
-                        global_batch_size: int = 0, microbatches: int = 1) -> int:
+def resolve_cpu_devices(
+  count: int, mesh_config: Mapping[str, int] | None = None, global_batch_size: int = 0, microbatches: int = 1
+) -> int:
   """The CPU device count that config field `cpu_devices`=`count` asks for.
 
   0 or a positive count is itself. -1 is one device per core this process may
@@ -30,8 +32,10 @@ def resolve_cpu_devices(count: int, mesh_config: Mapping[str, int] | None = None
   names the field at fault).
   """
   if not isinstance(count, int) or isinstance(count, bool) or count < -1:
-    raise ValueError(f"config field 'cpu_devices'={count!r}: must be 0 (JAX's default), a positive number "
-                     "of CPU devices, or -1 (one per core, as many as the mesh and batch allow)")
+    raise ValueError(
+      f"config field 'cpu_devices'={count!r}: must be 0 (JAX's default), a positive number "
+      "of CPU devices, or -1 (one per core, as many as the mesh and batch allow)"
+    )
   if count != -1:
     return count
   cores = available_cores()
@@ -50,8 +54,9 @@ def resolve_cpu_devices(count: int, mesh_config: Mapping[str, int] | None = None
   return cores
 
 
-def use_cpu_devices(count: int, mesh_config: Mapping[str, int] | None = None, global_batch_size: int = 0,
-                    microbatches: int = 1) -> None:
+def use_cpu_devices(
+  count: int, mesh_config: Mapping[str, int] | None = None, global_batch_size: int = 0, microbatches: int = 1
+) -> None:
   """Makes JAX's CPU backend `count` devices (0: leave JAX's default of one; -1: see resolve_cpu_devices,
   which the other arguments are for).
 
@@ -70,9 +75,10 @@ def use_cpu_devices(count: int, mesh_config: Mapping[str, int] | None = None, gl
     have = len(jax.devices("cpu"))
     if have != devices and count != -1:
       raise ValueError(
-          f"config field 'cpu_devices'={count}: JAX's CPU backend already started in this process "
-          f"with {have} devices; set cpu_devices before any JAX computation runs (train.py does), "
-          f"or use cpu_devices=0 to keep the devices it has") from None
+        f"config field 'cpu_devices'={count}: JAX's CPU backend already started in this process "
+        f"with {have} devices; set cpu_devices before any JAX computation runs (train.py does), "
+        f"or use cpu_devices=0 to keep the devices it has"
+      ) from None
 
 
 def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:
@@ -95,14 +101,16 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict
   if free:
     if num_devices % fixed:
       raise ValueError(
-          f"mesh: the fixed axes {sizes} multiply to {fixed}, which does not divide the "
-          f"{num_devices} available devices, so mesh.{free[0]}=-1 cannot be filled in")
+        f"mesh: the fixed axes {sizes} multiply to {fixed}, which does not divide the "
+        f"{num_devices} available devices, so mesh.{free[0]}=-1 cannot be filled in"
+      )
     sizes[free[0]] = num_devices // fixed
   elif fixed != num_devices:
     raise ValueError(
-        f"mesh: data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = {fixed}, "
-        f"but there are {num_devices} devices; set the axes to multiply to {num_devices} "
-        f"(or set one of them to -1)")
+      f"mesh: data*fsdp*tensor = {sizes['data']}*{sizes['fsdp']}*{sizes['tensor']} = {fixed}, "
+      f"but there are {num_devices} devices; set the axes to multiply to {num_devices} "
+      f"(or set one of them to -1)"
+    )
   return sizes
 
 

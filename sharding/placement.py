@@ -1,4 +1,5 @@
 """Placing host data onto a mesh."""
+
 from collections.abc import Mapping
 
 import jax
@@ -8,8 +9,9 @@ from jax.sharding import Mesh
 from sharding.rules import DEFAULT_RULES, Rules, logical_to_sharding
 
 
-def global_batch_from_local(local_batch: Mapping[str, np.ndarray], mesh: Mesh,
-                            rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
+def global_batch_from_local(
+  local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules: Rules = DEFAULT_RULES
+) -> dict[str, jax.Array]:
   """Assembles each process's rows into global arrays sharded along `act_batch`.
 
   Every process passes only its own slice of the global batch (rows in process

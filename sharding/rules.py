@@ -5,6 +5,7 @@ Parameters are annotated with names such as ("embed", "mlp"); activations with
 `fsdp` in a weight (ZeRO-3) but must stay whole in an activation whose batch
 dimension already uses `fsdp`.
 """
+
 import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -18,25 +19,25 @@ MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
 DEFAULT_RULES: Rules = (
-    # Parameters: fsdp shards every weight along its model dimension (ZeRO-3);
-    # tensor shards heads and the MLP hidden dimension (Megatron) and the vocabulary.
-    ("layers", None),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("position", None),
-    # Activations.
-    ("act_batch", ("data", "fsdp")),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_head_dim", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+  # Parameters: fsdp shards every weight along its model dimension (ZeRO-3);
+  # tensor shards heads and the MLP hidden dimension (Megatron) and the vocabulary.
+  ("layers", None),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("position", None),
+  # Activations.
+  ("act_batch", ("data", "fsdp")),
+  ("act_length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv_heads", "tensor"),
+  ("act_head_dim", None),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 
@@ -56,8 +57,12 @@ def _axis_size(mesh: Mesh, mesh_axes: MeshAxes) -> int:
   return int(np.prod([mesh.shape[n] for n in names]))
 
 
-def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules = DEFAULT_RULES,
-                    shape: Sequence[int] | None = None, mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(
+  logical_axes: Sequence[str | None],
+  rules: Rules = DEFAULT_RULES,
+  shape: Sequence[int] | None = None,
+  mesh: Mesh | None = None,
+) -> PartitionSpec:
   """PartitionSpec for an array annotated with `logical_axes`.
 
   With `shape` and `mesh`, a dimension that its mesh axes do not divide is
@@ -70,8 +75,10 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules = DEFAULT_R
     mesh_axes = _lookup(name, rules)
     names = () if mesh_axes is None else ((mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes))
     if used & set(names):
-      raise ValueError(f"logical axes {tuple(logical_axes)} map mesh axes {sorted(used & set(names))} "
-                       "twice; give the two dimensions different rules")
+      raise ValueError(
+        f"logical axes {tuple(logical_axes)} map mesh axes {sorted(used & set(names))} "
+        "twice; give the two dimensions different rules"
+      )
     if shape is not None and mesh is not None and shape[dim] % _axis_size(mesh, mesh_axes):
       mesh_axes, names = None, ()
     used |= set(names)
@@ -79,8 +86,9 @@ def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules = DEFAULT_R
   return PartitionSpec(*spec)
 
 
-def logical_to_sharding(logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES,
-                        shape: Sequence[int] | None = None) -> NamedSharding:
+def logical_to_sharding(
+  logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules = DEFAULT_RULES, shape: Sequence[int] | None = None
+) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(logical_axes, rules, shape, mesh))
 
 
@@ -91,6 +99,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
   model/ attaches to every parameter) and replicated when it has none (step
   counters, RNG keys, scalars of the optimizer state).
   """
+
   def leaf_sharding(leaf):
     if isinstance(leaf, nnx.Variable):
       names = leaf.get_metadata().get("out_sharding")

@@ -1,4 +1,5 @@
 """Test setup: eight CPU devices and a quiet TensorFlow, fixed before jax is imported."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")

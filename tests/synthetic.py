@@ -1,4 +1,5 @@
 """Small configs, deterministic batches and stand-ins shared by the tests."""
+
 import numpy as np
 
 from configs import tiny
@@ -28,9 +29,14 @@ def batch(global_batch_size: int, seq_len: int, vocab_size: int, seed: int = 0) 
   positions = np.broadcast_to(positions.astype(np.int32), (global_batch_size, seq_len)).copy()
   weights = np.ones((global_batch_size, seq_len), np.float32)
   weights[:, split - 1] = 0.0  # The last token of document 1 does not predict document 2.
-  weights[-1, -5:] = 0.0       # Some padding.
-  return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": segment_ids,
-          "positions": positions, "weights": weights}
+  weights[-1, -5:] = 0.0  # Some padding.
+  return {
+    "inputs": tokens[:, :-1],
+    "targets": tokens[:, 1:],
+    "segment_ids": segment_ids,
+    "positions": positions,
+    "weights": weights,
+  }
 
 
 class RecordingWriter:

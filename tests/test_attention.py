@@ -1,12 +1,14 @@
 """The attention implementations (model.attention): each gives the reference's values and
 gradients, through the model and sharded too; blockwise's memory is O(L x block); `auto` picks."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sharding
-from model import attention, attention_kernels as kernels
+from model import attention
+from model import attention_kernels as kernels
 from tests import synthetic
 from tests.test_model import LLAMA, mean_loss, model_config, random_params
 from training import state as state_lib
@@ -52,8 +54,9 @@ def assert_matches_reference(fn, inputs):
 # block 512 becomes one block of 40.
 @pytest.mark.parametrize("block", [16, 512])
 def test_blockwise_equals_the_reference(block):
-  assert_matches_reference(lambda q, k, v, s: kernels.blockwise_attention(q, k, v, s, block),
-                           packed_inputs(2, 37, 4, 2, 8))
+  assert_matches_reference(
+    lambda q, k, v, s: kernels.blockwise_attention(q, k, v, s, block), packed_inputs(2, 37, 4, 2, 8)
+  )
 
 
 def test_blockwise_in_bfloat16_is_as_close_to_float32_as_xla_in_bfloat16():
@@ -66,15 +69,16 @@ def test_blockwise_in_bfloat16_is_as_close_to_float32_as_xla_in_bfloat16():
   blockwise = jitted_values_and_grads(lambda q, k, v, s: kernels.blockwise_attention(q, k, v, s, 16), *bf16)
   for name, x, b, e in zip(("output", "dq", "dk", "dv"), xla, blockwise, exact):
     assert b.dtype == jnp.bfloat16, name
-    error = lambda a: np.abs(np.asarray(a, np.float32) - e).max() / np.abs(e).max()
+    error = lambda a: np.abs(np.asarray(a, np.float32) - e).max() / np.abs(e).max()  # noqa: B023 (runs in this iteration)
     assert error(b) <= 2 * error(x), (name, error(b), error(x))
 
 
 def test_cudnn_call_equals_the_reference():
   """The cudnn path's layout and arguments, run by jax.nn.dot_product_attention's xla implementation:
   cuDNN itself needs an NVIDIA GPU."""
-  assert_matches_reference(lambda q, k, v, s: kernels.cudnn_attention(q, k, v, s, implementation="xla"),
-                           packed_inputs(2, 37, 4, 2, 8))
+  assert_matches_reference(
+    lambda q, k, v, s: kernels.cudnn_attention(q, k, v, s, implementation="xla"), packed_inputs(2, 37, 4, 2, 8)
+  )
 
 
 def test_splash_equals_the_reference_and_differentiates_with_its_kernels():
@@ -156,8 +160,9 @@ def test_auto_picks_by_platform_and_xla_is_the_reference(monkeypatch):
   with pytest.raises(ValueError, match=r"'model.attention'='flash': allowed are"):
     attention.resolve_implementation("flash", q_f32)
   q, k, v, segment_ids, _ = packed_inputs(2, 37, 4, 2, 8)
-  np.testing.assert_array_equal(attention.attend(q, k, v, segment_ids, "auto"),
-                                attention.dot_product_attention(q, k, v, segment_ids))
+  np.testing.assert_array_equal(
+    attention.attend(q, k, v, segment_ids, "auto"), attention.dot_product_attention(q, k, v, segment_ids)
+  )
 
 
 def loss_and_grads(cfg, params, batch):
@@ -214,8 +219,10 @@ def test_splash_compiles_for_tpu_under_a_mesh():
   """Ahead-of-time for a v5e 2x4 slice (libtpu's compiler, no TPU needed): `auto` resolves to splash
   from the mesh's devices, bfloat16, grouped heads and a length that is no multiple of 128."""
   from jax.experimental import topologies  # libtpu is a requirement; conftest lets both workers load it.
-  devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x4",
-                                         chips_per_host_bounds=(2, 2, 1)).devices
+
+  devices = topologies.get_topology_desc(
+    platform="tpu", topology_name="v5e:2x4", chips_per_host_bounds=(2, 2, 1)
+  ).devices
   mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 2, 2), sharding.MESH_AXES)
   spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))
   q = jax.ShapeDtypeStruct((4, 1000, 8, 64), jnp.bfloat16, sharding=spec(("data", "fsdp"), None, "tensor"))

@@ -1,4 +1,5 @@
 """What train.py and the tools do before JAX starts: choose the platforms a machine has."""
+
 import os
 import subprocess
 import sys
@@ -9,10 +10,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _platform_probe(env_update: dict[str, str]) -> subprocess.CompletedProcess:
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   env.update(env_update)
-  code = ("from training.cli import skip_absent_tpu; skip_absent_tpu(); import jax; "
-          "print(jax.config.jax_platforms, jax.default_backend())")
-  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=120)
+  code = (
+    "from training.cli import skip_absent_tpu; skip_absent_tpu(); import jax; "
+    "print(jax.config.jax_platforms, jax.default_backend())"
+  )
+  return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_a_cpu_machine_starts_without_libtpu_noise():

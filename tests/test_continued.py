@@ -1,4 +1,5 @@
 """Continued pre-training: start from a checkpoint on any mesh and dtype, replay, freeze, grow the vocabulary."""
+
 import os
 
 import jax
@@ -25,7 +26,7 @@ def write_letter_corpus(directory, num_files=4, lines_per_file=300, seed=1):
     lines = []
     for _ in range(lines_per_file):
       start, length = rng.integers(0, 5), rng.integers(3, 6)
-      lines.append(" ".join(LETTERS[start:start + length]) + ".")
+      lines.append(" ".join(LETTERS[start : start + length]) + ".")
     with open(os.path.join(directory, f"letters{f}.txt"), "w") as out:
       out.write("\n".join(lines) + "\n")
   return os.path.join(directory, "*.txt")
@@ -35,8 +36,7 @@ def write_letter_corpus(directory, num_files=4, lines_per_file=300, seed=1):
 def pretrained(tmp_path_factory):
   """A tiny model trained on the number sentences, written on the (2,2,2) mesh."""
   tmp_path = tmp_path_factory.mktemp("pretrained")
-  config = corpus_config(tmp_path, num_steps=80, eval_every=0, checkpoint_every=80, log_every=40,
-                         num_samples=0)
+  config = corpus_config(tmp_path, num_steps=80, eval_every=0, checkpoint_every=80, log_every=40, num_samples=0)
   result = train(config, str(tmp_path / "run"))
   return tmp_path, config, result
 
@@ -56,8 +56,10 @@ def test_a_checkpoint_from_8_devices_restores_on_1_and_4(pretrained):
   tmp_path, config, result = pretrained
   written = jax.device_get(result.state)
   checkpointer = Checkpointer(str(tmp_path / "run" / "checkpoints"), read_only=True)
-  for devices, shape in ((jax.devices()[:1], dict(data=1, fsdp=1, tensor=1)),
-                         (jax.devices()[:4], dict(data=1, fsdp=4, tensor=1))):
+  for devices, shape in (
+    (jax.devices()[:1], dict(data=1, fsdp=1, tensor=1)),
+    (jax.devices()[:4], dict(data=1, fsdp=4, tensor=1)),
+  ):
     state, record = checkpointer.restore(80, _mesh_setup(config, devices, shape).abstract_state())
     assert record["step"] == 80 and record["loom_version"]
     for restored, original in zip(jax.tree.leaves(state), jax.tree.leaves(written)):
@@ -66,8 +68,9 @@ def test_a_checkpoint_from_8_devices_restores_on_1_and_4(pretrained):
     assert len(embed.sharding.device_set) == len(devices)
   # Cast on load: the float32 parameters restored as bfloat16.
   abstract = _mesh_setup(config, jax.devices()[:4], dict(data=1, fsdp=4, tensor=1)).abstract_state()
-  as_bf16 = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16, sharding=leaf.sharding),
-                         abstract.params)
+  as_bf16 = jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, jnp.bfloat16, sharding=leaf.sharding), abstract.params
+  )
   params = checkpointer.restore_params(80, as_bf16)
   for restored, original in zip(jax.tree.leaves(params), jax.tree.leaves(written.params)):
     assert restored.dtype == jnp.bfloat16
@@ -91,8 +94,7 @@ def test_init_grows_the_vocabulary_keeps_or_resets_step_and_optimizer(pretrained
   assert int(adam.count) == 0
 
   same = corpus_config(tmp_path / "same", num_steps=100)
-  same.init.update(checkpoint=str(tmp_path / "run" / "checkpoints" / "80"), load_optimizer=True,
-                   keep_step=True)
+  same.init.update(checkpoint=str(tmp_path / "run" / "checkpoints" / "80"), load_optimizer=True, keep_step=True)
   state, _ = _initial_state(_mesh_setup(same, jax.devices(), dict(data=2, fsdp=2, tensor=2)))
   assert int(state.step) == 80  # ...or the old step and optimizer state when asked.
   for restored, original in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(written.opt_state)):
@@ -107,11 +109,13 @@ def test_init_grows_the_vocabulary_keeps_or_resets_step_and_optimizer(pretrained
 
 
 def _continue(tmp_path, pretrained_dir, name, weights, **init):
-  config = corpus_config(tmp_path / name, num_steps=40, eval_every=40, eval_batches=4, log_every=20,
-                         checkpoint_every=40, num_samples=0)
+  config = corpus_config(
+    tmp_path / name, num_steps=40, eval_every=40, eval_batches=4, log_every=20, checkpoint_every=40, num_samples=0
+  )
   config.data.sources = {
-      "new": base.source(paths=write_letter_corpus(str(tmp_path / "letters")), weight=weights[0]),
-      "old": base.source(paths=write_corpus_path(tmp_path / name), weight=weights[1])}
+    "new": base.source(paths=write_letter_corpus(str(tmp_path / "letters")), weight=weights[0]),
+    "old": base.source(paths=write_corpus_path(tmp_path / name), weight=weights[1]),
+  }
   config.init.update(checkpoint=pretrained_dir, **init)
   config.optimizer.update(warmup_steps=5, learning_rate=3e-3)
   return train(config, str(tmp_path / name / "run"))
@@ -119,6 +123,7 @@ def _continue(tmp_path, pretrained_dir, name, weights, **init):
 
 def write_corpus_path(directory):
   from tests.test_training import write_corpus
+
   return write_corpus(str(directory / "numbers"))  # The same sentences as the pretraining corpus.
 
 
@@ -127,11 +132,14 @@ def test_continued_pretraining_learns_the_new_data_and_replay_protects_the_old(p
   without = _continue(tmp_path, str(pretrained_dir / "run"), "no_replay", (1.0, 0.0))
   replay = _continue(tmp_path, str(pretrained_dir / "run"), "replay", (0.7, 0.3))
   (start_new, end_new), (start_old, end_old) = (
-      [loss for _, loss in without.eval_history_by_source[name]] for name in ("new", "old"))
+    [loss for _, loss in without.eval_history_by_source[name]] for name in ("new", "old")
+  )
   replay_old = [loss for _, loss in replay.eval_history_by_source["old"]]
   replay_new = [loss for _, loss in replay.eval_history_by_source["new"]]
-  print(f"new data: {start_new:.3f} -> {end_new:.3f} (replay: -> {replay_new[-1]:.3f}); old data: "
-        f"{start_old:.3f} -> {end_old:.3f} without replay, -> {replay_old[-1]:.3f} with replay")
+  print(
+    f"new data: {start_new:.3f} -> {end_new:.3f} (replay: -> {replay_new[-1]:.3f}); old data: "
+    f"{start_old:.3f} -> {end_old:.3f} without replay, -> {replay_old[-1]:.3f} with replay"
+  )
   assert replay_old[0] == pytest.approx(start_old, abs=1e-6)  # Both start from the same model.
   assert end_new < start_new - 0.5  # It learns the new corpus...
   assert replay_new[-1] < start_new - 0.5
@@ -142,8 +150,9 @@ def test_continued_pretraining_learns_the_new_data_and_replay_protects_the_old(p
 def test_frozen_parameters_and_layers_do_not_move(pretrained, tmp_path):
   pretrained_dir, _, result = pretrained
   before = jax.device_get(result.state.params)
-  frozen = _continue(tmp_path, str(pretrained_dir / "run"), "frozen", (1.0, 0.0), freeze="embed,final_norm",
-                     freeze_layers="0")
+  frozen = _continue(
+    tmp_path, str(pretrained_dir / "run"), "frozen", (1.0, 0.0), freeze="embed,final_norm", freeze_layers="0"
+  )
   after = jax.device_get(frozen.state.params)
   np.testing.assert_array_equal(after["embed"][...], before["embed"][...])
   np.testing.assert_array_equal(after["final_norm"]["scale"][...], before["final_norm"]["scale"][...])

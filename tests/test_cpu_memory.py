@@ -1,4 +1,5 @@
 """training/cpu_memory.py: a step with a large temporary buffer stops re-faulting it every call."""
+
 import os
 import subprocess
 import sys
@@ -28,8 +29,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30)
 
 def _faults_per_call(mode):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run([sys.executable, "-c", _PROBE, mode], cwd=REPO_ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
+  out = subprocess.run(
+    [sys.executable, "-c", _PROBE, mode], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
   assert out.returncode == 0, out.stderr
   return float(out.stdout.split()[-1])
 
@@ -83,8 +85,9 @@ def test_a_threads_arena_keeps_its_extra_heap_between_calls():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   faults = {}
   for mode in ("thresholds", "keep"):
-    out = subprocess.run([sys.executable, "-c", _THREAD_PROBE, mode], cwd=REPO_ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+      [sys.executable, "-c", _THREAD_PROBE, mode], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     faults[mode] = float(out.stdout.split()[-1])
   # 30 MB is 7,680 pages, faulted in afresh with the heap on every call with the thresholds alone...

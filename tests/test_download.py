@@ -1,4 +1,5 @@
 """tools/download.py and data/downloads.py: corpora fetched into a checked cache, and configs that run anywhere."""
+
 import os
 import subprocess
 import sys
@@ -53,10 +54,12 @@ def test_shipped_config_reads_the_cache_and_runs_after_an_install_from_a_local_c
 def test_a_checksum_mismatch_leaves_nothing_in_the_cache(cache, tmp_path):
   truncated = tmp_path / "truncated.txt"
   truncated.write_bytes(SHAKESPEARE.read_bytes()[:1000])
-  with pytest.raises(downloads.DownloadError,
-                     match=rf"^{truncated}: sha256 [0-9a-f]{{64}} is not the "
-                           rf"{downloads.CORPORA['tinyshakespeare'].sha256} registered for tinyshakespeare in "
-                           r"data/downloads.py; nothing was written to "):
+  with pytest.raises(
+    downloads.DownloadError,
+    match=rf"^{truncated}: sha256 [0-9a-f]{{64}} is not the "
+    rf"{downloads.CORPORA['tinyshakespeare'].sha256} registered for tinyshakespeare in "
+    r"data/downloads.py; nothing was written to ",
+  ):
     downloads.download("tinyshakespeare", from_file=str(truncated))
   assert not cache.exists()  # Not even the folders it would have made.
   # Over a good cached copy, a bad one changes nothing either.
@@ -70,14 +73,20 @@ def test_a_checksum_mismatch_leaves_nothing_in_the_cache(cache, tmp_path):
 def test_download_from_the_url_and_offline(cache, tmp_path, monkeypatch):
   # No network in tests: the registered URL is swapped for a file:// URL, which urllib opens like any other.
   corpus = downloads.CORPORA["tinyshakespeare"]
-  monkeypatch.setitem(downloads.CORPORA, "tinyshakespeare",
-                      downloads.Corpus(url=SHAKESPEARE.as_uri(), file_name=corpus.file_name, sha256=corpus.sha256))
+  monkeypatch.setitem(
+    downloads.CORPORA,
+    "tinyshakespeare",
+    downloads.Corpus(url=SHAKESPEARE.as_uri(), file_name=corpus.file_name, sha256=corpus.sha256),
+  )
   path = downloads.download("tinyshakespeare")
   assert Path(path).read_bytes() == SHAKESPEARE.read_bytes()
   os.remove(path)
   unreachable = (tmp_path / "offline" / "input.txt").as_uri()
-  monkeypatch.setitem(downloads.CORPORA, "tinyshakespeare",
-                      downloads.Corpus(url=unreachable, file_name=corpus.file_name, sha256=corpus.sha256))
+  monkeypatch.setitem(
+    downloads.CORPORA,
+    "tinyshakespeare",
+    downloads.Corpus(url=unreachable, file_name=corpus.file_name, sha256=corpus.sha256),
+  )
   with pytest.raises(downloads.DownloadError) as error:
     downloads.download("tinyshakespeare")
   message = str(error.value)
@@ -89,9 +98,11 @@ def test_download_from_the_url_and_offline(cache, tmp_path, monkeypatch):
 
 def test_a_missing_download_is_one_line_naming_the_command_and_the_field(cache):
   config = shakespeare_char.get_config()
-  expected = (f"data.sources.shakespeare.paths: {cache / 'tinyshakespeare' / 'input.txt'} is not downloaded "
-              "yet; run `python tools/download.py tinyshakespeare` (offline: add --from=A_LOCAL_COPY), or set "
-              "--config.data.sources.shakespeare.paths=FILE to read a copy you have.")
+  expected = (
+    f"data.sources.shakespeare.paths: {cache / 'tinyshakespeare' / 'input.txt'} is not downloaded "
+    "yet; run `python tools/download.py tinyshakespeare` (offline: add --from=A_LOCAL_COPY), or set "
+    "--config.data.sources.shakespeare.paths=FILE to read a copy you have."
+  )
   with pytest.raises(ConfigError) as error:
     validate(config, num_devices=2)
   assert str(error.value) == expected
@@ -105,48 +116,69 @@ def test_a_missing_download_is_one_line_naming_the_command_and_the_field(cache):
 
 
 def test_train_py_without_the_download_stops_in_one_line(cache, tmp_path):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  run = subprocess.run([sys.executable, "train.py", "--config=configs/shakespeare_char.py",
-                        f"--workdir={tmp_path / 'run'}"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                       timeout=120)
+  env = dict(
+    os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+  )
+  run = subprocess.run(
+    [sys.executable, "train.py", "--config=configs/shakespeare_char.py", f"--workdir={tmp_path / 'run'}"],
+    cwd=REPO_ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert run.returncode != 0
   assert run.stderr.strip().splitlines() == [
-      f"config error (configs/shakespeare_char.py): data.sources.shakespeare.paths: "
-      f"{cache / 'tinyshakespeare' / 'input.txt'} is not downloaded yet; run `python tools/download.py "
-      "tinyshakespeare` (offline: add --from=A_LOCAL_COPY), or set --config.data.sources.shakespeare.paths=FILE "
-      "to read a copy you have."], run.stderr
+    f"config error (configs/shakespeare_char.py): data.sources.shakespeare.paths: "
+    f"{cache / 'tinyshakespeare' / 'input.txt'} is not downloaded yet; run `python tools/download.py "
+    "tinyshakespeare` (offline: add --from=A_LOCAL_COPY), or set --config.data.sources.shakespeare.paths=FILE "
+    "to read a copy you have."
+  ], run.stderr
   assert not (tmp_path / "run").exists()
 
 
 def test_download_tool(cache, tmp_path):
   truncated = tmp_path / "truncated.txt"
   truncated.write_bytes(SHAKESPEARE.read_bytes()[:1000])
-  bad = subprocess.run([sys.executable, "tools/download.py", "tinyshakespeare", f"--from={truncated}"],
-                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  bad = subprocess.run(
+    [sys.executable, "tools/download.py", "tinyshakespeare", f"--from={truncated}"],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert bad.returncode != 0
   lines = bad.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(f"download error: {truncated}: sha256 "), bad.stderr
   assert not cache.exists()
-  good = subprocess.run([sys.executable, "tools/download.py", "tinyshakespeare", f"--from={SHAKESPEARE}"],
-                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+  good = subprocess.run(
+    [sys.executable, "tools/download.py", "tinyshakespeare", f"--from={SHAKESPEARE}"],
+    cwd=REPO_ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert good.returncode == 0, good.stderr
   assert good.stdout.strip() == str(cache / "tinyshakespeare" / "input.txt")
   assert (cache / "tinyshakespeare" / "input.txt").read_bytes() == SHAKESPEARE.read_bytes()
 
 
-@pytest.mark.parametrize("cores, mesh, batch, microbatches, expected", [
-    (2, dict(data=-1, fsdp=1, tensor=1), 12, 1, 2),    # shakespeare_char on the 2-core benchmark machine
+@pytest.mark.parametrize(
+  "cores, mesh, batch, microbatches, expected",
+  [
+    (2, dict(data=-1, fsdp=1, tensor=1), 12, 1, 2),  # shakespeare_char on the 2-core benchmark machine
     (16, dict(data=-1, fsdp=1, tensor=1), 12, 1, 12),  # a core per row at most: 16 cores do not divide 12
     (8, dict(data=-1, fsdp=1, tensor=1), 12, 1, 6),
-    (8, dict(data=-1, fsdp=1, tensor=1), 12, 2, 6),    # microbatches of 6 rows
-    (8, dict(data=-1, fsdp=2, tensor=1), 12, 1, 6),    # data*fsdp = 3*2 divides 12, 4*2 does not
-    (8, dict(data=1, fsdp=1, tensor=4), 12, 1, 4),     # a fixed mesh of 4
-    (3, dict(data=4, fsdp=1, tensor=1), 12, 1, 3),     # nothing fits: every core, and validation says why
-    (5, None, 0, 1, 5),                                # no mesh given: every core
-])
-def test_cpu_devices_minus_one_is_a_device_per_core_as_the_mesh_and_batch_allow(monkeypatch, cores, mesh, batch,
-                                                                                microbatches, expected):
+    (8, dict(data=-1, fsdp=1, tensor=1), 12, 2, 6),  # microbatches of 6 rows
+    (8, dict(data=-1, fsdp=2, tensor=1), 12, 1, 6),  # data*fsdp = 3*2 divides 12, 4*2 does not
+    (8, dict(data=1, fsdp=1, tensor=4), 12, 1, 4),  # a fixed mesh of 4
+    (3, dict(data=4, fsdp=1, tensor=1), 12, 1, 3),  # nothing fits: every core, and validation says why
+    (5, None, 0, 1, 5),  # no mesh given: every core
+  ],
+)
+def test_cpu_devices_minus_one_is_a_device_per_core_as_the_mesh_and_batch_allow(
+  monkeypatch, cores, mesh, batch, microbatches, expected
+):
   monkeypatch.setattr(mesh_lib, "available_cores", lambda: cores)
   assert mesh_lib.resolve_cpu_devices(-1, mesh, batch, microbatches) == expected
 
@@ -161,6 +193,7 @@ def test_cpu_devices_counts():
   assert shakespeare_char.get_config().cpu_devices == -1
   # In a process whose JAX has started (conftest's 8 CPU devices), -1 keeps the devices it has.
   import jax
+
   started = len(jax.devices("cpu"))
   mesh_lib.use_cpu_devices(-1, dict(data=-1, fsdp=1, tensor=1), 12)
   assert len(jax.devices("cpu")) == started

@@ -1,6 +1,7 @@
 """Dropout (model.dropout_rate): new masks every step and every microbatch, none in evaluation or
 sampling. (tests/test_training.py's resume test runs with dropout: a resumed run drops as the
 uninterrupted one did.)"""
+
 import jax
 import numpy as np
 
@@ -8,7 +9,8 @@ import sharding
 from model.sampling import sample
 from tests import synthetic
 from tests.test_model import model_config, random_params
-from training import state as state_lib, step as step_lib
+from training import state as state_lib
+from training import step as step_lib
 from training.setup import build_setup
 
 
@@ -16,8 +18,15 @@ def test_masks_differ_between_steps_and_between_microbatches():
   config = synthetic.tiny_config()
   config.model.dropout_rate = 0.5
   # Plain SGD with lr 1: the update is the gradient itself.
-  config.optimizer.update(name="sgd", momentum=0.0, learning_rate=1.0, schedule="constant",
-                          warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0)
+  config.optimizer.update(
+    name="sgd",
+    momentum=0.0,
+    learning_rate=1.0,
+    schedule="constant",
+    warmup_steps=0,
+    weight_decay=0.0,
+    grad_clip_norm=0.0,
+  )
   config.train.microbatches = 2
   setup = build_setup(synthetic.validated(config, 1), devices=jax.devices()[:1])
   mesh, shardings = setup.mesh, setup.shardings
@@ -28,8 +37,9 @@ def test_masks_differ_between_steps_and_between_microbatches():
     """The gradient of one step on `rows` from the same parameters, at train step `step`."""
     state = jax.device_put(initial.replace(step=np.int32(step)), shardings)  # The step donates it.
     after = jax.device_get(train_step(state, sharding.global_batch_from_local(rows, mesh))[0].params)
-    return np.concatenate([np.ravel(before - now) for before, now
-                           in zip(jax.tree.leaves(initial.params), jax.tree.leaves(after))])
+    return np.concatenate(
+      [np.ravel(before - now) for before, now in zip(jax.tree.leaves(initial.params), jax.tree.leaves(after))]
+    )
 
   def relative_difference(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
@@ -54,8 +64,9 @@ def test_evaluation_and_sampling_do_not_drop():
   loss, weight = jax.device_get(step_lib.make_eval_step(graphdef, mesh, None)(params, batch))
   plain = jax.device_get(step_lib.make_eval_step(plain_graphdef, mesh, None)(params, batch))
   assert (loss, weight) == plain
-  dropped, _ = jax.device_get(jax.jit(lambda p, b, key: step_lib.token_losses(graphdef, p, b, key))(
-      params, batch, jax.random.key(0)))
+  dropped, _ = jax.device_get(
+    jax.jit(lambda p, b, key: step_lib.token_losses(graphdef, p, b, key))(params, batch, jax.random.key(0))
+  )
   assert abs(dropped - loss) > 1e-4 * loss  # The rate is not lost on the way: a key would drop.
 
   prompts = [[1, 2, 3], [7], [5, 9, 11, 13], [60, 2]]

@@ -1,4 +1,5 @@
 """Checkpoints that survive faults: kill -9 at random moments, SIGTERM, retention."""
+
 import json
 import os
 import re
@@ -22,19 +23,39 @@ from training.validation import ConfigError, validate
 KILLS = 12
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Frequent async saves (every 3 steps) of a tiny model: a kill often lands in the middle of one.
-RUN_FLAGS = ["--config=configs/tiny.py", "--config.train.num_steps=240", "--config.train.checkpoint_every=3",
-             "--config.train.log_every=3", "--config.train.eval_every=0", "--config.train.num_samples=0",
-             "--config.train.keep_checkpoints=2"]
+RUN_FLAGS = [
+  "--config=configs/tiny.py",
+  "--config.train.num_steps=240",
+  "--config.train.checkpoint_every=3",
+  "--config.train.log_every=3",
+  "--config.train.eval_every=0",
+  "--config.train.num_samples=0",
+  "--config.train.keep_checkpoints=2",
+]
 
 
 def _start(workdir, *extra, compilation_cache=None):
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
-             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(
+    os.environ,
+    TF_CPP_MIN_LOG_LEVEL="3",
+    JAX_PLATFORMS="cpu",
+    PYTHONUNBUFFERED="1",
+    XLA_FLAGS="--xla_force_host_platform_device_count=1",
+  )
   if compilation_cache:  # Restarts skip compiling: the test spends its time on kills, not on XLA.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  return subprocess.Popen([sys.executable, "train.py", f"--workdir={workdir}", *RUN_FLAGS, *extra],
-                          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env.update(
+      JAX_COMPILATION_CACHE_DIR=str(compilation_cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+  return subprocess.Popen(
+    [sys.executable, "train.py", f"--workdir={workdir}", *RUN_FLAGS, *extra],
+    cwd=REPO_ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _final_params(workdir, step):
@@ -122,8 +143,9 @@ def test_unusable_compilation_cache_dir_is_a_config_error(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
-  process = _start(tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000",
-                   "--config.train.log_every=10")
+  process = _start(
+    tmp_path, "--config.train.num_steps=100000", "--config.train.checkpoint_every=100000", "--config.train.log_every=10"
+  )
   lines = []
   for line in process.stdout:  # Wait until it is training.
     lines.append(line)
@@ -144,8 +166,15 @@ def test_sigterm_saves_a_checkpoint_and_exits_0(tmp_path):
 def test_keep_last_k_and_every_n(tmp_path):
   config = tiny.get_config()
   config.mesh.update(data=-1)
-  config.train.update(num_steps=12, checkpoint_every=1, keep_checkpoints=2, keep_checkpoints_every=5,
-                      eval_every=0, num_samples=0, log_every=4)
+  config.train.update(
+    num_steps=12,
+    checkpoint_every=1,
+    keep_checkpoints=2,
+    keep_checkpoints_every=5,
+    eval_every=0,
+    num_samples=0,
+    log_every=4,
+  )
   train(config, str(tmp_path))
   checkpointer = Checkpointer(os.path.join(tmp_path, "checkpoints"), read_only=True)
   assert checkpointer.all_steps() == [5, 10, 11, 12]

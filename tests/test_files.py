@@ -1,11 +1,11 @@
 """data/files.py: every file loom writes is whole or absent, and a directory is probed before use."""
+
 import os
 import stat
 
 import pytest
 
-from data.files import (DirectoryTaken, atomic_copy, atomic_directory, atomic_write, fsync_file,
-                        writable_directory)
+from data.files import DirectoryTaken, atomic_copy, atomic_directory, atomic_write, fsync_file, writable_directory
 
 
 class WriterFailed(Exception):
@@ -65,10 +65,10 @@ def test_atomic_write_gives_the_permissions_open_would(tmp_path):
 
 
 def test_atomic_copy(tmp_path):
-  (tmp_path / "tokenizer.json").write_bytes(b"{\"model\": 1}")
+  (tmp_path / "tokenizer.json").write_bytes(b'{"model": 1}')
   target = atomic_copy(str(tmp_path / "tokenizer.json"), str(tmp_path / "out" / "tokenizer.json"))
   assert target == str(tmp_path / "out" / "tokenizer.json")
-  assert (tmp_path / "out" / "tokenizer.json").read_bytes() == b"{\"model\": 1}"
+  assert (tmp_path / "out" / "tokenizer.json").read_bytes() == b'{"model": 1}'
   assert os.listdir(tmp_path / "out") == ["tokenizer.json"]
 
 

@@ -1,5 +1,6 @@
 """The hook interface: what the loop calls (on_start, on_step, on_end with its reason), in order, and
 step times that leave out the time hooks take."""
+
 import signal
 import time
 
@@ -38,18 +39,27 @@ def test_a_run_calls_a_hook_at_start_every_step_and_end_preempted_or_finished(tm
   preempted_hook = RecordingHook(sigterm_after=3)
   result = train(config, str(tmp_path / "run"), extra_hooks=[preempted_hook])
   assert result.preempted
-  assert preempted_hook.calls == [("start", 0, 0), ("step", 1, 1), ("step", 2, 2), ("step", 3, 3),
-                                  ("end", 3, 3, hooks_lib.PREEMPTED)]
+  assert preempted_hook.calls == [
+    ("start", 0, 0),
+    ("step", 1, 1),
+    ("step", 2, 2),
+    ("step", 3, 3),
+    ("end", 3, 3, hooks_lib.PREEMPTED),
+  ]
   # The resumed run starts from the checkpoint the preemption saved.
   resumed_hook = RecordingHook()
   result = train(config, str(tmp_path / "run"), extra_hooks=[resumed_hook])
   assert result.resumed_from == 3 and not result.preempted
-  assert resumed_hook.calls == [("start", 3, 3), ("step", 4, 4), ("step", 5, 5), ("step", 6, 6),
-                                ("end", 6, 6, hooks_lib.FINISHED)]
+  assert resumed_hook.calls == [
+    ("start", 3, 3),
+    ("step", 4, 4),
+    ("step", 5, 5),
+    ("step", 6, 6),
+    ("end", 6, 6, hooks_lib.FINISHED),
+  ]
 
 
 class Sleeper(hooks_lib.Hook):
-
   def on_start(self, step, state):
     time.sleep(0.2)
 
@@ -60,8 +70,9 @@ class Sleeper(hooks_lib.Hook):
 @pytest.mark.parametrize("reason", [hooks_lib.FINISHED, hooks_lib.PREEMPTED])
 def test_step_time_leaves_out_other_hooks_and_interval_hooks_end_once(reason):
   writer = RecordingWriter()
-  logging_hook = hooks_lib.LoggingHook(every=2, writer=writer, start_step=0, tokens_per_step=100,
-                                       flops_per_token=1.0, peak_flops=1.0)
+  logging_hook = hooks_lib.LoggingHook(
+    every=2, writer=writer, start_step=0, tokens_per_step=100, flops_per_token=1.0, peak_flops=1.0
+  )
   hooks = hooks_lib.Hooks([Sleeper(), logging_hook])
   metrics = {"loss": 1.0, "tokens": 100.0}
   hooks.on_start(0, None)

@@ -3,6 +3,7 @@
 Every model is made here from a transformers config with random weights (nothing
 is downloaded); needs tests/requirements.txt (transformers, torch).
 """
+
 import importlib.util
 import json
 import os
@@ -14,16 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-
 import torch  # noqa: E402  (tests/requirements.txt: the README's test command installs it)
 import transformers  # noqa: E402
+from flax import nnx
 
 from configs import base  # noqa: E402
 from data.chat import render_chat  # noqa: E402
-from data.tokenizers import ByteTokenizer, HuggingFaceTokenizer, SentencePieceTokenizer  # noqa: E402
-from data.tokenizers import build_tokenizer  # noqa: E402
-from data.tokenizers import train_sentencepiece  # noqa: E402
+from data.tokenizers import (  # noqa: E402
+  ByteTokenizer,
+  HuggingFaceTokenizer,
+  SentencePieceTokenizer,
+  build_tokenizer,  # noqa: E402
+  train_sentencepiece,  # noqa: E402
+)
 from model import huggingface  # noqa: E402
 from tools import huggingface_io  # noqa: E402
 from training.checkpointing import Checkpointer  # noqa: E402
@@ -35,18 +39,43 @@ VOCAB = 128
 TOLERANCE = 1e-4  # float32 logits, loom against transformers.
 
 HF_CONFIGS = {
-    # Sharded into several safetensors files (an index) by save_pretrained's max_shard_size.
-    "llama": lambda vocab: transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=128, rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=64),
-    "qwen2": lambda vocab: transformers.Qwen2Config(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=96, rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=64),
-    "mistral": lambda vocab: transformers.MistralConfig(
-        vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-        intermediate_size=128, head_dim=32, sliding_window=None, max_position_embeddings=64),
-    "gpt2": lambda vocab: transformers.GPT2Config(
-        vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+  # Sharded into several safetensors files (an index) by save_pretrained's max_shard_size.
+  "llama": lambda vocab: transformers.LlamaConfig(
+    vocab_size=vocab,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    max_position_embeddings=64,
+  ),
+  "qwen2": lambda vocab: transformers.Qwen2Config(
+    vocab_size=vocab,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=96,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+    max_position_embeddings=64,
+  ),
+  "mistral": lambda vocab: transformers.MistralConfig(
+    vocab_size=vocab,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    intermediate_size=128,
+    head_dim=32,
+    sliding_window=None,
+    max_position_embeddings=64,
+  ),
+  "gpt2": lambda vocab: transformers.GPT2Config(
+    vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+  ),
 }
 
 
@@ -59,8 +88,7 @@ def make_hf_model(kind: str, directory, vocab: int = VOCAB, seed: int = 0):
     for tensor in model.parameters():
       if tensor.ndim == 1:
         tensor.add_(0.1 * torch.randn_like(tensor))
-  model.save_pretrained(str(directory), safe_serialization=True,
-                        max_shard_size="100KB" if kind == "llama" else "50MB")
+  model.save_pretrained(str(directory), safe_serialization=True, max_shard_size="100KB" if kind == "llama" else "50MB")
   return model
 
 
@@ -74,8 +102,7 @@ def loom_logits(model_cfg, params: dict, tokens: np.ndarray) -> np.ndarray:
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   segments = np.ones_like(tokens)
   positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
-  return np.asarray(nnx.merge(graphdef, state)(jnp.asarray(tokens), jnp.asarray(segments),
-                                               jnp.asarray(positions)))
+  return np.asarray(nnx.merge(graphdef, state)(jnp.asarray(tokens), jnp.asarray(segments), jnp.asarray(positions)))
 
 
 def tokens_batch(vocab: int = VOCAB, length: int = 24) -> np.ndarray:
@@ -173,8 +200,9 @@ def random_params(model_fields: dict, seed: int = 0) -> dict:
   config = base.get_config()
   config.model.update(**model_fields)
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda leaf: rng.normal(size=leaf.shape).astype(np.float32),
-                      nnx.to_pure_dict(abstract_model(config.model)[1]))
+  return jax.tree.map(
+    lambda leaf: rng.normal(size=leaf.shape).astype(np.float32), nnx.to_pure_dict(abstract_model(config.model)[1])
+  )
 
 
 def test_pickle_only_directory_is_refused_without_opening_it(tmp_path):
@@ -182,16 +210,31 @@ def test_pickle_only_directory_is_refused_without_opening_it(tmp_path):
   os.remove(tmp_path / "hf" / "model.safetensors")
   # Not even a pickle: any attempt to load it would fail with a different error.
   (tmp_path / "hf" / "pytorch_model.bin").write_bytes(b"\x80\x04 this is never read")
-  with pytest.raises(ValueError, match=r"pickle weights only \(pytorch_model\.bin\).*never unpickles.*"
-                     r"safe_serialization=True"):
+  with pytest.raises(
+    ValueError,
+    match=r"pickle weights only \(pytorch_model\.bin\).*never unpickles.*"
+    r"safe_serialization=True",
+  ):
     huggingface_io.import_hf(str(tmp_path / "hf"), str(tmp_path / "loom"))
   assert not os.path.exists(tmp_path / "loom")
 
 
-@pytest.mark.parametrize("kind, change, field", [
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
-     "rope_"),
+@pytest.mark.parametrize(
+  "kind, change, field",
+  [
+    (
+      "llama",
+      {
+        "rope_scaling": {
+          "rope_type": "llama3",
+          "factor": 8.0,
+          "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192,
+        }
+      },
+      "rope_",
+    ),
     ("mistral", {"sliding_window": 16}, "sliding_window"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 16}, "sliding_window"),
     ("llama", {"attention_bias": True}, "attention_bias"),
@@ -203,7 +246,8 @@ def test_pickle_only_directory_is_refused_without_opening_it(tmp_path):
     ("gpt2", {"n_layer": 0}, "n_layer'=0: expected a positive integer"),
     ("llama", {"rms_norm_eps": "small"}, "rms_norm_eps'='small': expected a positive number"),
     ("gpt2", {"tie_word_embeddings": "yes"}, "tie_word_embeddings'='yes': expected true or false"),
-])
+  ],
+)
 def test_features_loom_cannot_compute_are_refused_by_name(kind, change, field):
   hf = HF_CONFIGS[kind](VOCAB).to_dict()
   hf.update(change)
@@ -229,8 +273,11 @@ def test_wrong_shapes_and_leftover_tensors_are_refused():
     huggingface.hf_config(model_cfg, "gpt2")
 
 
-CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there, loom?"},
-        {"role": "assistant", "content": "Hello!\nHow can I help?"}]
+CHAT = [
+  {"role": "system", "content": "Be brief."},
+  {"role": "user", "content": "Hi there, loom?"},
+  {"role": "assistant", "content": "Hello!\nHow can I help?"},
+]
 TEXTS = ["Hello world", " two  spaces\nand a newline", "loom trains 123 models", "ünïcödé ☃"]
 
 
@@ -267,8 +314,11 @@ def _byte_level_bpe(path: str) -> None:
   tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = tokenizers.decoders.ByteLevel()
   trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    vocab_size=300,
+    special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    show_progress=False,
+  )
   tokenizer.train_from_iterator(TEXTS * 10, trainer)
   tokenizer.save(path)
 
@@ -277,11 +327,14 @@ def test_tokenizer_json_is_loom_tokenizer_and_travels_with_the_weights(tmp_path)
   """Llama 3 / Qwen2 / GPT-2 style: tokenizer.json, used by loom through data.tokenizer='huggingface'."""
   make_hf_model("gpt2", tmp_path / "hf", vocab=300)
   _byte_level_bpe(str(tmp_path / "hf" / "tokenizer.json"))
-  (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
-      {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}))
+  (tmp_path / "hf" / "tokenizer_config.json").write_text(
+    json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"})
+  )
   config, _ = huggingface_io.import_hf(str(tmp_path / "hf"), str(tmp_path / "loom"))
-  assert (config.data.tokenizer, config.data.tokenizer_path) == ("huggingface",
-                                                                 str(tmp_path / "loom" / "tokenizer.json"))
+  assert (config.data.tokenizer, config.data.tokenizer_path) == (
+    "huggingface",
+    str(tmp_path / "loom" / "tokenizer.json"),
+  )
 
   loom = build_tokenizer(config.data, corpus_texts=None, workdir=str(tmp_path / "work"))
   assert isinstance(loom, HuggingFaceTokenizer)
@@ -315,8 +368,12 @@ def test_byte_tokenizer_exports_as_tokenizer_json(tmp_path):
   config.model.vocab_size = 0  # As in a config file: the record's size is used.
   huggingface_io.export_hf(str(tmp_path / "loom"), config, str(tmp_path / "exported"), "llama")
   exported_config = json.loads((tmp_path / "exported" / "config.json").read_text())
-  assert (exported_config["vocab_size"], exported_config["bos_token_id"], exported_config["eos_token_id"],
-          exported_config["pad_token_id"]) == (259, 1, 2, 0)
+  assert (
+    exported_config["vocab_size"],
+    exported_config["bos_token_id"],
+    exported_config["eos_token_id"],
+    exported_config["pad_token_id"],
+  ) == (259, 1, 2, 0)
 
   loom = ByteTokenizer()
   hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "exported"))
@@ -338,20 +395,25 @@ def test_tools_import_and_export_as_a_user_would(tmp_path):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", JAX_PLATFORMS="cpu")
 
   def run(*args):
-    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
 
   imported = run("tools/hf_import.py", f"--hf_dir={tmp_path / 'hf'}", f"--output={tmp_path / 'loom'}")
   assert imported.returncode == 0, imported.stderr
   assert f"{tmp_path / 'loom' / 'checkpoints' / '0'}: 0.11M parameters, 2 layers" in imported.stdout
-  exported = run("tools/hf_export.py", f"--workdir={tmp_path / 'loom'}", f"--output={tmp_path / 'out'}",
-                 "--model_type=llama")
+  exported = run(
+    "tools/hf_export.py", f"--workdir={tmp_path / 'loom'}", f"--output={tmp_path / 'out'}", "--model_type=llama"
+  )
   assert exported.returncode != 0
   assert exported.stderr.strip().splitlines()[-1] == (
-      "hf_export: model.norm='layernorm' cannot be exported as llama (it needs 'rmsnorm')")
+    "hf_export: model.norm='layernorm' cannot be exported as llama (it needs 'rmsnorm')"
+  )
   assert "Traceback" not in exported.stderr
-  exported = run("tools/hf_export.py", f"--checkpoint={tmp_path / 'loom' / 'checkpoints' / '0'}",
-                 f"--output={tmp_path / 'out'}", "--model_type=gpt2")
+  exported = run(
+    "tools/hf_export.py",
+    f"--checkpoint={tmp_path / 'loom' / 'checkpoints' / '0'}",
+    f"--output={tmp_path / 'out'}",
+    "--model_type=gpt2",
+  )
   assert exported.returncode == 0, exported.stderr
   assert str(tmp_path / "out" / "model.safetensors") in exported.stdout.splitlines()
   original = huggingface_io.read_safetensors(str(tmp_path / "hf"))
@@ -362,8 +424,10 @@ def test_tools_import_and_export_as_a_user_would(tmp_path):
 
 def _no_weights_read(monkeypatch):
   """Makes reading a Hugging Face model's weights or restoring a loom checkpoint's parameters fail the test."""
+
   def fail(*args, **kwargs):
     raise AssertionError("weights were read before the output was checked")
+
   monkeypatch.setattr(huggingface_io, "read_safetensors", fail)
   monkeypatch.setattr(huggingface_io, "load_params", fail)
 
@@ -377,11 +441,14 @@ def test_import_refuses_an_output_it_must_not_write_before_reading_weights(tmp_p
   _no_weights_read(monkeypatch)
   hf = str(tmp_path / "hf")
   cases = [
-      (tmp_path / "stale", r"--output=\S+/stale is not empty: it holds config\.py, tokenizer\.json; "
-                           "a new or empty directory is expected"),
-      (tmp_path / "a_file", r"--output=\S+/a_file is a file; a new or empty directory is expected"),
-      (tmp_path / "hf", r"--output=\S+/hf is the same directory as --hf_dir=\S+/hf; choose"),
-      (tmp_path / "hf" / "loom", r"--output=\S+/hf/loom is inside --hf_dir=\S+/hf; choose"),
+    (
+      tmp_path / "stale",
+      r"--output=\S+/stale is not empty: it holds config\.py, tokenizer\.json; "
+      "a new or empty directory is expected",
+    ),
+    (tmp_path / "a_file", r"--output=\S+/a_file is a file; a new or empty directory is expected"),
+    (tmp_path / "hf", r"--output=\S+/hf is the same directory as --hf_dir=\S+/hf; choose"),
+    (tmp_path / "hf" / "loom", r"--output=\S+/hf/loom is inside --hf_dir=\S+/hf; choose"),
   ]
   for output, message in cases:
     with pytest.raises(ValueError, match=message):
@@ -397,14 +464,23 @@ def test_export_refuses_an_output_it_must_not_write_before_restoring(tmp_path, m
   config_py = (tmp_path / "loom" / "config.py").read_text()
   _no_weights_read(monkeypatch)
   loom = str(tmp_path / "loom")
-  with pytest.raises(ValueError, match=r"--output=\S+/exported is not empty: it holds config\.json, "
-                     r"generation_config\.json, model\.safetensors; a new or empty directory is expected"):
+  with pytest.raises(
+    ValueError,
+    match=r"--output=\S+/exported is not empty: it holds config\.json, "
+    r"generation_config\.json, model\.safetensors; a new or empty directory is expected",
+  ):
     huggingface_io.export_hf(loom, None, str(tmp_path / "exported"), "gpt2")
-  with pytest.raises(ValueError, match=r"--output=\S+/loom is not empty \(a loom workdir or checkpoint "
-                     r"directory\): it holds checkpoints, config\.py"):
+  with pytest.raises(
+    ValueError,
+    match=r"--output=\S+/loom is not empty \(a loom workdir or checkpoint "
+    r"directory\): it holds checkpoints, config\.py",
+  ):
     huggingface_io.export_hf(loom, None, loom, "gpt2")
-  with pytest.raises(ValueError, match=r"--output=\S+/loom/checkpoints/hf is inside the run's checkpoint "
-                     r"directory \S+/loom/checkpoints"):
+  with pytest.raises(
+    ValueError,
+    match=r"--output=\S+/loom/checkpoints/hf is inside the run's checkpoint "
+    r"directory \S+/loom/checkpoints",
+  ):
     huggingface_io.export_hf(loom, None, str(tmp_path / "loom" / "checkpoints" / "hf"), "gpt2")
   assert (tmp_path / "loom" / "config.py").read_text() == config_py
   assert sorted(os.listdir(tmp_path / "loom")) == ["checkpoints", "config.py"]
@@ -415,19 +491,32 @@ def test_export_refuses_a_config_whose_model_differs_from_the_checkpoint(tmp_pat
   config, _ = huggingface_io.import_hf(str(tmp_path / "hf"), str(tmp_path / "loom"))
   _no_weights_read(monkeypatch)
   given = base.get_config()  # A config file's model: another size, num_kv_heads and head_dim left 0.
-  given.model.update(norm="rmsnorm", position="rope", mlp="swiglu", num_layers=3, embed_dim=64,
-                     num_heads=4, max_seq_len=64, mlp_dim=128, tie_embeddings=False)
-  with pytest.raises(ValueError, match=r"checkpoints/0: the given config's model differs from the one the "
-                     r"checkpoint was saved with \(norm_eps: saved 1e-06 vs given 1e-05; num_kv_heads: saved 2 vs "
-                     r"given 4 \(0: num_heads\); num_layers: saved 2 vs given 3\); omit --config to use the "
-                     "checkpoint's own"):
+  given.model.update(
+    norm="rmsnorm",
+    position="rope",
+    mlp="swiglu",
+    num_layers=3,
+    embed_dim=64,
+    num_heads=4,
+    max_seq_len=64,
+    mlp_dim=128,
+    tie_embeddings=False,
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"checkpoints/0: the given config's model differs from the one the "
+    r"checkpoint was saved with \(norm_eps: saved 1e-06 vs given 1e-05; num_kv_heads: saved 2 vs "
+    r"given 4 \(0: num_heads\); num_layers: saved 2 vs given 3\); omit --config to use the "
+    "checkpoint's own",
+  ):
     huggingface_io.export_hf(str(tmp_path / "loom"), given, str(tmp_path / "exported"), "llama")
   assert not os.path.exists(tmp_path / "exported")
   # The run's own config, as a config file gives it (0 for the derived fields) and with other
   # runtime settings, is accepted.
   same = base.get_config()
-  same.model.update({**config.model.to_dict(), "vocab_size": 0, "head_dim": 0, "dtype": "bfloat16",
-                     "scan_layers": False})
+  same.model.update(
+    {**config.model.to_dict(), "vocab_size": 0, "head_dim": 0, "dtype": "bfloat16", "scan_layers": False}
+  )
   full, _ = huggingface_io.checkpoint_config(str(tmp_path / "loom"), same)
   assert (full.model.vocab_size, full.model.head_dim, full.model.num_kv_heads) == (VOCAB, 16, 2)
 
@@ -464,8 +553,11 @@ def test_import_refuses_an_output_filled_while_it_ran(tmp_path, monkeypatch):
     (output / "theirs.txt").write_text("")
 
   monkeypatch.setattr(huggingface_io, "_write_config_py", someone_else_writes_there)
-  with pytest.raises(ValueError, match=r"--output=.*loom: cannot move the finished directory into place .*"
-                                       r"must stay new or empty"):
+  with pytest.raises(
+    ValueError,
+    match=r"--output=.*loom: cannot move the finished directory into place .*"
+    r"must stay new or empty",
+  ):
     huggingface_io.import_hf(str(tmp_path / "hf"), str(output))
   assert os.listdir(tmp_path / "out") == ["loom"]  # No temporary directory left beside it.
   assert os.listdir(output) == ["theirs.txt"]  # What was there is left alone.

@@ -1,5 +1,6 @@
 """The chunked cross-entropy (model.loss_chunk) and the rematerialisation policies (model.remat):
 the same loss and gradients as the plain computation, and the memory each is there to save."""
+
 import functools
 
 import jax
@@ -10,7 +11,8 @@ import pytest
 import sharding
 from tests import synthetic
 from tests.test_model import GPT2, LLAMA, mean_loss, model_config, random_params
-from training import state as state_lib, step as step_lib
+from training import state as state_lib
+from training import step as step_lib
 from training.setup import build_setup
 
 
@@ -18,9 +20,12 @@ def relative_differences(tree, reference):
   """Per leaf: |a - r| / |r|. A leaf whose reference vanishes (GPT-2's key bias: softmax ignores a
   constant per query, so its gradient is 0 up to rounding) is measured against 1e-4 of the tree's norm."""
   whole = float(np.sqrt(sum(np.sum(np.square(r)) for r in jax.tree.leaves(reference))))
-  return {jax.tree_util.keystr(path): float(np.linalg.norm(np.asarray(a) - np.asarray(r))
-                                            / max(np.linalg.norm(r), 1e-4 * whole))
-          for (path, r), a in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(tree))}
+  return {
+    jax.tree_util.keystr(path): float(
+      np.linalg.norm(np.asarray(a) - np.asarray(r)) / max(np.linalg.norm(r), 1e-4 * whole)
+    )
+    for (path, r), a in zip(jax.tree_util.tree_flatten_with_path(reference)[0], jax.tree.leaves(tree))
+  }
 
 
 def losses_and_grads(cfgs, params, batch):
@@ -34,10 +39,10 @@ def losses_and_grads(cfgs, params, batch):
     loss_sum_B, weight_B = step_lib.row_losses(graphdef, p, batch)
     return jnp.sum(loss_sum_B), (loss_sum_B, weight_B)
 
-  results = jax.jit(lambda p: [jax.value_and_grad(functools.partial(total, g), has_aux=True)(p)
-                               for g in graphdefs])(params)
-  return [(np.asarray(loss_sum_B), np.asarray(weight_B), grads)
-          for (_, (loss_sum_B, weight_B)), grads in results]
+  results = jax.jit(lambda p: [jax.value_and_grad(functools.partial(total, g), has_aux=True)(p) for g in graphdefs])(
+    params
+  )
+  return [(np.asarray(loss_sum_B), np.asarray(weight_B), grads) for (_, (loss_sum_B, weight_B)), grads in results]
 
 
 # Rows of 32 positions: 8 divides them; 5 and 7 leave a last chunk padded with zero-weight positions.
@@ -66,8 +71,15 @@ def test_chunked_loss_in_the_train_and_eval_steps_with_a_sharded_vocabulary():
   config = synthetic.tiny_config(data=2, fsdp=2, tensor=2)
   # Learning rate 1e6: the update -1e6 * gradient dwarfs the parameters (~0.02), so before - after
   # holds the gradient to float32 precision (with lr 1 the subtraction alone costs ~1e-5 of it).
-  config.optimizer.update(name="sgd", momentum=0.0, learning_rate=1e6, schedule="constant",
-                          warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0)
+  config.optimizer.update(
+    name="sgd",
+    momentum=0.0,
+    learning_rate=1e6,
+    schedule="constant",
+    warmup_steps=0,
+    weight_decay=0.0,
+    grad_clip_norm=0.0,
+  )
   config = synthetic.validated(config, 8)
   setups = {}
   for loss_chunk in (0, 5):
@@ -102,9 +114,10 @@ def train_step_temp_bytes(loss_chunk, vocab_size, batch_size, seq_len):
   config.train.global_batch_size = batch_size
   setup = build_setup(synthetic.validated(config, 8))
   rows = sharding.logical_to_sharding(("act_batch", None), setup.mesh)
-  batch = {name: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if name == "weights" else jnp.int32,
-                                      sharding=rows)
-           for name in ("inputs", "targets", "segment_ids", "positions", "weights")}
+  batch = {
+    name: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32 if name == "weights" else jnp.int32, sharding=rows)
+    for name in ("inputs", "targets", "segment_ids", "positions", "weights")
+  }
   compiled = setup.train_step().lower(setup.abstract_state(), batch).compile()
   return compiled.memory_analysis().temp_size_in_bytes
 
@@ -124,12 +137,12 @@ def test_chunked_loss_needs_far_less_temporary_memory():
 def test_remat_policies_keep_the_loss_and_gradients():
   """Against no rematerialisation with the scan. With tests/test_model.py's none, full (with and without
   the scan) and dots (with it) on the GPT-2-style model, every policy is checked with and without it."""
-  cases = [("none", True), ("proj", True), ("proj", False), ("offload", True), ("offload", False),
-           ("dots", False)]
+  cases = [("none", True), ("proj", True), ("proj", False), ("offload", True), ("offload", False), ("dots", False)]
   _, params = random_params(model_config(**LLAMA), seed=14)
   batch = synthetic.batch(2, 16, 64, seed=15)
   (loss_ref, _, grads_ref), *results = losses_and_grads(
-      [model_config(remat=remat, scan_layers=scan, **LLAMA) for remat, scan in cases], params, batch)
+    [model_config(remat=remat, scan_layers=scan, **LLAMA) for remat, scan in cases], params, batch
+  )
   for (remat, scan), (loss, _, grads) in zip(cases[1:], results):
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-6, err_msg=f"remat={remat} scan_layers={scan}")
     for name, rel in relative_differences(grads, grads_ref).items():
@@ -152,8 +165,7 @@ def test_proj_and_offload_keep_exactly_the_named_projections(scan_layers):
   cfg = model_config(**LLAMA)
   b, l = 2, 16
   batch = synthetic.batch(b, l, 64, seed=15)
-  per_layer = b * l * (cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim
-                       + cfg.embed_dim + cfg.mlp_dim)
+  per_layer = b * l * (cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim + cfg.embed_dim + cfg.mlp_dim)
   full, _ = saved_residuals("full", scan_layers, batch)
   proj, proj_jaxpr = saved_residuals("proj", scan_layers, batch)
   offload, offload_jaxpr = saved_residuals("offload", scan_layers, batch)
@@ -169,6 +181,7 @@ def test_offload_lowers_to_host_memory_for_a_tpu():
   """Compiled ahead of time for a TPU v5e 2x2 (libtpu, no TPU needed): the offloaded activations
   live in host memory (memory space S(5)); proj keeps none there."""
   from jax.experimental import topologies  # libtpu is a requirement; conftest lets both workers load it.
+
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
   mesh = jax.sharding.Mesh(np.array(devices).reshape(4, 1, 1), sharding.MESH_AXES)
   batch = synthetic.batch(8, 16, 64, seed=15)
@@ -178,12 +191,15 @@ def test_offload_lowers_to_host_memory_for_a_tpu():
   for remat in ("proj", "offload"):
     cfg = model_config(remat=remat, attention="xla", **LLAMA)
     graphdef, abstract_params = state_lib.abstract_model(cfg)
-    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract_params, sharding.tree_shardings(abstract_params, mesh))
+    params = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+      abstract_params,
+      sharding.tree_shardings(abstract_params, mesh),
+    )
 
     def grads(p, batch):
       with sharding.activation_rules(mesh):
-        return jax.grad(lambda q: mean_loss(graphdef, q, batch))(p)
+        return jax.grad(lambda q: mean_loss(graphdef, q, batch))(p)  # noqa: B023 (runs in this iteration)
 
     compiled = jax.jit(grads).lower(params, batch).compile()
     host_bytes[remat] = compiled.memory_analysis().host_temp_size_in_bytes

@@ -1,5 +1,6 @@
 """The transformer: packed-segment masking, causality, layout-independence of scan/remat,
 GPT-2 and Llama variants, bfloat16, greedy sampling and the FLOPs estimate."""
+
 import dataclasses
 import re
 
@@ -14,8 +15,8 @@ import model as model_lib
 from configs import base
 from model.attention import rotary_embedding
 from model.config import ModelConfig
-from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS
 from model.sampling import sample
+from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS
 from tests import synthetic
 from training import state as state_lib
 
@@ -45,8 +46,7 @@ def random_params(cfg, seed=0):
 
 
 def forward(graphdef):
-  return jax.jit(lambda params, tokens, segments, positions: nnx.merge(graphdef, params)(
-      tokens, segments, positions))
+  return jax.jit(lambda params, tokens, segments, positions: nnx.merge(graphdef, params)(tokens, segments, positions))
 
 
 def mean_loss(graphdef, params, batch):
@@ -64,21 +64,27 @@ def test_packed_documents_do_not_see_each_other_and_attention_is_causal(position
   # Row 0: both documents packed, positions restarting at 0 for document 2.
   # Row 1: document 2 alone at the start of the row, then padding (segment 0).
   # Row 2: row 0 with one token of document 2 changed.
-  tokens = np.stack([np.concatenate([doc1, doc2]),
-                     np.concatenate([doc2, np.zeros(split, int)]),
-                     np.concatenate([doc1, doc2])]).astype(np.int32)
+  tokens = np.stack(
+    [np.concatenate([doc1, doc2]), np.concatenate([doc2, np.zeros(split, int)]), np.concatenate([doc1, doc2])]
+  ).astype(np.int32)
   tokens[2, 11] = (tokens[2, 11] + 1) % VOCAB
-  segments = np.array([[1] * split + [2] * (length - split),
-                       [1] * (length - split) + [0] * split,
-                       [1] * split + [2] * (length - split)], np.int32)
-  positions = np.array([list(range(split)) + list(range(length - split)),
-                        list(range(length - split)) + list(range(split)),
-                        list(range(split)) + list(range(length - split))], np.int32)
+  segments = np.array(
+    [[1] * split + [2] * (length - split), [1] * (length - split) + [0] * split, [1] * split + [2] * (length - split)],
+    np.int32,
+  )
+  positions = np.array(
+    [
+      list(range(split)) + list(range(length - split)),
+      list(range(length - split)) + list(range(split)),
+      list(range(split)) + list(range(length - split)),
+    ],
+    np.int32,
+  )
   logits = np.asarray(forward(graphdef)(params, tokens, segments, positions))
 
-  np.testing.assert_allclose(logits[0, split:], logits[1, :length - split], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[0, split:], logits[1, : length - split], rtol=1e-5, atol=1e-5)
   # The sanity of the comparison: document 2 in row 0 is not what the model predicts at random.
-  assert np.abs(logits[0, split:] - logits[0, :length - split]).max() > 1e-3
+  assert np.abs(logits[0, split:] - logits[0, : length - split]).max() > 1e-3
   # Causality: changing token 11 leaves logits 0..10 alone and changes those from 11 on.
   np.testing.assert_array_equal(logits[2, :11], logits[0, :11])
   assert np.abs(logits[2, 11:] - logits[0, 11:]).max(axis=-1).min() > 1e-4
@@ -93,8 +99,7 @@ def reference_loss_and_grads():
   return params, batch, float(loss), grads
 
 
-@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "full"), (True, "dots"),
-                                               (False, "full")])
+@pytest.mark.parametrize("scan_layers,remat", [(False, "none"), (True, "full"), (True, "dots"), (False, "full")])
 def test_scan_and_remat_do_not_change_loss_or_grads(reference_loss_and_grads, scan_layers, remat):
   params, batch, loss_ref, grads_ref = reference_loss_and_grads
   assert loss_ref == pytest.approx(np.log(VOCAB), abs=0.1)
@@ -108,30 +113,48 @@ def test_scan_and_remat_do_not_change_loss_or_grads(reference_loss_and_grads, sc
     assert rel <= 1e-6, f"{jax.tree_util.keystr(path)}: relative difference {rel:.2e}"
 
 
-LLAMA = dict(norm="rmsnorm", position="rope", mlp="swiglu", num_heads=4, num_kv_heads=2,
-             tie_embeddings=False, use_bias=False)
-GPT2 = dict(norm="layernorm", position="learned", mlp="gelu", gelu_approximate=True, tie_embeddings=True,
-            use_bias=True)
+LLAMA = dict(
+  norm="rmsnorm", position="rope", mlp="swiglu", num_heads=4, num_kv_heads=2, tie_embeddings=False, use_bias=False
+)
+GPT2 = dict(norm="layernorm", position="learned", mlp="gelu", gelu_approximate=True, tie_embeddings=True, use_bias=True)
 # Tiny: 2 layers, embed 32, 4 heads of 8, mlp 64, max length 32; leading 2 = stacked layers.
 EXPECTED_SHAPES = {
-    "llama": {
-        "embed": (64, 32), "head": (32, 64),
-        "blocks.attn.wq": (2, 32, 4, 8), "blocks.attn.wk": (2, 32, 2, 8), "blocks.attn.wv": (2, 32, 2, 8),
-        "blocks.attn.wo": (2, 4, 8, 32),
-        "blocks.mlp.w_up": (2, 32, 64), "blocks.mlp.w_gate": (2, 32, 64), "blocks.mlp.w_down": (2, 64, 32),
-        "blocks.attn_norm.scale": (2, 32), "blocks.mlp_norm.scale": (2, 32), "final_norm.scale": (32,),
-    },
-    "gpt2": {
-        "embed": (64, 32), "pos_embed": (32, 32),
-        "blocks.attn.wq": (2, 32, 4, 8), "blocks.attn.wk": (2, 32, 4, 8), "blocks.attn.wv": (2, 32, 4, 8),
-        "blocks.attn.wo": (2, 4, 8, 32), "blocks.attn.bq": (2, 4, 8), "blocks.attn.bk": (2, 4, 8),
-        "blocks.attn.bv": (2, 4, 8), "blocks.attn.bo": (2, 32),
-        "blocks.mlp.w_up": (2, 32, 64), "blocks.mlp.w_down": (2, 64, 32), "blocks.mlp.b_up": (2, 64),
-        "blocks.mlp.b_down": (2, 32),
-        "blocks.attn_norm.scale": (2, 32), "blocks.attn_norm.bias": (2, 32),
-        "blocks.mlp_norm.scale": (2, 32), "blocks.mlp_norm.bias": (2, 32),
-        "final_norm.scale": (32,), "final_norm.bias": (32,),
-    },
+  "llama": {
+    "embed": (64, 32),
+    "head": (32, 64),
+    "blocks.attn.wq": (2, 32, 4, 8),
+    "blocks.attn.wk": (2, 32, 2, 8),
+    "blocks.attn.wv": (2, 32, 2, 8),
+    "blocks.attn.wo": (2, 4, 8, 32),
+    "blocks.mlp.w_up": (2, 32, 64),
+    "blocks.mlp.w_gate": (2, 32, 64),
+    "blocks.mlp.w_down": (2, 64, 32),
+    "blocks.attn_norm.scale": (2, 32),
+    "blocks.mlp_norm.scale": (2, 32),
+    "final_norm.scale": (32,),
+  },
+  "gpt2": {
+    "embed": (64, 32),
+    "pos_embed": (32, 32),
+    "blocks.attn.wq": (2, 32, 4, 8),
+    "blocks.attn.wk": (2, 32, 4, 8),
+    "blocks.attn.wv": (2, 32, 4, 8),
+    "blocks.attn.wo": (2, 4, 8, 32),
+    "blocks.attn.bq": (2, 4, 8),
+    "blocks.attn.bk": (2, 4, 8),
+    "blocks.attn.bv": (2, 4, 8),
+    "blocks.attn.bo": (2, 32),
+    "blocks.mlp.w_up": (2, 32, 64),
+    "blocks.mlp.w_down": (2, 64, 32),
+    "blocks.mlp.b_up": (2, 64),
+    "blocks.mlp.b_down": (2, 32),
+    "blocks.attn_norm.scale": (2, 32),
+    "blocks.attn_norm.bias": (2, 32),
+    "blocks.mlp_norm.scale": (2, 32),
+    "blocks.mlp_norm.bias": (2, 32),
+    "final_norm.scale": (32,),
+    "final_norm.bias": (32,),
+  },
 }
 
 
@@ -139,8 +162,10 @@ EXPECTED_SHAPES = {
 def test_model_styles_run_forward_and_backward(style):
   cfg = model_config(**(LLAMA if style == "llama" else GPT2))
   graphdef, params = random_params(cfg, seed=4)
-  shapes = {".".join(re.findall(r"\['(\w+)'\]", jax.tree_util.keystr(path))): leaf.shape
-            for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+  shapes = {
+    ".".join(re.findall(r"\['(\w+)'\]", jax.tree_util.keystr(path))): leaf.shape
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+  }
   assert shapes == EXPECTED_SHAPES[style]
   assert sum(np.prod(s) for s in shapes.values()) == model_lib.num_params(cfg)
   batch = synthetic.batch(2, 16, VOCAB, seed=5)
@@ -156,7 +181,7 @@ def test_bfloat16_loss_is_close_to_float32():
   losses = {}
   for dtype in ("float32", "bfloat16"):
     graphdef, params = random_params(model_config(dtype=dtype, **LLAMA), seed=7)
-    losses[dtype] = float(jax.jit(lambda p: mean_loss(graphdef, p, batch))(params))
+    losses[dtype] = float(jax.jit(lambda p: mean_loss(graphdef, p, batch))(params))  # noqa: B023 (runs in this iteration)
   assert losses["float32"] == pytest.approx(np.log(VOCAB), abs=0.05)
   assert abs(losses["bfloat16"] - losses["float32"]) < 1e-2
   assert losses["bfloat16"] != losses["float32"]  # it really computed in bfloat16
@@ -209,16 +234,27 @@ def test_rotary_embedding_matches_values_by_hand():
 
   def by_hand(v, p):
     a, b = p * 1.0, p * 0.01  # theta**(-0/4), theta**(-2/4)
-    return [v[0] * np.cos(a) - v[2] * np.sin(a), v[1] * np.cos(b) - v[3] * np.sin(b),
-            v[2] * np.cos(a) + v[0] * np.sin(a), v[3] * np.cos(b) + v[1] * np.sin(b)]
+    return [
+      v[0] * np.cos(a) - v[2] * np.sin(a),
+      v[1] * np.cos(b) - v[3] * np.sin(b),
+      v[2] * np.cos(a) + v[0] * np.sin(a),
+      v[3] * np.cos(b) + v[1] * np.sin(b),
+    ]
 
   expected = np.array([[by_hand(v, p) for v in (x, y)] for p in positions])[None]
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(got[0, 0], x_BLNH[0, 0])  # position 0 is the identity
   # Position 1 written out: (cos 1, sin 1) = (0.540302, 0.841471); (cos .01, sin .01) = (0.99995, 0.0099998).
-  np.testing.assert_allclose(got[0, 1, 0], [1 * 0.540302 - 3 * 0.841471, 2 * 0.99995 - 4 * 0.0099998,
-                                            3 * 0.540302 + 1 * 0.841471, 4 * 0.99995 + 2 * 0.0099998],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    got[0, 1, 0],
+    [
+      1 * 0.540302 - 3 * 0.841471,
+      2 * 0.99995 - 4 * 0.0099998,
+      3 * 0.540302 + 1 * 0.841471,
+      4 * 0.99995 + 2 * 0.0099998,
+    ],
+    rtol=1e-5,
+  )
 
 
 def test_model_config_defaults_are_configs_base():
@@ -268,8 +304,10 @@ def test_checkpoint_independent_fields_are_model_config_fields():
   assert CHECKPOINT_INDEPENDENT_FIELDS <= {field.name for field in dataclasses.fields(ModelConfig)}
 
 
-@pytest.mark.parametrize("field,value", [("norm", "batchnorm"), ("position", "alibi"), ("mlp", "relu"),
-                                         ("dtype", "float16"), ("remat", "some")])
+@pytest.mark.parametrize(
+  "field,value",
+  [("norm", "batchnorm"), ("position", "alibi"), ("mlp", "relu"), ("dtype", "float16"), ("remat", "some")],
+)
 def test_unknown_choices_are_refused_naming_the_field(field, value):
   model_fields = synthetic.tiny_config(vocab_size=VOCAB).model  # Unvalidated: validation would refuse first.
   model_fields[field] = value

@@ -1,4 +1,5 @@
 """notebooks/quickstart.ipynb runs top to bottom in a fresh kernel of this virtualenv."""
+
 import re
 import sys
 from pathlib import Path
@@ -32,8 +33,9 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
   nb.cells.insert(0, nbformat.v4.new_code_cell("import sys; print('kernel python:', sys.executable)"))
-  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+  client = nbclient.NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+  )
   client.execute()  # raises CellExecutionError on the first failing cell
 
   outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]

@@ -1,4 +1,5 @@
 """Learning-rate schedules, the weight-decay mask, and that every optimizer learns."""
+
 import math
 
 import jax
@@ -11,7 +12,8 @@ from ml_collections import ConfigDict
 import sharding
 from configs import base
 from tests import synthetic
-from training import optimizer, state as state_lib
+from training import optimizer
+from training import state as state_lib
 from training.setup import build_setup
 
 
@@ -58,16 +60,16 @@ def test_warmup_linear():
 
 def test_constant():
   config = optimizer_config(schedule="constant", learning_rate=3e-4, warmup_steps=4)
-  np.testing.assert_allclose(lr_at(config, 100, [0, 3, 4, 50, 100, 1000]),
-                             [3e-4 / 5, 3e-4 * 4 / 5, 3e-4, 3e-4, 3e-4, 3e-4], rtol=1e-6)
+  np.testing.assert_allclose(
+    lr_at(config, 100, [0, 3, 4, 50, 100, 1000]), [3e-4 / 5, 3e-4 * 4 / 5, 3e-4, 3e-4, 3e-4, 3e-4], rtol=1e-6
+  )
   config.warmup_steps = 0
   np.testing.assert_allclose(lr_at(config, 100, [0, 99]), [3e-4, 3e-4], rtol=1e-6)
 
 
 def test_wsd():
   # 100 steps, the last 20% decaying linearly from the peak to 0.1 of it.
-  config = optimizer_config(schedule="wsd", learning_rate=2.0, min_lr_ratio=0.1, warmup_steps=10,
-                            decay_fraction=0.2)
+  config = optimizer_config(schedule="wsd", learning_rate=2.0, min_lr_ratio=0.1, warmup_steps=10, decay_fraction=0.2)
   got = lr_at(config, 100, [0, 9, 10, 50, 80, 85, 90, 100, 150])
   np.testing.assert_allclose(got, [2 / 11, 20 / 11, 2.0, 2.0, 2.0, 1.55, 1.1, 0.2, 0.2], rtol=1e-6)
 
@@ -89,8 +91,10 @@ def _biased_params():
 
 
 def _mask_by_name(mask):
-  return {jax.tree_util.keystr(path).replace(".value", ""): bool(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  return {
+    jax.tree_util.keystr(path).replace(".value", ""): bool(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(mask)[0]
+  }
 
 
 @pytest.mark.parametrize("decay_embeddings", [False, True])
@@ -99,7 +103,10 @@ def test_weight_decay_mask(decay_embeddings):
   mask = _mask_by_name(optimizer.weight_decay_mask(params, decay_embeddings))
   decayed = {name for name, decays in mask.items() if decays}
   matrices = {f"['blocks']['attn']['{w}']" for w in ("wq", "wk", "wv", "wo")} | {
-      "['blocks']['mlp']['w_up']", "['blocks']['mlp']['w_down']", "['head']"}
+    "['blocks']['mlp']['w_up']",
+    "['blocks']['mlp']['w_down']",
+    "['head']",
+  }
   embeddings = {"['embed']", "['pos_embed']"}
   assert decayed == (matrices | embeddings if decay_embeddings else matrices)
   assert len(mask) == 21  # 7 matrices, 2 embeddings, 4 attention + 2 MLP biases, 3 norms * (scale, bias)
@@ -116,8 +123,10 @@ def _one_update(tx, grads, params):
 
 
 def _by_name(tree):
-  return {jax.tree_util.keystr(path).replace(".value", ""): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+    jax.tree_util.keystr(path).replace(".value", ""): np.asarray(leaf)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 @pytest.mark.parametrize("decay_embeddings", [False, True], ids=["no_embed_decay", "embed_decay"])
@@ -129,9 +138,16 @@ def test_every_optimizer_decays_only_the_masked_weights(name, decay_embeddings):
   (as AdamW, and as PyTorch's and Hugging Face's Adafactor, do).
   """
   _, abstract_params = _biased_params()
-  opt = optimizer_config(name=name, schedule="constant", warmup_steps=0, learning_rate=0.5,
-                         weight_decay=0.1, momentum=0.0, grad_clip_norm=1.0,
-                         decay_embeddings=decay_embeddings)
+  opt = optimizer_config(
+    name=name,
+    schedule="constant",
+    warmup_steps=0,
+    learning_rate=0.5,
+    weight_decay=0.1,
+    momentum=0.0,
+    grad_clip_norm=1.0,
+    decay_embeddings=decay_embeddings,
+  )
   tx, _ = optimizer.build_optimizer(opt, 10, abstract_params)
   params = _filled_params(abstract_params)
   updates = _by_name(_one_update(tx, jax.tree.map(jnp.zeros_like, params), params))
@@ -143,14 +159,24 @@ def test_every_optimizer_decays_only_the_masked_weights(name, decay_embeddings):
     np.testing.assert_allclose(update, expected, rtol=1e-6, atol=0, err_msg=path)
 
 
-@pytest.mark.parametrize("learning_rate,clip", [(1.0, 2.0), (0.5, 2.0), (0.5, 0.0), (0.5, 1e9)],
-                         ids=["lr1_clip2", "lr0.5_clip2", "no_clip", "clip_above_norm"])
+@pytest.mark.parametrize(
+  "learning_rate,clip",
+  [(1.0, 2.0), (0.5, 2.0), (0.5, 0.0), (0.5, 1e9)],
+  ids=["lr1_clip2", "lr0.5_clip2", "no_clip", "clip_above_norm"],
+)
 def test_gradient_clipping(learning_rate, clip):
   """A gradient of norm ~1000 is scaled to norm `clip` before the step; clip 0 (or a norm below the
   clip) leaves it whole. SGD without momentum or decay: the update is -lr * (clipped) gradient."""
   _, abstract_params = _biased_params()
-  opt = optimizer_config(name="sgd", schedule="constant", warmup_steps=0, learning_rate=learning_rate,
-                         weight_decay=0.0, momentum=0.0, grad_clip_norm=clip)
+  opt = optimizer_config(
+    name="sgd",
+    schedule="constant",
+    warmup_steps=0,
+    learning_rate=learning_rate,
+    weight_decay=0.0,
+    momentum=0.0,
+    grad_clip_norm=clip,
+  )
   tx, _ = optimizer.build_optimizer(opt, 10, abstract_params)
   rng = np.random.default_rng(1)
   grads = jax.tree.map(lambda a: jnp.asarray(rng.normal(0.0, 30.0, a.shape), a.dtype), abstract_params)
@@ -163,15 +189,14 @@ def test_gradient_clipping(learning_rate, clip):
     assert float(optax.tree.norm(updates)) == pytest.approx(learning_rate * clip, rel=1e-5)
   grads, updates = _by_name(grads), _by_name(updates)
   for path, update in updates.items():
-    np.testing.assert_allclose(update, -learning_rate * scale * grads[path], rtol=1e-5, atol=1e-6,
-                               err_msg=path)
+    np.testing.assert_allclose(update, -learning_rate * scale * grads[path], rtol=1e-5, atol=1e-6, err_msg=path)
 
 
 OPTIMIZERS = {
-    "adamw": dict(name="adamw", learning_rate=1e-2),
-    "sgd_nesterov": dict(name="sgd", learning_rate=0.5, momentum=0.9, nesterov=True),
-    # Adafactor scales its steps by each parameter's RMS (~0.02 here), so it takes a larger rate.
-    "adafactor": dict(name="adafactor", learning_rate=0.3),
+  "adamw": dict(name="adamw", learning_rate=1e-2),
+  "sgd_nesterov": dict(name="sgd", learning_rate=0.5, momentum=0.9, nesterov=True),
+  # Adafactor scales its steps by each parameter's RMS (~0.02 here), so it takes a larger rate.
+  "adafactor": dict(name="adafactor", learning_rate=0.3),
 }
 
 
@@ -190,7 +215,8 @@ def test_optimizer_lowers_the_loss(name, initial_params):
   state = setup.state_from_params(initial_params)
   train_step = setup.train_step()
   batch = sharding.global_batch_from_local(
-      synthetic.batch(16, config.data.seq_len, config.model.vocab_size, seed=3), setup.mesh)
+    synthetic.batch(16, config.data.seq_len, config.model.vocab_size, seed=3), setup.mesh
+  )
   losses = []
   for _ in range(6):
     state, metrics = train_step(state, batch)

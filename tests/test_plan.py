@@ -1,5 +1,6 @@
 """The pod planner: compiles the real train step for TPU topologies on this CPU (libtpu's
 ahead-of-time compiler), reads per-chip memory, and refuses what does not fit."""
+
 import subprocess
 import sys
 
@@ -51,10 +52,21 @@ def test_a_small_config_compiles_for_a_v5e_slice_with_fsdp_sharded_parameters():
 
 def test_an_oversized_config_does_not_fit_and_the_tool_says_so_with_numbers():
   # 512 x 1024 tokens through [L, L] float32 scores and whole-vocabulary logits on a v5e-4.
-  args = [sys.executable, "tools/plan.py", "--config=configs/tiny.py", "--topology=v5e-4",
-          "--config.model.vocab_size=50304", "--config.model.embed_dim=1024", "--config.model.mlp_dim=4096",
-          "--config.model.num_heads=8", "--config.model.max_seq_len=1024", "--config.data.seq_len=1024",
-          "--config.train.global_batch_size=512", "--config.model.attention=xla", "--config.mesh.data=4"]
+  args = [
+    sys.executable,
+    "tools/plan.py",
+    "--config=configs/tiny.py",
+    "--topology=v5e-4",
+    "--config.model.vocab_size=50304",
+    "--config.model.embed_dim=1024",
+    "--config.model.mlp_dim=4096",
+    "--config.model.num_heads=8",
+    "--config.model.max_seq_len=1024",
+    "--config.data.seq_len=1024",
+    "--config.train.global_batch_size=512",
+    "--config.model.attention=xla",
+    "--config.mesh.data=4",
+  ]
   done = subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
   assert done.returncode == 1, done.stdout + done.stderr
   assert "DOES NOT FIT" in done.stdout
@@ -87,8 +99,10 @@ def test_the_train_run_stops_before_the_first_step_when_the_step_does_not_fit():
 
   planner.check_fits(Compiled(), Roomy())  # Fits: no error.
   # What libtpu raises for a program over HBM becomes one config error carrying its numbers.
-  error = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
-                       "temporaries (121.49G) exceeds available HBM (15.75G).")
+  error = RuntimeError(
+    "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+    "temporaries (121.49G) exceeds available HBM (15.75G)."
+  )
   summary, needed = planner.out_of_memory_summary(error)
   assert needed == pytest.approx(121.49 * GiB) and "121.49G" in summary
   assert "121.49G" in str(planner.compile_error(error)) and "tools/plan.py" in str(planner.compile_error(error))
@@ -114,9 +128,12 @@ def test_search_tries_candidates_fastest_first_and_returns_one_that_fits():
   config = small_config()
   target = planner.resolve_target("v5e-4")
   ordered = planner.candidates(config, target)
-  seconds = [planner.estimate_step(planner.validate(c, 4), target.chip, 4,
-                                   planner.sharding.resolve_mesh_shape(dict(c.mesh), 4))["step_seconds"]
-             for c in ordered]
+  seconds = [
+    planner.estimate_step(planner.validate(c, 4), target.chip, 4, planner.sharding.resolve_mesh_shape(dict(c.mesh), 4))[
+      "step_seconds"
+    ]
+    for c in ordered
+  ]
   assert len(ordered) > 10
   assert all(later >= earlier * 0.999 for earlier, later in zip(seconds, seconds[1:]))
   result = planner.search(config, target, max_compiles=2, log=lambda line: None)

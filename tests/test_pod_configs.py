@@ -1,5 +1,6 @@
 """Every shipped pod config fits each slice it names, at its shipped batch and length: its real
 train step compiled for that TPU topology here (a GPU node without a GPU: estimated)."""
+
 import importlib
 
 import pytest
@@ -7,9 +8,11 @@ import pytest
 from tests.conftest import REPO_ROOT
 from training import planner
 
-POD_SLICES = [(path.stem, slice_name)
-              for path in sorted((REPO_ROOT / "configs").glob("*.py"))
-              for slice_name in getattr(importlib.import_module(f"configs.{path.stem}"), "SLICES", ())]
+POD_SLICES = [
+  (path.stem, slice_name)
+  for path in sorted((REPO_ROOT / "configs").glob("*.py"))
+  for slice_name in getattr(importlib.import_module(f"configs.{path.stem}"), "SLICES", ())
+]
 
 
 def test_the_pod_configs_are_found():

@@ -1,4 +1,5 @@
 """Sharded steps equal the single-device step; fsdp and tensor really divide the memory."""
+
 import re
 
 import jax
@@ -7,7 +8,8 @@ import pytest
 
 import sharding
 from tests import synthetic
-from training import state as state_lib, step as step_lib
+from training import state as state_lib
+from training import step as step_lib
 from training.setup import build_setup
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
@@ -22,9 +24,11 @@ def _loss_and_grads(config, mesh, params_host, batch_host):
   @jax.jit
   def loss_and_grads(params, batch):
     with sharding.activation_rules(mesh):
+
       def mean_loss(p):
         loss_sum, weight = step_lib.token_losses(graphdef, p, batch)
         return loss_sum / weight
+
       return jax.value_and_grad(mean_loss)(params)
 
   loss, grads = loss_and_grads(params, batch)
@@ -73,8 +77,10 @@ def test_per_row_eval_pools_to_the_batch_eval(reference):
   one_device = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   alone = step_lib.make_eval_step(graphdef, one_device, sharding.tree_shardings(abstract_params, one_device))
   row_3 = {name: value[3:4] for name, value in batch.items()}
-  loss_3, _ = alone(jax.device_put(params_host, sharding.tree_shardings(abstract_params, one_device)),
-                    sharding.global_batch_from_local(row_3, one_device))
+  loss_3, _ = alone(
+    jax.device_put(params_host, sharding.tree_shardings(abstract_params, one_device)),
+    sharding.global_batch_from_local(row_3, one_device),
+  )
   assert loss_B[3] == pytest.approx(float(loss_3), rel=1e-5)
 
 
@@ -103,21 +109,36 @@ def test_tensor_shards_heads_kv_heads_mlp_and_vocab():
   """With tensor=8 each device holds 1/8 of every attention and MLP weight, of the embedding and
   of the output head (Megatron), for the parameters and the optimizer moments alike; norms stay whole."""
   config = synthetic.tiny_config(tensor=8)
-  config.model.update(embed_dim=64, num_heads=8, num_kv_heads=8, mlp_dim=128, mlp="swiglu",
-                      norm="rmsnorm", position="rope", tie_embeddings=False)
+  config.model.update(
+    embed_dim=64,
+    num_heads=8,
+    num_kv_heads=8,
+    mlp_dim=128,
+    mlp="swiglu",
+    norm="rmsnorm",
+    position="rope",
+    tie_embeddings=False,
+  )
   state = _initialised_state(config)
   # Full shape -> the shape one device holds; leading 2 = stacked layers, heads of 8.
   expected = {
-      "blocks.attn.wq": ((2, 64, 8, 8), (2, 64, 1, 8)), "blocks.attn.wk": ((2, 64, 8, 8), (2, 64, 1, 8)),
-      "blocks.attn.wv": ((2, 64, 8, 8), (2, 64, 1, 8)), "blocks.attn.wo": ((2, 8, 8, 64), (2, 1, 8, 64)),
-      "blocks.mlp.w_up": ((2, 64, 128), (2, 64, 16)), "blocks.mlp.w_gate": ((2, 64, 128), (2, 64, 16)),
-      "blocks.mlp.w_down": ((2, 128, 64), (2, 16, 64)),
-      "embed": ((256, 64), (32, 64)), "head": ((64, 256), (64, 32)),
-      "blocks.attn_norm.scale": ((2, 64), (2, 64)), "blocks.mlp_norm.scale": ((2, 64), (2, 64)),
-      "final_norm.scale": ((64,), (64,)),
+    "blocks.attn.wq": ((2, 64, 8, 8), (2, 64, 1, 8)),
+    "blocks.attn.wk": ((2, 64, 8, 8), (2, 64, 1, 8)),
+    "blocks.attn.wv": ((2, 64, 8, 8), (2, 64, 1, 8)),
+    "blocks.attn.wo": ((2, 8, 8, 64), (2, 1, 8, 64)),
+    "blocks.mlp.w_up": ((2, 64, 128), (2, 64, 16)),
+    "blocks.mlp.w_gate": ((2, 64, 128), (2, 64, 16)),
+    "blocks.mlp.w_down": ((2, 128, 64), (2, 16, 64)),
+    "embed": ((256, 64), (32, 64)),
+    "head": ((64, 256), (64, 32)),
+    "blocks.attn_norm.scale": ((2, 64), (2, 64)),
+    "blocks.mlp_norm.scale": ((2, 64), (2, 64)),
+    "final_norm.scale": ((64,), (64,)),
   }
-  params = {".".join(re.findall(r"\['(\w+)'\]", jax.tree_util.keystr(path))): x
-            for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]}
+  params = {
+    ".".join(re.findall(r"\['(\w+)'\]", jax.tree_util.keystr(path))): x
+    for path, x in jax.tree_util.tree_flatten_with_path(state.params)[0]
+  }
   assert set(params) == set(expected)
   for name, (shape, shard_shape) in expected.items():
     x = params[name]
@@ -147,12 +168,15 @@ def test_rules_map_logical_names_to_mesh_axes():
     sharding.logical_to_spec(("act_batch", "embed"))
 
 
-@pytest.mark.parametrize("mesh_config, message", [
+@pytest.mark.parametrize(
+  "mesh_config, message",
+  [
     ({"data": 3, "fsdp": 1, "tensor": 1}, "there are 8 devices"),
     ({"data": -1, "fsdp": -1}, "only one axis may be -1"),
     ({"data": -1, "fsdp": 3}, "does not divide"),
     ({"pipeline": 2}, "unknown axis"),
-])
+  ],
+)
 def test_bad_mesh_is_rejected(mesh_config, message):
   with pytest.raises(ValueError, match=message):
     sharding.make_mesh(mesh_config)

@@ -1,4 +1,5 @@
 """End-to-end training: golden first step, learning, gradient accumulation, exact resume."""
+
 import json
 import os
 
@@ -61,8 +62,15 @@ def test_golden_first_step():
 def test_gradient_accumulation_equals_large_batch(microbatches):
   # Plain SGD with lr 1: the update is the gradient itself.
   config = synthetic.tiny_config()
-  config.optimizer.update(name="sgd", momentum=0.0, learning_rate=1.0, schedule="constant",
-                          warmup_steps=0, weight_decay=0.0, grad_clip_norm=0.0)
+  config.optimizer.update(
+    name="sgd",
+    momentum=0.0,
+    learning_rate=1.0,
+    schedule="constant",
+    warmup_steps=0,
+    weight_decay=0.0,
+    grad_clip_norm=0.0,
+  )
   batch = synthetic.batch(16, config.data.seq_len, config.model.vocab_size, seed=2)
   before, after_full, metrics_full = one_step(config, batch)
   config.train.microbatches = microbatches
@@ -86,8 +94,16 @@ def test_tiny_model_learns_the_corpus(tmp_path):
   assert result.eval_history[-1][1] < 1.5
   records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert [r["step"] for r in records if "eval_loss" in r] == [60, 120]
-  assert {"loss", "perplexity", "learning_rate", "grad_norm", "param_norm", "step_time_ms",
-          "tokens_per_second", "mfu"} <= set(records[-2])
+  assert {
+    "loss",
+    "perplexity",
+    "learning_rate",
+    "grad_norm",
+    "param_norm",
+    "step_time_ms",
+    "tokens_per_second",
+    "mfu",
+  } <= set(records[-2])
   assert result.samples and all(isinstance(s, str) for s in result.samples)
   assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "run" / "tensorboard"))
 
@@ -135,16 +151,24 @@ def test_resume_takes_compute_changes_and_refuses_a_different_model(tmp_path, ca
   assert resumed.resumed_from == 4 and int(resumed.state.step) == 8
   reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("resumed with")]
   assert len(reported) == 1
-  for change in ("model.remat: 'none' -> 'full'", "model.scan_layers: True -> False", "mesh.data: 2 -> 8",
-                 "optimizer.learning_rate: 0.003 -> 0.0005", "train.num_steps: 4 -> 8",
-                 "data.sources.main: its rows differ from the checkpointed run's"):
+  for change in (
+    "model.remat: 'none' -> 'full'",
+    "model.scan_layers: True -> False",
+    "mesh.data: 2 -> 8",
+    "optimizer.learning_rate: 0.003 -> 0.0005",
+    "train.num_steps: 4 -> 8",
+    "data.sources.main: its rows differ from the checkpointed run's",
+  ):
     assert change in reported[0]
   # ...but not what the parameters mean, and the refused run leaves the workdir's config.json alone.
   saved_config = (tmp_path / "run" / "config.json").read_text()
   changed.model.num_layers = 3
-  with pytest.raises(ConfigError, match=r"different run \(model.num_layers: 2 in the checkpoint, 3 now\); .*"
-                     r"only attention, attention_block, dropout_rate, dtype, init_std, loss_chunk, remat, "
-                     r"scan_layers may change"):
+  with pytest.raises(
+    ConfigError,
+    match=r"different run \(model.num_layers: 2 in the checkpoint, 3 now\); .*"
+    r"only attention, attention_block, dropout_rate, dtype, init_std, loss_chunk, remat, "
+    r"scan_layers may change",
+  ):
     train(changed, workdir)
   assert (tmp_path / "run" / "config.json").read_text() == saved_config
 
@@ -152,6 +176,7 @@ def test_resume_takes_compute_changes_and_refuses_a_different_model(tmp_path, ca
 def test_resume_sets_damaged_checkpoints_aside_and_survives_a_cut_log(tmp_path):
   import fcntl
   import shutil
+
   steps = dict(eval_every=0, checkpoint_every=10, log_every=5, num_samples=0)
   workdir = tmp_path / "run"
   train(corpus_config(tmp_path, num_steps=40, stop_at_step=30, **steps), str(workdir))

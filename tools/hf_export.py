@@ -11,6 +11,7 @@ config.json, model.safetensors, generation_config.json and the run's tokenizer
 (tokenizer.model or tokenizer.json) with a tokenizer_config.json holding the
 ChatML chat template; they are written beside it and moved into place at the end.
 """
+
 import os
 import sys
 
@@ -23,8 +24,11 @@ from model.huggingface import MODEL_TYPES  # noqa: E402
 from tools.huggingface_io import EXPORT_DTYPES, export_hf  # noqa: E402
 from training.cli import define_config_flag, parse_flags  # noqa: E402
 
-_CONFIG = define_config_flag(None, "The run's .py config file (default: the config saved in the "
-                                   "checkpoint's record); its model fields must match the checkpoint's.")
+_CONFIG = define_config_flag(
+  None,
+  "The run's .py config file (default: the config saved in the "
+  "checkpoint's record); its model fields must match the checkpoint's.",
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "A loom workdir: its latest checkpoint is exported.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "One checkpoint, WORKDIR/checkpoints/STEP.")
 _OUTPUT = flags.DEFINE_string("output", None, "A new or empty directory for the Hugging Face files.")
@@ -38,8 +42,9 @@ def main(argv):
   if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
     raise SystemExit("hf_export: pass exactly one of --workdir and --checkpoint")
   try:
-    written = export_hf(_WORKDIR.value or _CHECKPOINT.value, _CONFIG.value, _OUTPUT.value,
-                        _MODEL_TYPE.value, dtype=_DTYPE.value)
+    written = export_hf(
+      _WORKDIR.value or _CHECKPOINT.value, _CONFIG.value, _OUTPUT.value, _MODEL_TYPE.value, dtype=_DTYPE.value
+    )
   except ValueError as e:
     raise SystemExit(f"hf_export: {e}") from None
   for path in written:

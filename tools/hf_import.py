@@ -10,6 +10,7 @@ from them) and the tokenizer files; they are written beside it and moved into
 place at the end, so a failed import leaves no OUTPUT. Weights are read from
 safetensors only: a directory with only pytorch_model.bin is refused.
 """
+
 import os
 import sys
 
@@ -22,8 +23,9 @@ from tools.huggingface_io import import_hf  # noqa: E402
 from training.cli import parse_flags  # noqa: E402
 
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A Hugging Face model directory (config.json, *.safetensors).")
-_OUTPUT = flags.DEFINE_string("output", None,
-                              "A new or empty directory for the loom checkpoint, config.py and tokenizer.")
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "A new or empty directory for the loom checkpoint, config.py and tokenizer."
+)
 
 
 def main(argv):
@@ -36,8 +38,10 @@ def main(argv):
   output = os.path.abspath(_OUTPUT.value)
   m = config.model
   count = sum(leaf.size for leaf in _leaves(params))
-  print(f"{os.path.join(output, 'checkpoints', '0')}: {count / 1e6:.2f}M parameters, {m.num_layers} layers, "
-        f"embed {m.embed_dim}, vocab {m.vocab_size}")
+  print(
+    f"{os.path.join(output, 'checkpoints', '0')}: {count / 1e6:.2f}M parameters, {m.num_layers} layers, "
+    f"embed {m.embed_dim}, vocab {m.vocab_size}"
+  )
   print(f"{os.path.join(output, 'config.py')}: the loom config (train.py --config=...)")
   if config.data.tokenizer_path:
     print(f"{config.data.tokenizer_path}: the tokenizer (data.tokenizer={config.data.tokenizer})")

@@ -12,6 +12,7 @@ Weights are read from safetensors only. PyTorch's .bin/.pt files are pickles,
 and unpickling runs whatever code the file holds, so a directory that has only
 those is refused and never opened.
 """
+
 import contextlib
 import glob
 import json
@@ -20,11 +21,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
-from flax import nnx
-from absl import logging
 import ml_dtypes  # noqa: F401  Registers bfloat16 with numpy, so safetensors' numpy API reads bf16 shards.
 import numpy as np
 import sentencepiece as spm
+from absl import logging
+from flax import nnx
 from ml_collections import ConfigDict
 from safetensors.numpy import load_file, save_file
 
@@ -44,11 +45,11 @@ EXPORT_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16
 
 # --- Reading a Hugging Face directory.
 
+
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
   path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(path):
-    raise ValueError(f"{hf_dir} has no config.json; a Hugging Face model directory (save_pretrained) "
-                     "is expected")
+    raise ValueError(f"{hf_dir} has no config.json; a Hugging Face model directory (save_pretrained) is expected")
   return _read_json(path)
 
 
@@ -75,14 +76,14 @@ def safetensors_files(hf_dir: str) -> list[str]:
   files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
   if files:
     return files
-  pickles = sorted(os.path.basename(p) for pattern in PICKLE_PATTERNS
-                   for p in glob.glob(os.path.join(hf_dir, pattern)))
+  pickles = sorted(os.path.basename(p) for pattern in PICKLE_PATTERNS for p in glob.glob(os.path.join(hf_dir, pattern)))
   if pickles:
     raise ValueError(
-        f"{hf_dir} has PyTorch pickle weights only ({', '.join(pickles[:3])}); loom reads safetensors "
-        "and never unpickles a file (loading a pickle runs any code it holds). Convert it where you "
-        "trust it, e.g. AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, "
-        "safe_serialization=True), and import that")
+      f"{hf_dir} has PyTorch pickle weights only ({', '.join(pickles[:3])}); loom reads safetensors "
+      "and never unpickles a file (loading a pickle runs any code it holds). Convert it where you "
+      "trust it, e.g. AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, "
+      "safe_serialization=True), and import that"
+    )
   raise ValueError(f"{hf_dir} has no model.safetensors, {INDEX_FILE} or *.safetensors file")
 
 
@@ -102,6 +103,7 @@ def read_safetensors(hf_dir: str) -> dict[str, np.ndarray]:
 
 
 # --- Import.
+
 
 def import_hf(hf_dir: str, out_dir: str) -> tuple[ConfigDict, dict[str, Any]]:
   """Converts a Hugging Face model directory into a loom checkpoint, config and tokenizer under `out_dir`.
@@ -138,9 +140,12 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[ConfigDict, dict[str, Any]]:
     config.data.update(tokenizer=tokenizer[0], tokenizer_path=os.path.join(out_dir, tokenizer[1]))
   if "init" in config:
     config.init.checkpoint = out_dir
-  record = {"step": 0, "config": json.loads(config.to_json()), "loom_version": __version__,
-            "imported_from": {"path": hf_dir, "files": [os.path.basename(f) for f in files],
-                              "hf_config": hf_cfg}}
+  record = {
+    "step": 0,
+    "config": json.loads(config.to_json()),
+    "loom_version": __version__,
+    "imported_from": {"path": hf_dir, "files": [os.path.basename(f) for f in files], "hf_config": hf_cfg},
+  }
 
   with _output_directory(out_dir, "--output") as directory:
     for name in TOKENIZER_FILES:
@@ -178,18 +183,25 @@ def check_output_dir(out_dir: str, flag: str, within: tuple[tuple[str, str], ...
     other = os.path.realpath(other)
     if real == other or real.startswith(other.rstrip(os.sep) + os.sep):
       named = f"{label}={other}" if label.startswith("--") else f"{label} {other}"
-      raise ValueError(f"{flag}={path} is {'the same directory as' if real == other else 'inside'} "
-                       f"{named}; choose a new or empty directory outside it")
+      raise ValueError(
+        f"{flag}={path} is {'the same directory as' if real == other else 'inside'} "
+        f"{named}; choose a new or empty directory outside it"
+      )
   if os.path.exists(real) and not os.path.isdir(real):
     raise ValueError(f"{flag}={path} is a file; a new or empty directory is expected")
   if os.path.isdir(real):
     contents = sorted(os.listdir(real))
     if contents:
       shown = ", ".join(contents[:4]) + (f" and {len(contents) - 4} more" if len(contents) > 4 else "")
-      what = " (a loom workdir or checkpoint directory)" if "checkpoints" in contents or any(
-          name.isdigit() for name in contents) else ""
-      raise ValueError(f"{flag}={path} is not empty{what}: it holds {shown}; a new or empty directory "
-                       "is expected, so nothing stale is mixed with what is written")
+      what = (
+        " (a loom workdir or checkpoint directory)"
+        if "checkpoints" in contents or any(name.isdigit() for name in contents)
+        else ""
+      )
+      raise ValueError(
+        f"{flag}={path} is not empty{what}: it holds {shown}; a new or empty directory "
+        "is expected, so nothing stale is mixed with what is written"
+      )
   ancestor = os.path.dirname(real)
   while not os.path.exists(ancestor):
     ancestor = os.path.dirname(ancestor)
@@ -198,8 +210,9 @@ def check_output_dir(out_dir: str, flag: str, within: tuple[tuple[str, str], ...
   try:
     writable_directory(ancestor)
   except OSError as e:
-    raise ValueError(f"{flag}={path}: cannot create a directory in {ancestor} "
-                     f"({e.strerror or e}); choose a writable location") from None
+    raise ValueError(
+      f"{flag}={path}: cannot create a directory in {ancestor} ({e.strerror or e}); choose a writable location"
+    ) from None
 
 
 @contextlib.contextmanager
@@ -212,8 +225,7 @@ def _output_directory(out_dir: str, flag: str) -> Iterator[str]:
     raise ValueError(f"{flag}={out_dir}: {e.strerror}") from None
 
 
-def _save_params(directory: str, model_cfg: ConfigDict, params: Mapping[str, Any],
-                 record: dict[str, Any]) -> None:
+def _save_params(directory: str, model_cfg: ConfigDict, params: Mapping[str, Any], record: dict[str, Any]) -> None:
   """A parameters-only checkpoint at step 0, in the nnx.State structure training restores."""
   _, state = abstract_model(model_cfg)
   host = _host_device()
@@ -223,31 +235,33 @@ def _save_params(directory: str, model_cfg: ConfigDict, params: Mapping[str, Any
   checkpointer.close()
 
 
-def _write_config_py(path: str, fields: dict[str, Any], config: ConfigDict,
-                     tokenizer: tuple[str, str] | None, hf_dir: str) -> None:
+def _write_config_py(
+  path: str, fields: dict[str, Any], config: ConfigDict, tokenizer: tuple[str, str] | None, hf_dir: str
+) -> None:
   model_lines = ",\n".join(f"      {key}={value!r}" for key, value in fields.items())
   lines = [
-      f'"""loom config for the Hugging Face model imported from {hf_dir} (loom {__version__}).',
-      "",
-      "Its parameters are checkpoints/0 beside this file; a run starts from them with",
-      "  python train.py --config=THIS_FILE --workdir=... (init.checkpoint is set below)",
-      '"""',
-      "import os",
-      "",
-      "from configs import base",
-      "",
-      "HERE = os.path.dirname(os.path.abspath(__file__))",
-      "",
-      "",
-      "def get_config():",
-      "  config = base.get_config()",
-      f"  config.model.update(\n{model_lines})",
+    f'"""loom config for the Hugging Face model imported from {hf_dir} (loom {__version__}).',
+    "",
+    "Its parameters are checkpoints/0 beside this file; a run starts from them with",
+    "  python train.py --config=THIS_FILE --workdir=... (init.checkpoint is set below)",
+    '"""',
+    "import os",
+    "",
+    "from configs import base",
+    "",
+    "HERE = os.path.dirname(os.path.abspath(__file__))",
+    "",
+    "",
+    "def get_config():",
+    "  config = base.get_config()",
+    f"  config.model.update(\n{model_lines})",
   ]
   if config.data.seq_len != base.get_config().data.seq_len:
     lines.append(f"  config.data.seq_len = {config.data.seq_len}")
   if tokenizer:
-    lines.append(f"  config.data.update(tokenizer={tokenizer[0]!r}, "
-                 f"tokenizer_path=os.path.join(HERE, {tokenizer[1]!r}))")
+    lines.append(
+      f"  config.data.update(tokenizer={tokenizer[0]!r}, tokenizer_path=os.path.join(HERE, {tokenizer[1]!r}))"
+    )
   else:
     lines.append(f"  # {hf_dir} has no tokenizer.model or tokenizer.json: set data.tokenizer_path.")
   if "init" in config:
@@ -259,8 +273,10 @@ def _write_config_py(path: str, fields: dict[str, Any], config: ConfigDict,
 
 # --- Export.
 
-def checkpoint_config(checkpoint: str, config: ConfigDict | Mapping[str, Any] | None = None
-                      ) -> tuple[ConfigDict, dict[str, Any]]:
+
+def checkpoint_config(
+  checkpoint: str, config: ConfigDict | Mapping[str, Any] | None = None
+) -> tuple[ConfigDict, dict[str, Any]]:
   """(the full loom config of a checkpoint, its record), read without touching the arrays.
 
   The config is the one in the checkpoint's record, overlaid with `config`'s
@@ -309,6 +325,7 @@ def _model_differences(saved: Mapping[str, Any], given: Mapping[str, Any]) -> li
   and head_dim as num_heads and embed_dim // num_heads, vocab_size (the
   tokenizer's size) not at all.
   """
+
   def effective(m: Mapping[str, Any], other: Mapping[str, Any], key: str) -> Any:
     value = m.get(key)
     heads = m.get("num_heads") or other.get("num_heads")
@@ -337,36 +354,46 @@ def _full_config(config, saved: Mapping[str, Any] | None, where: str) -> ConfigD
   parameters would not fit that model), naming each field.
   """
   if config is None and not saved:
-    raise ValueError(f"{where}: the checkpoint's record has no config; pass --config=the .py config "
-                     "file the run was started with")
+    raise ValueError(
+      f"{where}: the checkpoint's record has no config; pass --config=the .py config file the run was started with"
+    )
   given = config.to_dict() if isinstance(config, ConfigDict) else config
   saved_model, given_model = dict((saved or {}).get("model") or {}), dict((given or {}).get("model") or {})
   differences = _model_differences(saved_model, given_model)
   if differences:
-    raise ValueError(f"{where}: the given config's model differs from the one the checkpoint was saved "
-                     f"with ({'; '.join(differences)}); omit --config to use the checkpoint's own, or "
-                     "pass the .py config the run was started with")
+    raise ValueError(
+      f"{where}: the given config's model differs from the one the checkpoint was saved "
+      f"with ({'; '.join(differences)}); omit --config to use the checkpoint's own, or "
+      "pass the .py config the run was started with"
+    )
   full = base.get_config()
   for source in (saved, given):
     for section in ("model", "data"):
-      values = {key: value for key, value in dict((source or {}).get(section) or {}).items()
-                if key in full[section] and key != "sources"}
+      values = {
+        key: value
+        for key, value in dict((source or {}).get(section) or {}).items()
+        if key in full[section] and key != "sources"
+      }
       if source is given:
-        values = {key: value for key, value in values.items()
-                  if not (key in _UNSET[section] and value == _UNSET[section][key])}
+        values = {
+          key: value for key, value in values.items() if not (key in _UNSET[section] and value == _UNSET[section][key])
+        }
       full[section].update(values)
   m = full.model
   if not m.vocab_size:
-    raise ValueError(f"{where}: model.vocab_size is 0 and the checkpoint's record does not say it; "
-                     "pass it with the run's config, e.g. --config=RUN_CONFIG.py "
-                     "--config.model.vocab_size=N (the run's tokenizer size)")
+    raise ValueError(
+      f"{where}: model.vocab_size is 0 and the checkpoint's record does not say it; "
+      "pass it with the run's config, e.g. --config=RUN_CONFIG.py "
+      "--config.model.vocab_size=N (the run's tokenizer size)"
+    )
   m.num_kv_heads = m.num_kv_heads or m.num_heads
   m.head_dim = m.head_dim or m.embed_dim // m.num_heads
   return full
 
 
-def export_hf(checkpoint: str, config: ConfigDict | Mapping[str, Any] | None, out_dir: str,
-              model_type: str, dtype: str = "float32") -> list[str]:
+def export_hf(
+  checkpoint: str, config: ConfigDict | Mapping[str, Any] | None, out_dir: str, model_type: str, dtype: str = "float32"
+) -> list[str]:
   """Writes a loom checkpoint as a Hugging Face directory; returns the paths written.
 
   `checkpoint` is a workdir (its latest step), its checkpoints/ directory or one
@@ -390,21 +417,30 @@ def export_hf(checkpoint: str, config: ConfigDict | Mapping[str, Any] | None, ou
   workdir = os.path.dirname(directory)
   _check_tokenizer_path(full.data)
   tensors = huggingface.hf_tensors(load_params(checkpoint, full.model), full.model, model_type)
-  tensors = {name: np.ascontiguousarray(value.astype(EXPORT_DTYPES[dtype]))
-             for name, value in tensors.items()}
+  tensors = {name: np.ascontiguousarray(value.astype(EXPORT_DTYPES[dtype])) for name, value in tensors.items()}
 
   written: list[str] = []
   with _output_directory(out_dir, "--output") as target:
     tokens = _write_tokenizer(full.data, workdir, target, full.model.max_seq_len, written)
-    hf_cfg.update(torch_dtype=dtype, bos_token_id=tokens.get("bos_id"), eos_token_id=tokens.get("eos_id"),
-                  pad_token_id=tokens.get("pad_id"))
+    hf_cfg.update(
+      torch_dtype=dtype,
+      bos_token_id=tokens.get("bos_id"),
+      eos_token_id=tokens.get("eos_id"),
+      pad_token_id=tokens.get("pad_id"),
+    )
     weights = os.path.join(target, "model.safetensors")
     save_file(tensors, weights, metadata={"format": "pt"})  # transformers reads "pt" as torch layout.
     written.append(weights)
     written.append(_write_json(os.path.join(target, "config.json"), hf_cfg))
-    generation = {key: value for key, value in (("bos_token_id", tokens.get("bos_id")),
-                                                ("eos_token_id", tokens.get("eos_id")),
-                                                ("pad_token_id", tokens.get("pad_id"))) if value is not None}
+    generation = {
+      key: value
+      for key, value in (
+        ("bos_token_id", tokens.get("bos_id")),
+        ("eos_token_id", tokens.get("eos_id")),
+        ("pad_token_id", tokens.get("pad_id")),
+      )
+      if value is not None
+    }
     written.append(_write_json(os.path.join(target, "generation_config.json"), generation))
   return [os.path.join(out_dir, os.path.relpath(path, target)) for path in written]
 
@@ -418,11 +454,13 @@ def chatml_template() -> str:
   # Imported here: the data package loads TensorFlow, which only an export with a tokenizer needs.
   from data.special_tokens import IM_END, IM_START
 
-  return ("{% if bos_token %}{{ bos_token }}{% endif %}"
-          "{% for message in messages %}"
-          "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "\\n' }}"
-          "{% endfor %}"
-          "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}")
+  return (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}"
+    "{{ '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '" + IM_START + "assistant\\n' }}{% endif %}"
+  )
 
 
 def _check_tokenizer_path(data_cfg: ConfigDict) -> None:
@@ -431,8 +469,9 @@ def _check_tokenizer_path(data_cfg: ConfigDict) -> None:
     raise ValueError(f"data.tokenizer_path: the run's tokenizer {path} is not there")
 
 
-def _write_tokenizer(data_cfg: ConfigDict, workdir: str, out_dir: str, max_length: int,
-                     written: list[str]) -> dict[str, int]:
+def _write_tokenizer(
+  data_cfg: ConfigDict, workdir: str, out_dir: str, max_length: int, written: list[str]
+) -> dict[str, int]:
   """Writes the run's tokenizer with a tokenizer_config.json; returns its {'bos_id': ..., ...}.
 
   Without one (a char tokenizer, or none found) only the weights are written, with a warning.
@@ -467,23 +506,32 @@ _Specials = dict[str, tuple[str, int]]
 
 def _sentencepiece_files(path: str, out_dir: str, written: list[str]) -> tuple[dict[str, Any], _Specials]:
   sp = spm.SentencePieceProcessor(model_file=path)
-  specials = {role: (sp.id_to_piece(token_id), token_id)
-              for role, token_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()),
-                                     ("unk", sp.unk_id())) if token_id >= 0}
+  specials = {
+    role: (sp.id_to_piece(token_id), token_id)
+    for role, token_id in (("bos", sp.bos_id()), ("eos", sp.eos_id()), ("pad", sp.pad_id()), ("unk", sp.unk_id()))
+    if token_id >= 0
+  }
   written.append(atomic_copy(path, os.path.join(out_dir, "tokenizer.model")))
   # loom's sentencepiece models keep text as is (no dummy prefix, identity normalisation), which
   # LlamaTokenizer reproduces with legacy=False and add_prefix_space=False.
-  return {"tokenizer_class": "LlamaTokenizer", "legacy": False, "add_prefix_space": False,
-          "add_bos_token": "bos" in specials, "add_eos_token": False}, specials
+  return {
+    "tokenizer_class": "LlamaTokenizer",
+    "legacy": False,
+    "add_prefix_space": False,
+    "add_bos_token": "bos" in specials,
+    "add_eos_token": False,
+  }, specials
 
 
 def _tokenizer_json_files(path: str, out_dir: str, written: list[str]) -> tuple[dict[str, Any], _Specials]:
   from data.tokenizers import HuggingFaceTokenizer  # See chatml_template.
 
   tokenizer = HuggingFaceTokenizer(path)
-  specials = {role: (tokenizer.id_to_token(token_id), token_id)
-              for role, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id),
-                                     ("pad", tokenizer.pad_id)) if token_id is not None}
+  specials = {
+    role: (tokenizer.id_to_token(token_id), token_id)
+    for role, token_id in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))
+    if token_id is not None
+  }
   written.append(atomic_copy(path, os.path.join(out_dir, "tokenizer.json")))
   # The settings transformers saved beside it (added tokens, class) stay; the template is loom's.
   beside = os.path.join(os.path.dirname(path), "tokenizer_config.json")
@@ -500,12 +548,16 @@ def _byte_tokenizer_files(out_dir: str, written: list[str]) -> tuple[dict[str, A
   tokens, where loom spells them out in bytes.
   """
   import tokenizers  # Only this writer needs it; loom's own byte tokenizer does not.
+
   from data import special_tokens
   from data.tokenizers import ByteTokenizer
 
   loom = ByteTokenizer()
-  specials = {"pad": (special_tokens.PAD, loom.pad_id), "bos": (special_tokens.BOS, loom.bos_id),
-              "eos": (special_tokens.EOS, loom.eos_id)}
+  specials = {
+    "pad": (special_tokens.PAD, loom.pad_id),
+    "bos": (special_tokens.BOS, loom.bos_id),
+    "eos": (special_tokens.EOS, loom.eos_id),
+  }
   offset = int(loom.encode_batch(["\0"])[0][0])  # The id of byte 0.
   vocab = {name: token_id for name, token_id in specials.values()}
   vocab.update({char: byte + offset for byte, char in _byte_level_chars().items()})
@@ -521,8 +573,11 @@ def _byte_tokenizer_files(out_dir: str, written: list[str]) -> tuple[dict[str, A
 
 def _byte_level_chars() -> dict[int, str]:
   """GPT-2's byte -> printable character table, which tokenizers' ByteLevel pre-tokenizer maps bytes with."""
-  printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
-               *range(ord("\u00ae"), ord("\u00ff") + 1)]
+  printable = [
+    *range(ord("!"), ord("~") + 1),
+    *range(ord("\u00a1"), ord("\u00ac") + 1),
+    *range(ord("\u00ae"), ord("\u00ff") + 1),
+  ]
   chars = {byte: chr(byte) for byte in printable}
   others = [byte for byte in range(256) if byte not in chars]
   chars.update({byte: chr(256 + i) for i, byte in enumerate(others)})
@@ -530,6 +585,7 @@ def _byte_level_chars() -> dict[int, str]:
 
 
 # --- Files.
+
 
 def _read_json(path: str) -> dict[str, Any]:
   try:

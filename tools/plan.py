@@ -12,6 +12,7 @@ loss chunks, fastest estimate first, and prints the first plan that fits with th
 apply it. A GPU that is not attached is planned from the model (an estimate, said so). Exits 1
 when the config does not fit.
 """
+
 import os
 import sys
 
@@ -31,8 +32,9 @@ from training.validation import ConfigError  # noqa: E402
 
 _CONFIG = define_config_flag(None, "The config file to plan (get_config()).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "v5e-16, v5p-64, v6e-256, v5p:4x4x4, h100-8, or local.")
-_SEARCH = flags.DEFINE_bool("search", False, "Search remat, microbatches, mesh and loss chunk for the "
-                            "fastest plan that fits.")
+_SEARCH = flags.DEFINE_bool(
+  "search", False, "Search remat, microbatches, mesh and loss chunk for the fastest plan that fits."
+)
 _MAX_COMPILES = flags.DEFINE_integer("max_compiles", 8, "With --search: compile at most this many candidates.")
 
 
@@ -40,6 +42,7 @@ def main(argv):
   del argv
   if _TOPOLOGY.value != "local":  # Compile for the named slice; this machine's devices play no part.
     import jax
+
     jax.config.update("jax_platforms", "cpu")
   try:
     target = planner.resolve_target(_TOPOLOGY.value)

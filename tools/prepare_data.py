@@ -9,6 +9,7 @@ validation), meta.json (written last: a directory without it is an unfinished
 preparation) and the sentencepiece model it was tokenized with. The same
 data.seq_len, tokenizer and chat settings must be used for training.
 """
+
 import os
 import sys
 
@@ -25,8 +26,9 @@ from version import __version__  # noqa: E402
 _CONFIG = define_config_flag("configs/quickstart.py", "Config whose data section to prepare.")
 _OUTPUT = flags.DEFINE_string("output", None, "Directory; each source goes to OUTPUT/NAME.")
 _SOURCES = flags.DEFINE_list("sources", [], "Names of data.sources to prepare (default: all).")
-_CHUNK_TOKENS = flags.DEFINE_integer("chunk_tokens", 16_000_000,
-                                     "Tokens tokenized and packed at a time (bounds memory).")
+_CHUNK_TOKENS = flags.DEFINE_integer(
+  "chunk_tokens", 16_000_000, "Tokens tokenized and packed at a time (bounds memory)."
+)
 _ROWS_PER_SHARD = flags.DEFINE_integer("rows_per_shard", 8192, "Rows per ArrayRecord shard file.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace finished preparations in OUTPUT.")
 
@@ -47,14 +49,21 @@ def main(argv):
     raise config_error(e) from None
   check_output_path(output, "--output", "directory")
   try:
-    metas = prepare_datasets(data, output, names=_SOURCES.value or None,
-                             chunk_tokens=_CHUNK_TOKENS.value, rows_per_shard=_ROWS_PER_SHARD.value,
-                             overwrite=_OVERWRITE.value, loom_version=__version__)
+    metas = prepare_datasets(
+      data,
+      output,
+      names=_SOURCES.value or None,
+      chunk_tokens=_CHUNK_TOKENS.value,
+      rows_per_shard=_ROWS_PER_SHARD.value,
+      overwrite=_OVERWRITE.value,
+      loom_version=__version__,
+    )
   except (ConfigError, ValueError, OSError) as e:
     raise config_error(e) from None
   for name, meta in metas.items():
-    splits = ", ".join(f"{split}: {v['num_rows']} rows, {v['num_tokens']} tokens"
-                       for split, v in meta["splits"].items())
+    splits = ", ".join(
+      f"{split}: {v['num_rows']} rows, {v['num_tokens']} tokens" for split, v in meta["splits"].items()
+    )
     skipped = meta["metadata"]["bad_data"]
     print(f"{os.path.join(output, name)}: {splits}" + (f"; skipped {skipped}" if skipped else ""))
 
@@ -67,8 +76,10 @@ def _check_not_in_a_recursive_glob(data, output: str) -> None:
         continue
       fixed = os.path.abspath(os.path.expanduser(pattern.split("**", 1)[0].rstrip("*?[")))
       if output == fixed.rstrip("/") or output.startswith(fixed.rstrip("/") + "/"):
-        raise ValueError(f"--output={output} is inside data.sources.{name}.paths={pattern!r}: the source "
-                         "would read prepared files as documents; write the output elsewhere")
+        raise ValueError(
+          f"--output={output} is inside data.sources.{name}.paths={pattern!r}: the source "
+          "would read prepared files as documents; write the output elsewhere"
+        )
 
 
 if __name__ == "__main__":

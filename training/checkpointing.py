@@ -10,6 +10,7 @@ devices, and the files are written while training goes on. Orbax writes into a
 temporary directory and renames it when complete, so an interrupted save is
 never the checkpoint that `latest_step` returns.
 """
+
 import os
 import re
 from typing import Any
@@ -29,9 +30,9 @@ FINISHED_MARKER = "_CHECKPOINT_METADATA"
 
 
 def _is_loom_checkpoint(step_directory: str, items: tuple[str, ...] = REQUIRED) -> bool:
-  return (os.path.isfile(os.path.join(step_directory, FINISHED_MARKER))
-          and all(os.path.isdir(os.path.join(step_directory, item)) for item in items))
-
+  return os.path.isfile(os.path.join(step_directory, FINISHED_MARKER)) and all(
+    os.path.isdir(os.path.join(step_directory, item)) for item in items
+  )
 
 
 def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, int]:
@@ -45,21 +46,26 @@ def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, i
     steps = sorted(int(n) for n in os.listdir(parent) if re.fullmatch(r"\d+", n))
     raise ValueError(f"{field}: {parent} has no step {base}; its steps: {steps or 'none'}")
   if not os.path.isdir(path):
-    raise ValueError(f"{field}: {path} is not a directory (a loom workdir, its checkpoints/ directory "
-                     "or checkpoints/STEP is expected)")
+    raise ValueError(
+      f"{field}: {path} is not a directory (a loom workdir, its checkpoints/ directory or checkpoints/STEP is expected)"
+    )
   if re.fullmatch(r"\d+", os.path.basename(path)):
     directory, named_step = os.path.dirname(path), int(os.path.basename(path))
     if step >= 0 and step != named_step:
       raise ValueError(f"{field} names step {named_step} but step {step} was asked for")
     if not _is_loom_checkpoint(path):
-      raise ValueError(f"{field}: {path} is not a complete loom checkpoint (it needs {'/, '.join(REQUIRED)}/ "
-                       f"and {FINISHED_MARKER})")
+      raise ValueError(
+        f"{field}: {path} is not a complete loom checkpoint (it needs {'/, '.join(REQUIRED)}/ and {FINISHED_MARKER})"
+      )
     return directory, named_step
   if os.path.isdir(os.path.join(path, "checkpoints")):
     path = os.path.join(path, "checkpoints")
   # Finished checkpoints only: an interrupted save is a temporary directory with another name.
-  steps = sorted(int(name) for name in os.listdir(path)
-                 if re.fullmatch(r"\d+", name) and _is_loom_checkpoint(os.path.join(path, name)))
+  steps = sorted(
+    int(name)
+    for name in os.listdir(path)
+    if re.fullmatch(r"\d+", name) and _is_loom_checkpoint(os.path.join(path, name))
+  )
   if not steps:
     raise ValueError(f"{field}: {path} holds no finished loom checkpoint (directories named by step)")
   if step < 0:
@@ -70,17 +76,22 @@ def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, i
 
 
 class Checkpointer:
-
-  def __init__(self, directory: str, keep: int = 3, keep_every: int = 0, async_save: bool = True,
-               read_only: bool = False):
+  def __init__(
+    self, directory: str, keep: int = 3, keep_every: int = 0, async_save: bool = True, read_only: bool = False
+  ):
     """Keeps the last `keep` checkpoints and, beyond them, every step divisible by `keep_every`."""
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
-                                           create=not read_only, read_only=read_only,
-                                           enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=keep,
+      keep_period=keep_every or None,
+      create=not read_only,
+      read_only=read_only,
+      enable_async_checkpointing=async_save,
+    )
     # Handlers named up front, so a manager that has not saved (a reader) can read item metadata.
-    handlers = {name: ocp.JsonCheckpointHandler() if name == "record" else ocp.StandardCheckpointHandler()
-                for name in ITEMS}
+    handlers = {
+      name: ocp.JsonCheckpointHandler() if name == "record" else ocp.StandardCheckpointHandler() for name in ITEMS
+    }
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
@@ -114,6 +125,7 @@ class Checkpointer:
       os.rename(source, target if not os.path.exists(target) else f"{target}-{os.getpid()}")
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"loom_set_aside_{step}")
     self._manager.reload()
     return target
@@ -126,16 +138,22 @@ class Checkpointer:
     step = int(jax.device_get(state.step))
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.Composite(
+    self._manager.save(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
         opt_state=ocp.args.StandardSave(state.opt_state),
         progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
-        record=ocp.args.JsonSave(record)), force=True)
+        record=ocp.args.JsonSave(record),
+      ),
+      force=True,
+    )
 
   def save_params(self, step: int, params, record: dict[str, Any]) -> None:
     """A parameters-only checkpoint (no optimizer state): what a model import writes."""
-    self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), record=ocp.args.JsonSave(record)), force=True)
+    self._manager.save(
+      step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), record=ocp.args.JsonSave(record)), force=True
+    )
 
   def record(self, step: int) -> dict[str, Any]:
     """The JSON record saved with `step`, read without touching the arrays."""
@@ -157,23 +175,28 @@ class Checkpointer:
   def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
     """Restores into the shardings (and dtypes) that `abstract_state`'s ShapeDtypeStructs carry."""
     progress = {"step": abstract_state.step, "rng": abstract_state.rng}
-    restored = self._manager.restore(step, args=ocp.args.Composite(
+    restored = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract_state.params),
         opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
         progress=ocp.args.StandardRestore(progress),
-        record=ocp.args.JsonRestore()))
-    state = TrainState(step=restored.progress["step"], params=restored.params,
-                       opt_state=restored.opt_state, rng=restored.progress["rng"])
+        record=ocp.args.JsonRestore(),
+      ),
+    )
+    state = TrainState(
+      step=restored.progress["step"], params=restored.params, opt_state=restored.opt_state, rng=restored.progress["rng"]
+    )
     return state, restored.record
 
   def restore_params(self, step: int, abstract_params):
     """Only the parameters, resharded and cast to `abstract_params`' shardings and dtypes."""
-    return self._manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params))).params
+    return self._manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params))).params
 
   def restore_opt_state(self, step: int, abstract_opt_state):
-    return self._manager.restore(step, args=ocp.args.Composite(
-        opt_state=ocp.args.StandardRestore(abstract_opt_state))).opt_state
+    return self._manager.restore(
+      step, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore(abstract_opt_state))
+    ).opt_state
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

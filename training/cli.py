@@ -1,4 +1,5 @@
 """What train.py and the tools under tools/ share: flag parsing that reports bad input in one line."""
+
 import os
 import re
 import sys
@@ -33,8 +34,10 @@ def skip_absent_tpu() -> None:
   if os.environ.get("JAX_PLATFORMS"):
     return
   import jax
+
   try:
     from jax._src import hardware_utils  # What JAX itself asks; private, so its absence is tolerated.
+
     tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
     nvidia_gpu = hardware_utils.has_visible_nvidia_gpu()
   except (ImportError, AttributeError, OSError):
@@ -47,8 +50,7 @@ def parse_flags(argv):
   """absl's parsing, with a bad config file or --config override reported in one line, not a traceback."""
   skip_absent_tpu()  # Before anything starts a JAX backend.
   path = _config_file(argv).split(":", 1)[0]  # "file.py:arg" passes arg to get_config().
-  if "config" in flags.FLAGS and any(a.startswith("--config") for a in argv[1:]) and path and \
-      not os.path.isfile(path):
+  if "config" in flags.FLAGS and any(a.startswith("--config") for a in argv[1:]) and path and not os.path.isfile(path):
     raise SystemExit(f"config error: --config={path}: no such file")
   try:
     remaining = flags.FLAGS(argv)
@@ -56,9 +58,11 @@ def parse_flags(argv):
       config = flags.FLAGS.config  # A config file that cannot be read fails here, not mid-run.
       given = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
       if (config is not None or given) and not isinstance(config, ConfigDict):
-        raise SystemExit(f"config error: {_config_file(argv)}: get_config() returned a "
-                         f"{type(config).__name__}, not an ml_collections ConfigDict "
-                         "(start from configs/base.py's get_config())")
+        raise SystemExit(
+          f"config error: {_config_file(argv)}: get_config() returned a "
+          f"{type(config).__name__}, not an ml_collections ConfigDict "
+          "(start from configs/base.py's get_config())"
+        )
     return remaining
   except Exception as e:  # noqa: BLE001 -- whatever parsing or the config file's code raised.
     raise _one_line(e, argv) from None
@@ -88,8 +92,10 @@ def _one_line(e: Exception, argv) -> SystemExit:
     if in_config_file:  # A mistyped field in the config file's own code.
       return SystemExit(f"config error: {_innermost(frames, config_file)}: no field {field.strip()}{suggestion}")
     overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    return SystemExit(f"config error: no field {field.strip()} for the override among {overrides}"
-                      f"{suggestion}; configs/base.py lists every field")
+    return SystemExit(
+      f"config error: no field {field.strip()} for the override among {overrides}"
+      f"{suggestion}; configs/base.py lists every field"
+    )
   if in_config_file:
     return SystemExit(f"config error: {_innermost(frames, config_file)}: {type(e).__name__}: {message}")
   return SystemExit(f"config error: {message}")
@@ -130,8 +136,9 @@ def check_output_path(path: str, flag: str, kind: str) -> str:
   """
   path = os.path.abspath(os.path.expanduser(path))
   if os.path.isdir(path) if kind == "file" else os.path.exists(path) and not os.path.isdir(path):
-    raise SystemExit(f"flag error: {flag}={path} is a {'directory' if kind == 'file' else 'file'}; "
-                     f"a {kind} path is expected")
+    raise SystemExit(
+      f"flag error: {flag}={path} is a {'directory' if kind == 'file' else 'file'}; a {kind} path is expected"
+    )
   directory = path if kind == "directory" else os.path.dirname(path)
   try:
     writable_directory(directory)

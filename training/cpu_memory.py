@@ -18,6 +18,7 @@ every step in some of the processes that ran it (6,481 faults a step: a
 device's 26.7 MB of temporaries). glibc keeps such a heap when the top padding
 is as large as a heap, which is what M_TOP_PAD is set to here.
 """
+
 import ctypes
 import os
 
@@ -45,5 +46,8 @@ def keep_step_buffers_mapped() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError):  # Not glibc (macOS, musl): their allocators do not do this.
     return False
-  return bool(mallopt(_M_MMAP_THRESHOLD, THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, THRESHOLD_BYTES)
-              and mallopt(_M_TOP_PAD, HEAP_BYTES))
+  return bool(
+    mallopt(_M_MMAP_THRESHOLD, THRESHOLD_BYTES)
+    and mallopt(_M_TRIM_THRESHOLD, THRESHOLD_BYTES)
+    and mallopt(_M_TOP_PAD, HEAP_BYTES)
+  )

@@ -6,9 +6,11 @@ The loop calls every hook through one interface, `Hooks`: `on_start` once before
 takes is reported to the others (`on_time_in_other_hooks`): the logging hook leaves it out of the
 step time.
 """
+
 import math
 import time
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import jax
 
@@ -89,9 +91,16 @@ class Hooks(Hook):
 class LoggingHook(IntervalHook):
   """Reads the step's metrics back from the devices only every `every` steps."""
 
-  def __init__(self, every: int, writer: MetricWriter, start_step: int, tokens_per_step: int,
-               flops_per_token: float, peak_flops: float,
-               extra_metrics: Callable[[], dict[str, float]] = dict):
+  def __init__(
+    self,
+    every: int,
+    writer: MetricWriter,
+    start_step: int,
+    tokens_per_step: int,
+    flops_per_token: float,
+    peak_flops: float,
+    extra_metrics: Callable[[], dict[str, float]] = dict,
+  ):
     super().__init__(every)
     self.extra_metrics = extra_metrics
     self.writer = writer
@@ -115,8 +124,11 @@ class LoggingHook(IntervalHook):
     values.update(self.extra_metrics())
     if seconds_per_step:
       tokens_per_second = self.tokens_per_step / seconds_per_step
-      values.update(step_time_ms=1000 * seconds_per_step, tokens_per_second=tokens_per_second,
-                    mfu=tokens_per_second * self.flops_per_token / self.peak_flops)
+      values.update(
+        step_time_ms=1000 * seconds_per_step,
+        tokens_per_second=tokens_per_second,
+        mfu=tokens_per_second * self.flops_per_token / self.peak_flops,
+      )
     self.last_logged = values
     self.writer.write(step, values)
     self.writer.progress(step, values, seconds_per_step)
@@ -129,8 +141,14 @@ class EvalHook(IntervalHook):
   `eval_loss/NAME` gives each one's (e.g. the replayed data of continued pre-training).
   """
 
-  def __init__(self, every: int, eval_step: Callable, batches: dict[str, Callable[[], Iterable[Any]]],
-               writer: MetricWriter, evaluate_at_start: bool = False):
+  def __init__(
+    self,
+    every: int,
+    eval_step: Callable,
+    batches: dict[str, Callable[[], Iterable[Any]]],
+    writer: MetricWriter,
+    evaluate_at_start: bool = False,
+  ):
     super().__init__(every)
     self.eval_step, self.batches, self.writer = eval_step, batches, writer
     self.evaluate_at_start = evaluate_at_start  # Where continued training starts from.
@@ -189,7 +207,6 @@ class MixtureStats:
 
 
 class CheckpointHook(IntervalHook):
-
   def __init__(self, every: int, checkpointer: Checkpointer, record: Callable[[int], dict[str, Any]]):
     super().__init__(every)
     self.checkpointer, self.record = checkpointer, record
@@ -200,4 +217,3 @@ class CheckpointHook(IntervalHook):
   def on_end(self, step, state, metrics, reason):
     self.run(step, state, metrics)  # Finished or preempted: the last step is saved (once, if due).
     self.checkpointer.wait()
-

@@ -8,6 +8,7 @@ tokens start as an "average" token instead of noise. The optimizer state and
 the step counter come along only when asked; otherwise this run's optimizer and
 schedule start afresh (a re-warmup to the new peak, then its decay).
 """
+
 import jax
 import jax.numpy as jnp
 from absl import logging
@@ -37,8 +38,10 @@ def initial_state(init_cfg, setup: Setup) -> tuple[TrainState, dict]:
   paths = parameter_paths(abstract_params)
   missing = sorted(set(paths) - set(saved))
   if missing:
-    raise ValueError(f"init.checkpoint: {directory}/{step} has no parameters {missing[:5]}; is it "
-                     "a checkpoint of this model? (its config is in its record)")
+    raise ValueError(
+      f"init.checkpoint: {directory}/{step} has no parameters {missing[:5]}; is it "
+      "a checkpoint of this model? (its config is in its record)"
+    )
   vocab = setup.config.model.vocab_size
   replicated = jax.sharding.NamedSharding(shardings.step.mesh, jax.sharding.PartitionSpec())
 
@@ -47,30 +50,39 @@ def initial_state(init_cfg, setup: Setup) -> tuple[TrainState, dict]:
     if shape == leaf.shape:
       return leaf
     grown = [axis for axis, (old, new) in enumerate(zip(shape, leaf.shape)) if old != new]
-    if path not in ("embed", "head") or len(shape) != len(leaf.shape) or len(grown) != 1 or (
-        leaf.shape[grown[0]] != vocab or shape[grown[0]] > vocab):
-      raise ValueError(f"init.checkpoint: parameter {path} has shape {shape} there and {leaf.shape} "
-                       "here; only model.vocab_size may grow")
+    if (
+      path not in ("embed", "head")
+      or len(shape) != len(leaf.shape)
+      or len(grown) != 1
+      or (leaf.shape[grown[0]] != vocab or shape[grown[0]] > vocab)
+    ):
+      raise ValueError(
+        f"init.checkpoint: parameter {path} has shape {shape} there and {leaf.shape} "
+        "here; only model.vocab_size may grow"
+      )
     return jax.ShapeDtypeStruct(shape, leaf.dtype, sharding=replicated)
 
-  targets = jax.tree.unflatten(jax.tree.structure(abstract_params),
-                               [target(p, leaf) for p, leaf in zip(paths, jax.tree.leaves(abstract_params))])
+  targets = jax.tree.unflatten(
+    jax.tree.structure(abstract_params), [target(p, leaf) for p, leaf in zip(paths, jax.tree.leaves(abstract_params))]
+  )
   params = source.restore_params(step, targets)
   if jax.tree.leaves(targets) != jax.tree.leaves(abstract_params):
+
     def grow(path, array, leaf):
       if array.shape == leaf.shape:
         return array
       axis = 0 if path == "embed" else 1
       logging.info("init: %s extended from %d to %d rows with their mean", path, array.shape[axis], vocab)
       return _extend_rows(array, vocab, axis)
-    grown = [grow(p, a, leaf) for p, a, leaf in zip(paths, jax.tree.leaves(params),
-                                                    jax.tree.leaves(abstract_params))]
+
+    grown = [grow(p, a, leaf) for p, a, leaf in zip(paths, jax.tree.leaves(params), jax.tree.leaves(abstract_params))]
     params = jax.device_put(jax.tree.unflatten(jax.tree.structure(params), grown), shardings.params)
 
   if init_cfg.load_optimizer:
     if not source.has_optimizer_state(step):
-      raise ValueError(f"init.load_optimizer: {directory}/{step} holds no optimizer state "
-                       "(a converted model?); set it to False")
+      raise ValueError(
+        f"init.load_optimizer: {directory}/{step} holds no optimizer state (a converted model?); set it to False"
+      )
     opt_state = source.restore_opt_state(step, abstract_state.opt_state)
   else:
     opt_state = None  # A fresh one.

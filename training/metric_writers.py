@@ -1,4 +1,5 @@
 """Where metrics go: a progress line on the console, WORKDIR/metrics.jsonl and TensorBoard."""
+
 import json
 import os
 import sys
@@ -32,6 +33,7 @@ class MetricWriter:
     self._jsonl = open(self.jsonl_path, "a")
     try:
       import tensorflow as tf  # TensorBoard's writer; TF is already loaded by the data pipeline.
+
       self._tensorboard = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard"))
     except ImportError:
       self._tensorboard = None
@@ -44,6 +46,7 @@ class MetricWriter:
     self._jsonl.flush()
     if self._tensorboard is not None:
       import tensorflow as tf
+
       with self._tensorboard.as_default(step=int(step)):
         for name, value in record.items():
           if name != "step" and isinstance(value, (int, float)):
@@ -54,11 +57,20 @@ class MetricWriter:
     if not self.enabled:
       return
     parts = [f"step {step}/{self.num_steps}"]
-    for name, fmt in (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("perplexity", "{:.2f}"),
-                      ("learning_rate", "{:.2e}"), ("grad_norm", "{:.3f}"), ("step_time_ms", "{:.1f}ms"),
-                      ("tokens_per_second", "{:,.0f} tok/s"), ("mfu", "{:.1%} MFU")):
+    for name, fmt in (
+      ("loss", "{:.4f}"),
+      ("eval_loss", "{:.4f}"),
+      ("perplexity", "{:.2f}"),
+      ("learning_rate", "{:.2e}"),
+      ("grad_norm", "{:.3f}"),
+      ("step_time_ms", "{:.1f}ms"),
+      ("tokens_per_second", "{:,.0f} tok/s"),
+      ("mfu", "{:.1%} MFU"),
+    ):
       if name in metrics:
-        label = "" if name in ("step_time_ms", "tokens_per_second", "mfu") else name.replace("learning_rate", "lr") + " "
+        label = (
+          "" if name in ("step_time_ms", "tokens_per_second", "mfu") else name.replace("learning_rate", "lr") + " "
+        )
         parts.append(label + fmt.format(metrics[name]))
     if seconds_per_step:
       parts.append("ETA " + _format_duration(seconds_per_step * (self.num_steps - step)))

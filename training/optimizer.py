@@ -1,4 +1,5 @@
 """Optax chains from the `optimizer` config: optimizer, schedule, clipping, decay mask, frozen parameters."""
+
 import re
 
 import jax
@@ -70,8 +71,7 @@ def parse_layers(spec: str, num_layers: int) -> list[int]:
       raise ValueError(f"init.freeze_layers={spec!r}: {part!r} is not an index or a range like 0-5")
     first, last = int(match[1]), int(match[2] or match[1])
     if not first <= last < num_layers:
-      raise ValueError(f"init.freeze_layers={spec!r}: {part!r} is outside the model's layers "
-                       f"0-{num_layers - 1}")
+      raise ValueError(f"init.freeze_layers={spec!r}: {part!r} is outside the model's layers 0-{num_layers - 1}")
     layers.update(range(first, last + 1))
   return sorted(layers)
 
@@ -139,25 +139,25 @@ def weight_decay_mask(params, decay_embeddings: bool):
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 
 
-def build_optimizer(cfg, num_steps: int, params, frozen=None
-                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(cfg, num_steps: int, params, frozen=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`frozen`: a trainable_mask (or None); frozen parameters get zero updates."""
   schedule = learning_rate_schedule(cfg, num_steps)
   mask = weight_decay_mask(params, cfg.decay_embeddings)
   if cfg.name == "adamw":
-    core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                       mask=mask)
+    core = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask)
   elif cfg.name == "sgd":
     core = optax.chain(
-        optax.add_decayed_weights(cfg.weight_decay, mask=mask),
-        optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov))
+      optax.add_decayed_weights(cfg.weight_decay, mask=mask),
+      optax.sgd(schedule, momentum=cfg.momentum or None, nesterov=cfg.nesterov),
+    )
   elif cfg.name == "adafactor":
     # optax.adafactor adds its decay after the learning rate, so weight_decay=0.1 would shrink the
     # weights by 10% a step whatever the rate; scaling after it makes the decay lr * weight_decay,
     # as for AdamW (and PyTorch's and Hugging Face's Adafactor).
     core = optax.chain(
-        optax.adafactor(None, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask),
-        optax.scale_by_learning_rate(schedule, flip_sign=False))
+      optax.adafactor(None, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask),
+      optax.scale_by_learning_rate(schedule, flip_sign=False),
+    )
   else:
     raise ValueError(f"optimizer.name={cfg.name!r}; allowed: {', '.join(OPTIMIZERS)}")
   if cfg.grad_clip_norm > 0:

@@ -1,4 +1,5 @@
 """The FLOP/s that MFU is measured against."""
+
 import time
 
 import jax

@@ -7,6 +7,7 @@ the plan says so. Step time and MFU are a roofline estimate that loom counts its
 FLOPs with the remat policy's recomputation, collective bytes over the chip's links), since
 XLA's cost analysis counts a scanned layer body once.
 """
+
 import dataclasses
 import itertools
 import math
@@ -21,7 +22,7 @@ from ml_collections import ConfigDict
 import model as model_lib
 import sharding
 from training import accelerators
-from training.accelerators import GiB, Chip
+from training.accelerators import Chip, GiB
 from training.setup import build_setup
 from training.validation import ConfigError, validate
 
@@ -29,8 +30,19 @@ from training.validation import ConfigError, validate
 # slice shapes that get_topology_desc accepts.
 _TENSORCORES_IN_NAME = {"v4", "v5p"}
 _SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
-              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+_SHAPES_3D = {
+  4: "2x2x1",
+  8: "2x2x2",
+  16: "2x2x4",
+  32: "2x4x4",
+  64: "4x4x4",
+  128: "4x4x8",
+  256: "4x8x8",
+  512: "8x8x8",
+  1024: "8x8x16",
+  2048: "8x16x16",
+  4096: "16x16x16",
+}
 _GPU_KINDS = ("a100", "h100", "h200")
 # model.REMAT_POLICIES, least recomputation first: the order --search tries them in.
 REMAT_SEARCH = tuple(sorted(model_lib.REMAT_POLICIES, key=("none", "dots", "proj", "full", "offload").index))
@@ -39,6 +51,7 @@ REMAT_SEARCH = tuple(sorted(model_lib.REMAT_POLICIES, key=("none", "dots", "proj
 @dataclasses.dataclass
 class Target:
   """Where a plan is for: `num_chips` of `chip`, and the devices to compile for (None: no compiler)."""
+
   name: str
   chip: Chip | None
   num_chips: int
@@ -50,67 +63,83 @@ def resolve_target(name: str) -> Target:
   name = name.strip()
   if name == "local":
     devices = jax.devices()
-    return Target(f"local ({len(devices)} x {devices[0].device_kind})",
-                  accelerators.chip_for_device_kind(devices[0].device_kind), len(devices), devices)
+    return Target(
+      f"local ({len(devices)} x {devices[0].device_kind})",
+      accelerators.chip_for_device_kind(devices[0].device_kind),
+      len(devices),
+      devices,
+    )
   gpu = re.fullmatch(r"(a100|h100|h200)-(\d+)", name.lower())
   if gpu:
     return Target(name, accelerators.CHIPS[gpu.group(1)], int(gpu.group(2)), None)
   by_count = re.fullmatch(r"(v4|v5e|v5p|v6e)-(\d+)", name.lower())
   by_shape = re.fullmatch(r"(v4|v5e|v5p|v6e):(\d+(?:x\d+){1,2})", name.lower())
   if not (by_count or by_shape):
-    raise ConfigError(f"--topology={name!r}: expected a TPU slice (v5e-16, v5p-64, v6e-256, or v5p:4x4x4), "
-                      f"a GPU count ({', '.join(k + '-8' for k in _GPU_KINDS)}) or 'local'")
+    raise ConfigError(
+      f"--topology={name!r}: expected a TPU slice (v5e-16, v5p-64, v6e-256, or v5p:4x4x4), "
+      f"a GPU count ({', '.join(k + '-8' for k in _GPU_KINDS)}) or 'local'"
+    )
   generation = (by_count or by_shape).group(1)
   if by_count:
     count = int(by_count.group(2))
     chips = count // 2 if generation in _TENSORCORES_IN_NAME else count
     shapes = _SHAPES_3D if generation in _TENSORCORES_IN_NAME else _SHAPES_2D
     if chips not in shapes:
-      raise ConfigError(f"--topology={name!r}: no {generation} slice of {count} "
-                        f"{'TensorCores' if generation in _TENSORCORES_IN_NAME else 'chips'}; known sizes: "
-                        + ", ".join(f"{generation}-{n * (2 if generation in _TENSORCORES_IN_NAME else 1)}"
-                                    for n in shapes))
+      raise ConfigError(
+        f"--topology={name!r}: no {generation} slice of {count} "
+        f"{'TensorCores' if generation in _TENSORCORES_IN_NAME else 'chips'}; known sizes: "
+        + ", ".join(f"{generation}-{n * (2 if generation in _TENSORCORES_IN_NAME else 1)}" for n in shapes)
+      )
     shape = shapes[chips]
   else:
     shape = by_shape.group(2)
   from jax.experimental import topologies  # Needs libtpu (pip install "jax[tpu]").
+
   try:
-    devices = topologies.get_topology_desc(platform="tpu", topology_name=f"{generation}:{shape}",
-                                           chips_per_host_bounds=(2, 2, 1)).devices
+    devices = topologies.get_topology_desc(
+      platform="tpu", topology_name=f"{generation}:{shape}", chips_per_host_bounds=(2, 2, 1)
+    ).devices
   except Exception as e:  # noqa: BLE001 -- no libtpu, or a shape it does not know.
-    raise ConfigError(f"--topology={name!r}: cannot describe TPU {generation}:{shape} here ({e}); "
-                      "compiling for a TPU needs libtpu: pip install 'jax[tpu]'") from None
-  return Target(f"{name} ({generation}:{shape}, {len(devices)} chips)", accelerators.CHIPS[generation],
-                len(devices), list(devices))
+    raise ConfigError(
+      f"--topology={name!r}: cannot describe TPU {generation}:{shape} here ({e}); "
+      "compiling for a TPU needs libtpu: pip install 'jax[tpu]'"
+    ) from None
+  return Target(
+    f"{name} ({generation}:{shape}, {len(devices)} chips)", accelerators.CHIPS[generation], len(devices), list(devices)
+  )
 
 
 @dataclasses.dataclass
 class Plan:
   """One config on one target, per chip."""
+
   target: str
   mesh: dict[str, int]
-  batch: str                          # "global x length (per chip per microbatch)"
-  settings: dict[str, Any]            # remat, attention, microbatches, loss_chunk
+  batch: str  # "global x length (per chip per microbatch)"
+  settings: dict[str, Any]  # remat, attention, microbatches, loss_chunk
   params_bytes: float
   opt_state_bytes: float
   batch_bytes: float
-  temp_bytes: float | None            # temporaries (compiler) or activations (estimate)
+  temp_bytes: float | None  # temporaries (compiler) or activations (estimate)
   code_bytes: float | None
   total_bytes: float | None
   hbm_bytes: float | None
   fits: bool | None
-  memory_source: str                  # "compiled for ..." or "estimated from the model"
-  model_flops: float                  # per step, all chips (6N + attention: what MFU counts)
-  executed_flops: float               # with rematerialisation's recomputation
-  step_seconds: float | None          # roofline estimate
+  memory_source: str  # "compiled for ..." or "estimated from the model"
+  model_flops: float  # per step, all chips (6N + attention: what MFU counts)
+  executed_flops: float  # with rematerialisation's recomputation
+  step_seconds: float | None  # roofline estimate
   mfu: float | None
   compile_seconds: float | None
   error: str = ""
 
   def overrides(self) -> str:
     fields = [f"--config.mesh.{axis}={size}" for axis, size in self.mesh.items()]
-    fields += [f"--config.model.{key}={str(value).split(' ')[0]}" for key, value in self.settings.items()
-               if key != "microbatches"]
+    fields += [
+      f"--config.model.{key}={str(value).split(' ')[0]}"
+      for key, value in self.settings.items()
+      if key != "microbatches"
+    ]
     fields.append(f"--config.train.microbatches={self.settings['microbatches']}")
     return " ".join(fields)
 
@@ -121,20 +150,23 @@ class Plan:
   def report(self) -> str:
     def gib(b):
       return "?" if b is None else f"{b / GiB:.2f} GiB" if b >= 0.01 * GiB else f"{b / 2**20:.1f} MiB"
+
     lines = [
-        f"target        {self.target}",
-        f"mesh          {self.mesh}   batch {self.batch}",
-        f"settings      " + ", ".join(f"{k}={v}" for k, v in self.settings.items()),
-        f"per chip      parameters {gib(self.params_bytes)}, optimizer state {gib(self.opt_state_bytes)}, "
-        f"batch {gib(self.batch_bytes)}",
-        f"              temporaries {gib(self.temp_bytes)}, code {gib(self.code_bytes)}",
-        f"              total {gib(self.total_bytes) if self.total_bytes else 'at least ' + gib(self.floor_bytes())}"
-        f" of {gib(self.hbm_bytes)} HBM ({self.memory_source})",
-        f"FLOPs/step    {self.model_flops:.3e} model, {self.executed_flops:.3e} executed (with recomputation)",
+      f"target        {self.target}",
+      f"mesh          {self.mesh}   batch {self.batch}",
+      "settings      " + ", ".join(f"{k}={v}" for k, v in self.settings.items()),
+      f"per chip      parameters {gib(self.params_bytes)}, optimizer state {gib(self.opt_state_bytes)}, "
+      f"batch {gib(self.batch_bytes)}",
+      f"              temporaries {gib(self.temp_bytes)}, code {gib(self.code_bytes)}",
+      f"              total {gib(self.total_bytes) if self.total_bytes else 'at least ' + gib(self.floor_bytes())}"
+      f" of {gib(self.hbm_bytes)} HBM ({self.memory_source})",
+      f"FLOPs/step    {self.model_flops:.3e} model, {self.executed_flops:.3e} executed (with recomputation)",
     ]
     if self.step_seconds is not None:
-      lines.append(f"estimate      {self.step_seconds * 1e3:.0f} ms/step, MFU {self.mfu:.1%} (roofline: matmul "
-                   "FLOPs at peak, collectives over the chip's links, overlapped; an upper bound)")
+      lines.append(
+        f"estimate      {self.step_seconds * 1e3:.0f} ms/step, MFU {self.mfu:.1%} (roofline: matmul "
+        "FLOPs at peak, collectives over the chip's links, overlapped; an upper bound)"
+      )
     if self.compile_seconds is not None:
       lines.append(f"compile       {self.compile_seconds:.1f} s")
     verdict = ("FITS" if self.fits else "DOES NOT FIT") if self.fits is not None else "UNKNOWN (no memory limit known)"
@@ -153,20 +185,31 @@ def _per_device_bytes(abstract_tree, shardings_tree) -> float:
 def abstract_batch(global_batch: int, length: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The train step's batch as shapes, sharded as sharding.global_batch_from_local places it."""
   batch_sharding = sharding.logical_to_sharding(("act_batch", None), mesh)
-  return {name: jax.ShapeDtypeStruct((global_batch, length), jnp.float32 if name == "weights" else jnp.int32,
-                                     sharding=batch_sharding)
-          for name in ("inputs", "targets", "segment_ids", "positions", "weights")}
+  return {
+    name: jax.ShapeDtypeStruct(
+      (global_batch, length), jnp.float32 if name == "weights" else jnp.int32, sharding=batch_sharding
+    )
+    for name in ("inputs", "targets", "segment_ids", "positions", "weights")
+  }
 
 
 def compiled_bytes(memory) -> float:
   """Peak bytes per device a compiled step holds: its arguments, temporaries, code, and outputs
   that are not written into donated arguments."""
-  return (memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes
-          + memory.output_size_in_bytes - memory.alias_size_in_bytes)
+  return (
+    memory.argument_size_in_bytes
+    + memory.temp_size_in_bytes
+    + memory.generated_code_size_in_bytes
+    + memory.output_size_in_bytes
+    - memory.alias_size_in_bytes
+  )
 
 
-_OUT_OF_MEMORY = re.compile(r"Ran out of memory in memory space (\w+)|Ran out of memory on (\w+)|"
-                            r"RESOURCE_EXHAUSTED", re.IGNORECASE)
+_OUT_OF_MEMORY = re.compile(
+  r"Ran out of memory in memory space (\w+)|Ran out of memory on (\w+)|"
+  r"RESOURCE_EXHAUSTED",
+  re.IGNORECASE,
+)
 _SIZES = re.compile(r"\(([\d.]+)([KMGT])\)")
 
 
@@ -184,7 +227,8 @@ def out_of_memory_summary(error: Exception) -> tuple[str, float | None] | None:
 def _weights(cfg) -> tuple[float, float, float]:
   """(all matmul weights, the blocks' weights, the output projection's) as parameter counts."""
   blocks = model_lib.num_params(cfg, include_embeddings=False) - cfg.embed_dim * (
-      0 if cfg.tie_embeddings else cfg.vocab_size)
+    0 if cfg.tie_embeddings else cfg.vocab_size
+  )
   head = cfg.vocab_size * cfg.embed_dim
   return blocks + head, blocks, head
 
@@ -204,9 +248,12 @@ def estimate_step(cfg: ConfigDict, chip: Chip, num_chips: int, mesh_sizes: dict[
   weights, block_weights, head_weights = _weights(m)
   attention_fwd = 4 * m.num_layers * m.num_heads * m.head_dim * length  # per token, all layers
   model_flops = model_lib.flops_per_token(m, length) * tokens
-  recompute = {"none": 0.0, "dots": 0.0, "full": 2 * block_weights + attention_fwd,
-               "proj": m.num_layers * 2 * m.embed_dim * m.mlp_dim * (2 if m.mlp == "swiglu" else 1)
-               + attention_fwd}
+  recompute = {
+    "none": 0.0,
+    "dots": 0.0,
+    "full": 2 * block_weights + attention_fwd,
+    "proj": m.num_layers * 2 * m.embed_dim * m.mlp_dim * (2 if m.mlp == "swiglu" else 1) + attention_fwd,
+  }
   recompute["offload"] = recompute["proj"]
   executed = model_flops + tokens * (recompute[m.remat] + (2 * head_weights if m.loss_chunk else 0))
   compute_s = executed / num_chips / chip.peak_flops
@@ -230,8 +277,12 @@ def estimate_step(cfg: ConfigDict, chip: Chip, num_chips: int, mesh_sizes: dict[
     saved = m.num_layers * (2 * m.num_heads * m.head_dim + 2 * m.num_kv_heads * m.head_dim + m.embed_dim + m.mlp_dim)
     host_s = 2 * tokens / (data * fsdp) * saved * c / tensor / chip.host_bytes_per_s
   step_s = max(compute_s, link_s, host_s)
-  return dict(model_flops=model_flops, executed_flops=executed, step_seconds=step_s,
-              mfu=model_flops / num_chips / chip.peak_flops / step_s)
+  return dict(
+    model_flops=model_flops,
+    executed_flops=executed,
+    step_seconds=step_s,
+    mfu=model_flops / num_chips / chip.peak_flops / step_s,
+  )
 
 
 def _platform(target: Target) -> str:
@@ -262,8 +313,13 @@ def estimate_activation_bytes(cfg: ConfigDict, mesh_sizes: dict[str, int], platf
   tensor = mesh_sizes["tensor"]
   d, f, qkv = m.embed_dim, m.mlp_dim * (2 if m.mlp == "swiglu" else 1), (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
   whole_layer = 4 * d + (qkv + m.num_heads * m.head_dim + f + m.mlp_dim) / tensor + 2 * d
-  saved = {"none": whole_layer, "dots": 2 * d + (qkv + m.num_heads * m.head_dim + f) / tensor,
-           "proj": 2 * d + (qkv + m.mlp_dim) / tensor, "offload": d, "full": d}[m.remat]
+  saved = {
+    "none": whole_layer,
+    "dots": 2 * d + (qkv + m.num_heads * m.head_dim + f) / tensor,
+    "proj": 2 * d + (qkv + m.mlp_dim) / tensor,
+    "offload": d,
+    "full": d,
+  }[m.remat]
   _, block_weights, _ = _weights(m)
   layer_weights = block_weights / m.num_layers * c / tensor
   chunk = (m.loss_chunk or cfg.data.seq_len) * rows
@@ -276,14 +332,18 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
   """Compiles (or, for an absent GPU, estimates) `config`'s train step on `target`."""
   cfg = validate(config, target.num_chips)
   if cfg.model.vocab_size == 0:
-    raise ConfigError("model.vocab_size=0 (the tokenizer's): a plan needs the model's vocabulary size; "
-                      "set model.vocab_size")
+    raise ConfigError(
+      "model.vocab_size=0 (the tokenizer's): a plan needs the model's vocabulary size; set model.vocab_size"
+    )
   mesh_sizes = sharding.resolve_mesh_shape(dict(cfg.mesh), target.num_chips)
   chip = target.chip
   # Shardings need a mesh of the target's shape; without its devices a same-shaped mesh of
   # abstract devices gives the same per-device shapes.
-  mesh = (sharding.make_mesh(cfg.mesh, target.devices) if target.devices else
-          jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES))
+  mesh = (
+    sharding.make_mesh(cfg.mesh, target.devices)
+    if target.devices
+    else jax.sharding.AbstractMesh(tuple(mesh_sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES)
+  )
   setup = build_setup(cfg, mesh)
   abstract_state = setup.abstract_state()
   params_bytes = _per_device_bytes(abstract_state.params, setup.shardings.params)
@@ -294,17 +354,39 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
   rows = global_batch // (mesh_sizes["data"] * mesh_sizes["fsdp"]) // cfg.train.microbatches
   platform = _platform(target)
   attention = resolved_attention(cfg, platform)
-  settings = dict(remat=cfg.model.remat,
-                  attention=attention if cfg.model.attention == attention else f"auto ({attention})",
-                  loss_chunk=cfg.model.loss_chunk, microbatches=cfg.train.microbatches)
-  estimate = estimate_step(cfg, chip, target.num_chips, mesh_sizes) if chip else dict(
+  settings = dict(
+    remat=cfg.model.remat,
+    attention=attention if cfg.model.attention == attention else f"auto ({attention})",
+    loss_chunk=cfg.model.loss_chunk,
+    microbatches=cfg.train.microbatches,
+  )
+  estimate = (
+    estimate_step(cfg, chip, target.num_chips, mesh_sizes)
+    if chip
+    else dict(
       model_flops=model_lib.flops_per_token(cfg.model, length) * global_batch * length,
-      executed_flops=float("nan"), step_seconds=None, mfu=None)
-  result = Plan(target=target.name, mesh=mesh_sizes, batch=f"{global_batch} x {length} ({rows} rows per chip "
-                f"per microbatch)", settings=settings, params_bytes=params_bytes, opt_state_bytes=opt_bytes,
-                batch_bytes=batch_bytes, temp_bytes=None, code_bytes=None, total_bytes=None,
-                hbm_bytes=chip.hbm_bytes if chip else None, fits=None, memory_source="", compile_seconds=None,
-                **estimate)
+      executed_flops=float("nan"),
+      step_seconds=None,
+      mfu=None,
+    )
+  )
+  result = Plan(
+    target=target.name,
+    mesh=mesh_sizes,
+    batch=f"{global_batch} x {length} ({rows} rows per chip per microbatch)",
+    settings=settings,
+    params_bytes=params_bytes,
+    opt_state_bytes=opt_bytes,
+    batch_bytes=batch_bytes,
+    temp_bytes=None,
+    code_bytes=None,
+    total_bytes=None,
+    hbm_bytes=chip.hbm_bytes if chip else None,
+    fits=None,
+    memory_source="",
+    compile_seconds=None,
+    **estimate,
+  )
   if not target.devices or not compile_step:
     activations = estimate_activation_bytes(cfg, mesh_sizes, platform)
     # Parameters, optimizer state, float32 gradients (the size of the parameters) and the batch.
@@ -333,8 +415,7 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
   if result.hbm_bytes is not None:
     result.fits = result.total_bytes <= result.hbm_bytes
     if not result.fits and not result.error:
-      result.error = (f"needs {result.total_bytes / GiB:.2f} GiB per chip, {result.hbm_bytes / GiB:.2f} GiB "
-                      "available")
+      result.error = f"needs {result.total_bytes / GiB:.2f} GiB per chip, {result.hbm_bytes / GiB:.2f} GiB available"
   return result
 
 
@@ -374,8 +455,16 @@ def candidates(config: ConfigDict, target: Target) -> list[ConfigDict]:
     seconds = estimate_step(checked, target.chip, target.num_chips, sizes)["step_seconds"]
     # Equal estimates (compute-bound candidates) prefer fewer, larger microbatches, which the
     # roofline does not see but a chip does, then less memory.
-    out.append(((round(seconds, 3 - int(math.floor(math.log10(seconds)))), micro,
-                 estimate_activation_bytes(checked, sizes, _platform(target))), candidate))
+    out.append(
+      (
+        (
+          round(seconds, 3 - int(math.floor(math.log10(seconds)))),
+          micro,
+          estimate_activation_bytes(checked, sizes, _platform(target)),
+        ),
+        candidate,
+      )
+    )
   out.sort(key=lambda item: item[0])
   return [candidate for _, candidate in out]
 
@@ -393,19 +482,25 @@ def search(config: ConfigDict, target: Target, max_compiles: int = 8, log=print)
     if estimate_activation_bytes(cfg, sizes, _platform(target)) < 2 * target.chip.hbm_bytes:
       result = plan(candidate, target)
       tried.append(result)
-      need = (f"{result.total_bytes / GiB:.2f} GiB" if result.total_bytes
-              else f"over {result.floor_bytes() / GiB:.2f} GiB")
-      log(f"  tried {result.overrides()}: {need}, {'fits' if result.fits else 'does not fit'}, "
-          f"est. {result.step_seconds * 1e3:.0f} ms/step")
+      need = (
+        f"{result.total_bytes / GiB:.2f} GiB" if result.total_bytes else f"over {result.floor_bytes() / GiB:.2f} GiB"
+      )
+      log(
+        f"  tried {result.overrides()}: {need}, {'fits' if result.fits else 'does not fit'}, "
+        f"est. {result.step_seconds * 1e3:.0f} ms/step"
+      )
       if result.fits:
         return result
       if len(tried) >= max_compiles:
         break
   best = min(tried, key=lambda p: p.total_bytes or p.floor_bytes()) if tried else None
-  raise ConfigError(f"no plan fits {target.name} among the {len(tried)} compiled: the smallest, "
-                    f"{best.overrides() if best else '-'}, needs "
-                    f"{(best.total_bytes or best.floor_bytes()) / GiB if best else 0:.2f} GiB per chip of {target.chip.hbm_bytes / GiB:.2f} GiB; "
-                    "lower train.global_batch_size or data.seq_len, or use a larger slice")
+  raise ConfigError(
+    f"no plan fits {target.name} among the {len(tried)} compiled: the smallest, "
+    f"{best.overrides() if best else '-'}, needs "
+    f"{(best.total_bytes or best.floor_bytes()) / GiB if best else 0:.2f} GiB per chip of "
+    f"{target.chip.hbm_bytes / GiB:.2f} GiB; "
+    "lower train.global_batch_size or data.seq_len, or use a larger slice"
+  )
 
 
 def check_fits(compiled, device) -> None:
@@ -424,13 +519,16 @@ def check_fits(compiled, device) -> None:
   need = compiled_bytes(memory)
   if need > limit:
     raise ConfigError(
-        f"the train step needs {need / GiB:.2f} GiB per device (arguments {memory.argument_size_in_bytes / GiB:.2f}"
-        f", temporaries {memory.temp_size_in_bytes / GiB:.2f}, code {memory.generated_code_size_in_bytes / GiB:.2f})"
-        f" but {device.device_kind} has {limit / GiB:.2f} GiB; " + _ADVICE)
+      f"the train step needs {need / GiB:.2f} GiB per device (arguments {memory.argument_size_in_bytes / GiB:.2f}"
+      f", temporaries {memory.temp_size_in_bytes / GiB:.2f}, code {memory.generated_code_size_in_bytes / GiB:.2f})"
+      f" but {device.device_kind} has {limit / GiB:.2f} GiB; " + _ADVICE
+    )
 
 
-_ADVICE = ("python tools/plan.py --config=CONFIG --topology=local --search finds remat, microbatches and a "
-           "mesh that fit (model.remat, train.microbatches, mesh.*, model.loss_chunk)")
+_ADVICE = (
+  "python tools/plan.py --config=CONFIG --topology=local --search finds remat, microbatches and a "
+  "mesh that fit (model.remat, train.microbatches, mesh.*, model.loss_chunk)"
+)
 
 
 def compile_error(error: Exception) -> ConfigError | None:

@@ -5,6 +5,7 @@ On several hosts the processes must agree on the step to save at, or the
 collective save would deadlock: JAX's preemption sync point (set up by
 jax.distributed.initialize, which catches SIGTERM itself) gives that step.
 """
+
 import signal
 import threading
 

@@ -3,6 +3,7 @@
 config -> mesh -> data -> setup (model, optimizer, shardings: training/setup.py) ->
 state (resumed, from init.checkpoint, or fresh) -> hooks -> loop -> samples.
 """
+
 import collections
 import dataclasses
 import fcntl
@@ -11,7 +12,8 @@ import json
 import os
 import socket
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,8 +32,8 @@ from training import setup as setup_lib
 from training.checkpointing import Checkpointer
 from training.cpu_memory import keep_step_buffers_mapped
 from training.metric_writers import MetricWriter
-from training.preemption import Preemption
 from training.peak_flops import peak_flops
+from training.preemption import Preemption
 from training.state import TrainState
 from training.validation import ConfigError, validate
 from version import __version__
@@ -56,6 +58,7 @@ class RunResult:
 @dataclasses.dataclass
 class Start:
   """Where this run starts: its state, and what it was made from."""
+
   state: TrainState
   step: int
   resumed_from: int | None  # The workdir's checkpoint step this run resumes, if any.
@@ -80,12 +83,14 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
   peak = peak_flops(COMPUTE_DTYPES[config.model.dtype])  # Measured on a CPU: once.
   writer = _open_writer(setup, workdir, start, datasets, peak)
   mixture_stats = hooks_lib.MixtureStats(datasets.names)
-  logging_hook, eval_hook, checkpoint_hook = _make_hooks(setup, datasets, writer, checkpointer, start,
-                                                         mixture_stats, peak[0])
+  logging_hook, eval_hook, checkpoint_hook = _make_hooks(
+    setup, datasets, writer, checkpointer, start, mixture_stats, peak[0]
+  )
 
   state, step, preempted = start.state, start.step, False
-  batches = _train_batches(datasets, mesh, start.step, config.train.stop_at_step or config.train.num_steps,
-                           mixture_stats)
+  batches = _train_batches(
+    datasets, mesh, start.step, config.train.stop_at_step or config.train.num_steps, mixture_stats
+  )
   first_batch = next(batches, None)
   if first_batch is None:
     writer.text(f"already at step {start.step}: nothing to train")
@@ -103,10 +108,18 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
     writer.text("--- sample ---\n" + text)
   writer.close()
   _unlock_workdir(workdir)
-  return RunResult(config=config, state=state, graphdef=setup.graphdef, tokenizer=datasets.tokenizer,
-                   last_metrics=logging_hook.last_logged, eval_history=eval_hook.history,
-                   eval_history_by_source=eval_hook.source_history,
-                   samples=samples, resumed_from=start.resumed_from, preempted=preempted)
+  return RunResult(
+    config=config,
+    state=state,
+    graphdef=setup.graphdef,
+    tokenizer=datasets.tokenizer,
+    last_metrics=logging_hook.last_logged,
+    eval_history=eval_hook.history,
+    eval_history_by_source=eval_hook.source_history,
+    samples=samples,
+    resumed_from=start.resumed_from,
+    preempted=preempted,
+  )
 
 
 def _check_config_and_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
@@ -131,17 +144,24 @@ def _compilation_cache_dir(path: str) -> str:
     try:
       writable_directory(path)
     except OSError as e:
-      raise ConfigError(f"compilation_cache_dir={path!r} cannot be used as a directory ({e}); "
-                        "give a writable directory, or '' for no cache") from None
+      raise ConfigError(
+        f"compilation_cache_dir={path!r} cannot be used as a directory ({e}); "
+        "give a writable directory, or '' for no cache"
+      ) from None
   return path
 
 
 def _build_datasets(config: ConfigDict, workdir: str) -> tuple[data.Datasets, ConfigDict]:
   """The input, and the config validated against its tokenizer."""
   try:
-    datasets = data.build_datasets(config.data, global_batch_size=config.train.global_batch_size,
-                                   seed=config.seed, workdir=workdir,
-                                   process_index=jax.process_index(), process_count=jax.process_count())
+    datasets = data.build_datasets(
+      config.data,
+      global_batch_size=config.train.global_batch_size,
+      seed=config.seed,
+      workdir=workdir,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+    )
   except ValueError as e:  # data/ names the data.* field at fault; report it like any config error.
     raise ConfigError(str(e)) from e
   config = validate(config, jax.device_count(), tokenizer_vocab_size=datasets.tokenizer.vocab_size)
@@ -150,15 +170,21 @@ def _build_datasets(config: ConfigDict, workdir: str) -> tuple[data.Datasets, Co
   except ValueError as e:
     raise ConfigError(f"train.sample_prompt={config.train.sample_prompt!r}: {e}") from None
   if config.optimizer.warmup_steps >= config.train.num_steps:
-    logging.warning("optimizer.warmup_steps=%d >= train.num_steps=%d: the learning rate warms up for the "
-                    "whole run and never reaches optimizer.learning_rate", config.optimizer.warmup_steps,
-                    config.train.num_steps)
+    logging.warning(
+      "optimizer.warmup_steps=%d >= train.num_steps=%d: the learning rate warms up for the "
+      "whole run and never reaches optimizer.learning_rate",
+      config.optimizer.warmup_steps,
+      config.train.num_steps,
+    )
   return datasets, config
 
 
 def _open_checkpointer(config: ConfigDict, workdir: str) -> Checkpointer:
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints,
-                              keep_every=config.train.keep_checkpoints_every)
+  checkpointer = Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    keep=config.train.keep_checkpoints,
+    keep_every=config.train.keep_checkpoints_every,
+  )
   try:
     writable_directory(checkpointer.directory)
   except OSError as e:
@@ -166,19 +192,25 @@ def _open_checkpointer(config: ConfigDict, workdir: str) -> Checkpointer:
   return checkpointer
 
 
-def _resume_or_init(setup: setup_lib.Setup, checkpointer: Checkpointer, datasets: data.Datasets,
-                    workdir: str) -> Start:
+def _resume_or_init(setup: setup_lib.Setup, checkpointer: Checkpointer, datasets: data.Datasets, workdir: str) -> Start:
   """Resumes from the latest checkpoint in the workdir, else starts from init.checkpoint or afresh."""
   config = setup.config
   resumed_from, passed_over = checkpointer.latest_resumable_step()
   if passed_over and resumed_from is None:
-    raise ConfigError(f"{checkpointer.directory} holds no checkpoint this run can resume from "
-                      f"({'; '.join(f'step {step} {why}' for step, why in passed_over)}); a parameters-only "
-                      "checkpoint (tools/hf_import.py writes one) starts a run as --config.init.checkpoint "
-                      "in a new --workdir; else move the directory aside to start afresh")
+    raise ConfigError(
+      f"{checkpointer.directory} holds no checkpoint this run can resume from "
+      f"({'; '.join(f'step {step} {why}' for step, why in passed_over)}); a parameters-only "
+      "checkpoint (tools/hf_import.py writes one) starts a run as --config.init.checkpoint "
+      "in a new --workdir; else move the directory aside to start afresh"
+    )
   for step_passed, why in passed_over:  # Newer steps a damaged disk or a half-finished deletion left.
-    logging.warning("checkpoint step %d %s: set aside as %s; resuming from step %d", step_passed, why,
-                    checkpointer.set_aside(step_passed), resumed_from)
+    logging.warning(
+      "checkpoint step %d %s: set aside as %s; resuming from step %d",
+      step_passed,
+      why,
+      checkpointer.set_aside(step_passed),
+      resumed_from,
+    )
   init_record = None
   resume_changes: list[str] = []
   if resumed_from is None and config.init.checkpoint:
@@ -193,55 +225,83 @@ def _resume_or_init(setup: setup_lib.Setup, checkpointer: Checkpointer, datasets
     resume_record = checkpointer.record(resumed_from)
     resume_changes = _resume_changes(resume_record, config, workdir)
     saved_rows = resume_record.get("data", {}).get("rows", {})
-    resume_changes += [f"data.sources.{name}: its rows differ from the checkpointed run's (files, tokenizer "
-                       "or packing changed), so the batches from here on are not the ones that run would have read"
-                       for name, rows_id in datasets.rows_ids.items() if saved_rows.get(name, rows_id) != rows_id]
+    resume_changes += [
+      f"data.sources.{name}: its rows differ from the checkpointed run's (files, tokenizer "
+      "or packing changed), so the batches from here on are not the ones that run would have read"
+      for name, rows_id in datasets.rows_ids.items()
+      if saved_rows.get(name, rows_id) != rows_id
+    ]
     try:
       state, record = checkpointer.restore(resumed_from, setup.abstract_state())
     except Exception as e:  # noqa: BLE001 -- a damaged array file: say which checkpoint, and what to do.
       step_dir = os.path.join(checkpointer.directory, str(resumed_from))
-      raise ConfigError(f"{step_dir} cannot be restored ({type(e).__name__}: {str(e)[:200]}); move it aside "
-                        f"(mv {step_dir} {step_dir}.damaged) to resume from the step before it") from None
+      raise ConfigError(
+        f"{step_dir} cannot be restored ({type(e).__name__}: {str(e)[:200]}); move it aside "
+        f"(mv {step_dir} {step_dir}.damaged) to resume from the step before it"
+      ) from None
     logging.info("resumed from step %d (data position %s)", resumed_from, record.get("data"))
-  return Start(state=state, step=int(jax.device_get(state.step)), resumed_from=resumed_from,
-               init_record=init_record, resume_changes=resume_changes)
+  return Start(
+    state=state,
+    step=int(jax.device_get(state.step)),
+    resumed_from=resumed_from,
+    init_record=init_record,
+    resume_changes=resume_changes,
+  )
 
 
-def _open_writer(setup: setup_lib.Setup, workdir: str, start: Start, datasets: data.Datasets,
-                 peak: tuple[float, str]) -> MetricWriter:
+def _open_writer(
+  setup: setup_lib.Setup, workdir: str, start: Start, datasets: data.Datasets, peak: tuple[float, str]
+) -> MetricWriter:
   """The metric writer, which starts the log with what this run is and where it starts from; `peak`:
   training/peak_flops.py's FLOP/s and their source."""
   config = setup.config
   # Records past the restored step are rewritten by this run; with nothing restored, those at the
   # start step too (an evaluation of init.checkpoint that a killed earlier attempt logged).
-  writer = MetricWriter(workdir, config.train.num_steps,
-                        resume_step=start.step if start.resumed_from is not None else start.step - 1)
+  writer = MetricWriter(
+    workdir, config.train.num_steps, resume_step=start.step if start.resumed_from is not None else start.step - 1
+  )
   peak, peak_source = peak
   init_record = start.init_record
-  writer.text(f"loom: {model_lib.num_params(config.model) / 1e6:.2f}M parameters, "
-              f"{model_lib.flops_per_token(config.model, config.data.seq_len) / 1e6:.1f} MFLOPs/token, "
-              f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), mesh {dict(setup.mesh.shape)}, "
-              + (f"resumed at step {start.step}" if start.resumed_from is not None
-                 else f"initialised from {init_record['directory']} step {init_record['restored_step']}"
-                 if init_record else "fresh start"))
+  writer.text(
+    f"loom: {model_lib.num_params(config.model) / 1e6:.2f}M parameters, "
+    f"{model_lib.flops_per_token(config.model, config.data.seq_len) / 1e6:.1f} MFLOPs/token, "
+    f"peak {peak / 1e9:.0f} GFLOP/s ({peak_source}), mesh {dict(setup.mesh.shape)}, "
+    + (
+      f"resumed at step {start.step}"
+      if start.resumed_from is not None
+      else f"initialised from {init_record['directory']} step {init_record['restored_step']}"
+      if init_record
+      else "fresh start"
+    )
+  )
   if start.resume_changes:
     writer.text("resumed with changes from the checkpointed run: " + "; ".join(start.resume_changes))
   if datasets.bad_data_counts:  # Counted while the data was read, before the first step.
-    writer.write(start.step, {f"data/skipped/{reason}": count
-                              for reason, count in datasets.bad_data_counts.items()})
+    writer.write(start.step, {f"data/skipped/{reason}": count for reason, count in datasets.bad_data_counts.items()})
   return writer
 
 
-def _make_hooks(setup: setup_lib.Setup, datasets: data.Datasets, writer: MetricWriter,
-                checkpointer: Checkpointer, start: Start, mixture_stats: hooks_lib.MixtureStats,
-                peak: float) -> tuple[hooks_lib.LoggingHook, hooks_lib.EvalHook, hooks_lib.CheckpointHook]:
+def _make_hooks(
+  setup: setup_lib.Setup,
+  datasets: data.Datasets,
+  writer: MetricWriter,
+  checkpointer: Checkpointer,
+  start: Start,
+  mixture_stats: hooks_lib.MixtureStats,
+  peak: float,
+) -> tuple[hooks_lib.LoggingHook, hooks_lib.EvalHook, hooks_lib.CheckpointHook]:
   """Logging, evaluation (of the start too, when continued training starts from init.checkpoint) and
   checkpoints, in the order they run after a step."""
   config, train_cfg = setup.config, setup.config.train
-  logging_hook = hooks_lib.LoggingHook(train_cfg.log_every, writer, start.step,
-                                       train_cfg.global_batch_size * config.data.seq_len,
-                                       model_lib.flops_per_token(config.model, config.data.seq_len), peak,
-                                       extra_metrics=mixture_stats.metrics)
+  logging_hook = hooks_lib.LoggingHook(
+    train_cfg.log_every,
+    writer,
+    start.step,
+    train_cfg.global_batch_size * config.data.seq_len,
+    model_lib.flops_per_token(config.model, config.data.seq_len),
+    peak,
+    extra_metrics=mixture_stats.metrics,
+  )
   eval_step = setup.eval_step()
 
   def eval_batches(name):
@@ -249,24 +309,39 @@ def _make_hooks(setup: setup_lib.Setup, datasets: data.Datasets, writer: MetricW
       for local in datasets.eval_batches(name, train_cfg.eval_batches):
         local.pop("source_counts", None)
         yield sharding.global_batch_from_local(local, setup.mesh)
+
     return batches
 
-  eval_hook = hooks_lib.EvalHook(train_cfg.eval_every, eval_step, {name: eval_batches(name) for name in datasets.names},
-                                 writer, evaluate_at_start=start.init_record is not None)
+  eval_hook = hooks_lib.EvalHook(
+    train_cfg.eval_every,
+    eval_step,
+    {name: eval_batches(name) for name in datasets.names},
+    writer,
+    evaluate_at_start=start.init_record is not None,
+  )
   init_record = start.init_record
   checkpoint_hook = hooks_lib.CheckpointHook(
-      train_cfg.checkpoint_every, checkpointer,
-      lambda step: {"step": step, "loom_version": __version__,
-                    "data": {"seed": config.seed, "next_step": step,
-                             "sources": dict(zip(datasets.names, datasets.weights)),
-                             "rows": datasets.rows_ids},
-                    "config": json.loads(config.to_json()),
-                    "init": init_record and {k: init_record.get(k) for k in ("directory", "restored_step")}})
+    train_cfg.checkpoint_every,
+    checkpointer,
+    lambda step: {
+      "step": step,
+      "loom_version": __version__,
+      "data": {
+        "seed": config.seed,
+        "next_step": step,
+        "sources": dict(zip(datasets.names, datasets.weights)),
+        "rows": datasets.rows_ids,
+      },
+      "config": json.loads(config.to_json()),
+      "init": init_record and {k: init_record.get(k) for k in ("directory", "restored_step")},
+    },
+  )
   return logging_hook, eval_hook, checkpoint_hook
 
 
-def _train_batches(datasets: data.Datasets, mesh, start_step: int, stop_step: int,
-                   mixture_stats: hooks_lib.MixtureStats):
+def _train_batches(
+  datasets: data.Datasets, mesh, start_step: int, stop_step: int, mixture_stats: hooks_lib.MixtureStats
+):
   """The global batches of steps start_step + 1 to stop_step, their sources counted as they pass."""
   for local in datasets.train_batches(start_step, stop_step):
     mixture_stats.add(local.pop("source_counts"))
@@ -289,8 +364,7 @@ def _compile(train_step, state: TrainState, first_batch, mesh, writer: MetricWri
   return compiled_step
 
 
-def _loop(compiled_step, state: TrainState, batches, hooks: hooks_lib.Hook, step: int
-          ) -> tuple[TrainState, int, bool]:
+def _loop(compiled_step, state: TrainState, batches, hooks: hooks_lib.Hook, step: int) -> tuple[TrainState, int, bool]:
   """Trains on every batch, or until SIGTERM; the state, its step, and whether it was preempted."""
   metrics: dict[str, Any] = {}
   hooks.on_start(step, state)
@@ -330,8 +404,9 @@ def _lock_workdir(workdir: str) -> None:
     handle.seek(0)
     holder = handle.read().strip() or "another process"
     handle.close()
-    raise ConfigError(f"--workdir={workdir} is in use by a running train.py ({holder}); wait for it to "
-                      "end, or use another --workdir") from None
+    raise ConfigError(
+      f"--workdir={workdir} is in use by a running train.py ({holder}); wait for it to end, or use another --workdir"
+    ) from None
   except OSError:  # A filesystem without locks (some network mounts): run unguarded.
     pass
   handle.seek(0)
@@ -367,16 +442,22 @@ def _resume_changes(record: dict[str, Any], config: ConfigDict, workdir: str) ->
   """
   saved = _flat_fields(record.get("config", {}))  # {} for a checkpoint written without one.
   current = _flat_fields(json.loads(config.to_json()))
-  changed = {field: (saved[field], value) for field, value in current.items()
-             if field in saved and saved[field] != value}
-  refused = [f"{field}: {old!r} in the checkpoint, {new!r} now" for field, (old, new) in changed.items()
-             if field.startswith("model.") and field.removeprefix("model.") not in CHECKPOINT_INDEPENDENT_FIELDS]
+  changed = {
+    field: (saved[field], value) for field, value in current.items() if field in saved and saved[field] != value
+  }
+  refused = [
+    f"{field}: {old!r} in the checkpoint, {new!r} now"
+    for field, (old, new) in changed.items()
+    if field.startswith("model.") and field.removeprefix("model.") not in CHECKPOINT_INDEPENDENT_FIELDS
+  ]
   if "seed" in changed:
     refused.append(f"seed: {changed['seed'][0]} in the checkpoint, {config.seed} now (the data order)")
   if refused:
-    raise ConfigError(f"{workdir} holds a checkpoint of a different run ({'; '.join(refused)}); "
-                      "use a new --workdir, or the checkpoint's settings to resume it (of the model, only "
-                      f"{', '.join(sorted(CHECKPOINT_INDEPENDENT_FIELDS))} may change)")
+    raise ConfigError(
+      f"{workdir} holds a checkpoint of a different run ({'; '.join(refused)}); "
+      "use a new --workdir, or the checkpoint's settings to resume it (of the model, only "
+      f"{', '.join(sorted(CHECKPOINT_INDEPENDENT_FIELDS))} may change)"
+    )
   return [f"{field}: {old!r} -> {new!r}" for field, (old, new) in changed.items()]
 
 
@@ -387,6 +468,13 @@ def _samples(config, graphdef, state, tokenizer) -> list[str]:
   prompt = tokenizer.encode_batch([train_cfg.sample_prompt])[0].tolist() if train_cfg.sample_prompt else []
   if not prompt:
     prompt = [tokenizer.bos_id if tokenizer.bos_id is not None else 0]
-  outputs = sample(graphdef, state.params, [prompt] * train_cfg.num_samples, train_cfg.sample_length,
-                   window=config.data.seq_len, temperature=train_cfg.sample_temperature, seed=config.seed)
+  outputs = sample(
+    graphdef,
+    state.params,
+    [prompt] * train_cfg.num_samples,
+    train_cfg.sample_length,
+    window=config.data.seq_len,
+    temperature=train_cfg.sample_temperature,
+    seed=config.seed,
+  )
   return [tokenizer.decode(np.asarray(tokens)) for tokens in outputs]

@@ -3,8 +3,10 @@
 train(), the planner, the benchmarks and the tests all build through `build_setup`, so the state a
 test checks or a benchmark times is laid out, initialised and compiled as train.py's run is.
 """
+
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +27,7 @@ def use_cpu_devices(config: ConfigDict) -> None:
   """Applies config.cpu_devices before JAX's CPU backend starts (-1: one device per core, as many as
   the config's mesh and batch divide into); a bad value is a ConfigError naming the field."""
   try:
-    sharding.use_cpu_devices(config.cpu_devices, config.mesh, config.train.global_batch_size,
-                             config.train.microbatches)
+    sharding.use_cpu_devices(config.cpu_devices, config.mesh, config.train.global_batch_size, config.train.microbatches)
   except ValueError as e:
     raise ConfigError(str(e)) from e
 
@@ -39,8 +40,11 @@ def make_mesh(config: ConfigDict, devices: Sequence[jax.Device] | None = None) -
   if config.model.attention == "cudnn" and platform != "gpu":
     raise ConfigError(f"model.attention='cudnn' needs NVIDIA GPUs, not {platform}; use auto, xla or blockwise")
   if config.model.attention == "splash" and platform != "tpu":
-    logging.warning("model.attention='splash' on %s runs the TPU kernel in Pallas's interpreter, which is "
-                    "very slow; model.attention='auto' picks this platform's best", platform)
+    logging.warning(
+      "model.attention='splash' on %s runs the TPU kernel in Pallas's interpreter, which is "
+      "very slow; model.attention='auto' picks this platform's best",
+      platform,
+    )
   return mesh
 
 
@@ -51,6 +55,7 @@ class Setup:
   Built once by `build_setup`; its methods make states (fresh, from given parameters, or shapes
   alone) and the jitted steps, all in the layout `shardings` gives.
   """
+
   config: ConfigDict  # Validated, with its model.vocab_size known; a copy of the caller's.
   mesh: Mesh | AbstractMesh  # An AbstractMesh sizes and compiles steps, but holds no arrays.
   graphdef: nnx.GraphDef
@@ -75,28 +80,41 @@ class Setup:
     params = jax.device_put(params, self.shardings.params)
     if opt_state is None:
       opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
-    return TrainState(step=jax.device_put(jnp.asarray(step, jnp.int32), self.shardings.step), params=params,
-                      opt_state=opt_state, rng=jax.device_put(state_rng(seed), self.shardings.rng))
+    return TrainState(
+      step=jax.device_put(jnp.asarray(step, jnp.int32), self.shardings.step),
+      params=params,
+      opt_state=opt_state,
+      rng=jax.device_put(state_rng(seed), self.shardings.rng),
+    )
 
   def abstract_state(self) -> TrainState:
     """ShapeDtypeStructs with shardings: the target a checkpoint is restored into, or what a step is
     compiled for without any array."""
     shapes = jax.eval_shape(lambda: new_train_state(self.config.model, self.tx, 0))
-    return jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-                        shapes, self.shardings)
+    return jax.tree.map(
+      lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s), shapes, self.shardings
+    )
 
   def train_step(self):
     """The jitted `step(state, batch) -> (state, metrics)` of training/step.py, the state donated."""
-    return make_train_step(self.graphdef, self.tx, self.schedule, self.mesh, self.shardings,
-                           self.config.train.microbatches, dropout=self.config.model.dropout_rate > 0)
+    return make_train_step(
+      self.graphdef,
+      self.tx,
+      self.schedule,
+      self.mesh,
+      self.shardings,
+      self.config.train.microbatches,
+      dropout=self.config.model.dropout_rate > 0,
+    )
 
   def eval_step(self, per_row: bool = False):
     """The jitted `eval(params, batch) -> (loss_sum, weight)`; with per_row, one of each per row."""
     return make_eval_step(self.graphdef, self.mesh, self.shardings.params, per_row=per_row)
 
 
-def build_setup(config: ConfigDict, mesh: Mesh | AbstractMesh | None = None,
-                devices: Sequence[jax.Device] | None = None) -> Setup:
+def build_setup(
+  config: ConfigDict, mesh: Mesh | AbstractMesh | None = None, devices: Sequence[jax.Device] | None = None
+) -> Setup:
   """The setup of a validated config (training.validation.validate, with the tokenizer's vocabulary).
 
   `mesh`: the mesh to lay the state out on; an AbstractMesh of a target's shape plans a run without
@@ -108,10 +126,17 @@ def build_setup(config: ConfigDict, mesh: Mesh | AbstractMesh | None = None,
     mesh = make_mesh(config, devices)
   graphdef, abstract_params = abstract_model(config.model)
   try:
-    frozen = trainable_mask(abstract_params, config.init.freeze, config.init.freeze_layers,
-                            config.model.num_layers)
+    frozen = trainable_mask(abstract_params, config.init.freeze, config.init.freeze_layers, config.model.num_layers)
   except ValueError as e:
     raise ConfigError(str(e)) from None
   tx, schedule = build_optimizer(config.optimizer, config.train.num_steps, abstract_params, frozen)
-  return Setup(config=config, mesh=mesh, graphdef=graphdef, abstract_params=abstract_params, tx=tx,
-               schedule=schedule, frozen=frozen, shardings=state_shardings(abstract_params, tx, mesh))
+  return Setup(
+    config=config,
+    mesh=mesh,
+    graphdef=graphdef,
+    abstract_params=abstract_params,
+    tx=tx,
+    schedule=schedule,
+    frozen=frozen,
+    shardings=state_shardings(abstract_params, tx, mesh),
+  )

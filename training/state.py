@@ -1,5 +1,6 @@
 """The train state (parameters, optimizer state, step and RNG) and its shardings on a mesh;
 training/setup.py creates it sharded."""
+
 import flax
 import jax
 import jax.numpy as jnp
@@ -36,12 +37,12 @@ def new_train_state(model_cfg, tx: optax.GradientTransformation, seed: int) -> T
   one is training.setup.Setup.init_state."""
   params_key = jax.random.split(jax.random.key(seed))[0]
   params = nnx.state(Transformer(model_cfg, nnx.Rngs(params=params_key)))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    rng=state_rng(seed))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng(seed))
 
 
-def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh,
-                    rules=sharding.DEFAULT_RULES) -> TrainState:
+def state_shardings(
+  abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, rules=sharding.DEFAULT_RULES
+) -> TrainState:
   """NamedShardings for every leaf of the train state.
 
   Optimizer moments mirror the parameters' structure, so they take the
@@ -53,8 +54,7 @@ def state_shardings(abstract_params: nnx.State, tx: optax.GradientTransformation
 
   flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
   flat_shardings = jax.tree.leaves(param_shardings)
-  by_path = [(tuple(str(k) for k in path), leaf.shape, s)
-             for (path, leaf), s in zip(flat_params, flat_shardings)]
+  by_path = [(tuple(str(k) for k in path), leaf.shape, s) for (path, leaf), s in zip(flat_params, flat_shardings)]
 
   def opt_leaf_sharding(path, leaf):
     matching = _param_sharding_at(by_path, path, leaf)
@@ -68,6 +68,6 @@ def _param_sharding_at(by_path, opt_path, leaf):
   """The sharding of the parameter whose path ends `opt_path` and whose shape is the leaf's."""
   opt_keys = tuple(str(k) for k in opt_path)
   for keys, shape, param_sharding in by_path:
-    if len(keys) <= len(opt_keys) and opt_keys[-len(keys):] == keys and shape == leaf.shape:
+    if len(keys) <= len(opt_keys) and opt_keys[-len(keys) :] == keys and shape == leaf.shape:
       return param_sharding
   return None

@@ -1,4 +1,5 @@
 """The jitted train and eval steps: loss, gradient accumulation, metrics."""
+
 from typing import Any
 
 import jax
@@ -22,8 +23,7 @@ def row_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_
   model = nnx.merge(graphdef, params)
   if model.cfg.loss_chunk:
     x_BLD = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
-    return chunked_row_losses(x_BLD, model.output_kernel(), batch["targets"], batch["weights"],
-                              model.cfg.loss_chunk)
+    return chunked_row_losses(x_BLD, model.output_kernel(), batch["targets"], batch["weights"], model.cfg.loss_chunk)
   logits_BLV = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
   losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
   weights_BL = batch["weights"]
@@ -38,14 +38,23 @@ def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropou
 
 def _split_microbatches(batch: Batch, microbatches: int) -> Batch:
   """[B, ...] -> [k, B/k, ...], taking strided rows so every microbatch keeps the batch sharding."""
+
   def split(x):
     return x.reshape((x.shape[0] // microbatches, microbatches) + x.shape[1:]).swapaxes(0, 1)
+
   return jax.tree.map(split, batch)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, mesh: Mesh,
-                    state_shardings: TrainState, microbatches: int = 1, dropout: bool = False,
-                    rules=sharding.DEFAULT_RULES):
+def make_train_step(
+  graphdef,
+  tx: optax.GradientTransformation,
+  schedule,
+  mesh: Mesh,
+  state_shardings: TrainState,
+  microbatches: int = 1,
+  dropout: bool = False,
+  rules=sharding.DEFAULT_RULES,
+):
   """A jitted `step(state, batch) -> (state, metrics)` with the state donated.
 
   The loss is the mean over all weighted tokens of the global batch; with
@@ -55,16 +64,17 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, mesh: 
 
   def grads_and_loss(params, batch, dropout_key):
     (loss_sum, weight), grads = jax.value_and_grad(
-        lambda p: token_losses(graphdef, p, batch, dropout_key), has_aux=True)(params)
+      lambda p: token_losses(graphdef, p, batch, dropout_key), has_aux=True
+    )(params)
     return grads, loss_sum, weight
 
   def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
     with sharding.activation_rules(mesh, rules):
-      dropout_key = (jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-                     if dropout else None)
+      dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if dropout else None
       if microbatches == 1:
         grads, loss_sum, weight = grads_and_loss(state.params, batch, dropout_key)
       else:
+
         def accumulate(carry, micro):
           index, micro_batch = micro
           key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
@@ -80,20 +90,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, mesh: 
       params = optax.apply_updates(state.params, updates)
     loss = loss_sum / weight
     metrics = {
-        "loss": loss,
-        "learning_rate": schedule(state.step),
-        "grad_norm": optax.tree.norm(grads),
-        "param_norm": optax.tree.norm(params),
-        "tokens": weight,
+      "loss": loss,
+      "learning_rate": schedule(state.step),
+      "grad_norm": optax.tree.norm(grads),
+      "param_norm": optax.tree.norm(params),
+      "tokens": weight,
     }
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None),
-                 donate_argnums=(0,))
+  return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def make_eval_step(graphdef, mesh: Mesh, params_shardings, rules=sharding.DEFAULT_RULES,
-                   per_row: bool = False):
+def make_eval_step(graphdef, mesh: Mesh, params_shardings, rules=sharding.DEFAULT_RULES, per_row: bool = False):
   """A jitted `eval(params, batch) -> (loss_sum, weight)`, summed so batches can be pooled;
   with per_row, both are [B], one per row of the batch."""
 

@@ -2,6 +2,7 @@
 
 Each problem is one ValueError naming the config field, what it was and what is allowed.
 """
+
 import copy
 
 from ml_collections import ConfigDict
@@ -17,20 +18,20 @@ from training.checkpointing import locate
 # Each field's allowed values, as defined beside the code that implements them: a new choice
 # there is allowed here without a second list to keep in step.
 CHOICES = {
-    "model.norm": tuple(model.NORMS),
-    "model.position": tuple(model.POSITIONS),
-    "model.mlp": tuple(model.MLPS),
-    "model.dtype": tuple(model.COMPUTE_DTYPES),
-    "model.remat": tuple(model.REMAT_POLICIES),
-    "model.attention": tuple(model.ATTENTION_IMPLEMENTATIONS),
-    "data.tokenizer": tokenizers.TOKENIZER_NAMES,
-    "data.tokenizer_model_type": tokenizers.MODEL_TYPES,
-    "data.windows": pipeline.WINDOWS,
-    "data.bad_data": bad_data.POLICIES,
-    "data.chat_template": chat.CHAT_TEMPLATES,
-    "data.chat_loss_on": chat.LOSS_ON,
-    "optimizer.name": optimizer.OPTIMIZERS,
-    "optimizer.schedule": optimizer.SCHEDULES,
+  "model.norm": tuple(model.NORMS),
+  "model.position": tuple(model.POSITIONS),
+  "model.mlp": tuple(model.MLPS),
+  "model.dtype": tuple(model.COMPUTE_DTYPES),
+  "model.remat": tuple(model.REMAT_POLICIES),
+  "model.attention": tuple(model.ATTENTION_IMPLEMENTATIONS),
+  "data.tokenizer": tokenizers.TOKENIZER_NAMES,
+  "data.tokenizer_model_type": tokenizers.MODEL_TYPES,
+  "data.windows": pipeline.WINDOWS,
+  "data.bad_data": bad_data.POLICIES,
+  "data.chat_template": chat.CHAT_TEMPLATES,
+  "data.chat_loss_on": chat.LOSS_ON,
+  "optimizer.name": optimizer.OPTIMIZERS,
+  "optimizer.schedule": optimizer.SCHEDULES,
 }
 
 
@@ -43,12 +44,15 @@ def _check_schema(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> N
     name = f"{prefix}{key}"
     if name == "data.sources":  # User-named entries, each checked against base.SOURCE_DEFAULTS.
       if not isinstance(value, ConfigDict) or not value:
-        raise ConfigError("config field 'data.sources' must be a section of named sources, "
-                          "e.g. {'main': base.source(kind='text', paths='corpus/*.txt')}")
+        raise ConfigError(
+          "config field 'data.sources' must be a section of named sources, "
+          "e.g. {'main': base.source(kind='text', paths='corpus/*.txt')}"
+        )
       for source_name, source in value.items():
         if not isinstance(source, ConfigDict):
-          raise ConfigError(f"config field 'data.sources.{source_name}' must be a section "
-                            "(made with configs.base.source(...))")
+          raise ConfigError(
+            f"config field 'data.sources.{source_name}' must be a section (made with configs.base.source(...))"
+          )
         _check_schema(source, ConfigDict(base.SOURCE_DEFAULTS), f"data.sources.{source_name}.")
       continue
     if key not in schema:
@@ -59,9 +63,11 @@ def _check_schema(config: ConfigDict, schema: ConfigDict, prefix: str = "") -> N
       if not isinstance(value, ConfigDict):
         raise ConfigError(f"config field '{name}' must be a section, got {value!r}")
       _check_schema(value, expected, name + ".")
-    elif isinstance(expected, bool) != isinstance(value, bool) or (
-        isinstance(expected, (int, float)) and not isinstance(value, (int, float))) or (
-        isinstance(expected, str) and not isinstance(value, str)):
+    elif (
+      isinstance(expected, bool) != isinstance(value, bool)
+      or (isinstance(expected, (int, float)) and not isinstance(value, (int, float)))
+      or (isinstance(expected, str) and not isinstance(value, str))
+    ):
       raise ConfigError(f"config field '{name}'={value!r} must be a {type(expected).__name__}")
     elif isinstance(expected, int) and not isinstance(expected, bool) and isinstance(value, float):
       raise ConfigError(f"config field '{name}'={value!r} must be an integer")
@@ -96,51 +102,59 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
   if m.num_kv_heads == 0:
     m.num_kv_heads = m.num_heads
   if m.head_dim == 0:
-    _require(m.embed_dim % m.num_heads == 0,
-             f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}; "
-             "set model.head_dim explicitly or change one of them")
+    _require(
+      m.embed_dim % m.num_heads == 0,
+      f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}; "
+      "set model.head_dim explicitly or change one of them",
+    )
     m.head_dim = m.embed_dim // m.num_heads
-  _require(m.num_heads % m.num_kv_heads == 0,
-           f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
-  _require(m.position != "rope" or m.head_dim % 2 == 0,
-           f"model.head_dim={m.head_dim} must be even for rope positions")
+  _require(
+    m.num_heads % m.num_kv_heads == 0,
+    f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}",
+  )
+  _require(m.position != "rope" or m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even for rope positions")
   _require(m.attention_block > 0, f"config field 'model.attention_block'={m.attention_block} must be positive")
   _require(m.loss_chunk >= 0, f"config field 'model.loss_chunk'={m.loss_chunk} must be >= 0 (0: the whole row)")
   _require(0.0 <= m.dropout_rate < 1.0, f"model.dropout_rate={m.dropout_rate} must be in [0, 1)")
   if tokenizer_vocab_size is not None:
     if m.vocab_size == 0:
       m.vocab_size = tokenizer_vocab_size
-    _require(tokenizer_vocab_size <= m.vocab_size,
-             f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
-             f"({tokenizer_vocab_size}); raise it or set it to 0 to use the tokenizer's size")
+    _require(
+      tokenizer_vocab_size <= m.vocab_size,
+      f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+      f"({tokenizer_vocab_size}); raise it or set it to 0 to use the tokenizer's size",
+    )
 
   _require(d.seq_len > 0, f"data.seq_len={d.seq_len} must be positive")
-  _require(not d.tokenizer_path or d.tokenizer in ("sentencepiece", "huggingface"),
-           f"data.tokenizer_path={d.tokenizer_path!r} is set but data.tokenizer={d.tokenizer!r} reads no "
-           "file; it is for data.tokenizer=sentencepiece (a .model) or huggingface (a tokenizer.json)")
-  _require(d.seq_len <= m.max_seq_len,
-           f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-  _require(0.0 < d.validation_fraction < 1.0,
-           f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
+  _require(
+    not d.tokenizer_path or d.tokenizer in ("sentencepiece", "huggingface"),
+    f"data.tokenizer_path={d.tokenizer_path!r} is set but data.tokenizer={d.tokenizer!r} reads no "
+    "file; it is for data.tokenizer=sentencepiece (a .model) or huggingface (a tokenizer.json)",
+  )
+  _require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+  _require(0.0 < d.validation_fraction < 1.0, f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
   _fill_and_check_sources(d)
 
   mesh = _mesh_sizes(config, num_devices)
   batch_shards = mesh["data"] * mesh["fsdp"]
   _require(t.global_batch_size > 0, f"train.global_batch_size={t.global_batch_size} must be positive")
   _require(t.microbatches >= 1, f"train.microbatches={t.microbatches} must be at least 1")
-  _require(t.global_batch_size % t.microbatches == 0,
-           f"train.global_batch_size={t.global_batch_size} is not divisible by "
-           f"train.microbatches={t.microbatches}")
+  _require(
+    t.global_batch_size % t.microbatches == 0,
+    f"train.global_batch_size={t.global_batch_size} is not divisible by train.microbatches={t.microbatches}",
+  )
   micro = t.global_batch_size // t.microbatches
-  _require(micro % batch_shards == 0,
-           f"train.global_batch_size={t.global_batch_size} (per microbatch {micro}) is not divisible "
-           f"by the data-parallel size mesh.data*mesh.fsdp = {mesh['data']}*{mesh['fsdp']} = {batch_shards}")
+  _require(
+    micro % batch_shards == 0,
+    f"train.global_batch_size={t.global_batch_size} (per microbatch {micro}) is not divisible "
+    f"by the data-parallel size mesh.data*mesh.fsdp = {mesh['data']}*{mesh['fsdp']} = {batch_shards}",
+  )
   tensor = mesh["tensor"]
-  _require(m.num_heads % tensor == 0,
-           f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}")
+  _require(m.num_heads % tensor == 0, f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}")
   _require(m.mlp_dim % tensor == 0, f"model.mlp_dim={m.mlp_dim} is not divisible by mesh.tensor={tensor}")
-  _require(m.embed_dim % mesh["fsdp"] == 0,
-           f"model.embed_dim={m.embed_dim} is not divisible by mesh.fsdp={mesh['fsdp']}")
+  _require(
+    m.embed_dim % mesh["fsdp"] == 0, f"model.embed_dim={m.embed_dim} is not divisible by mesh.fsdp={mesh['fsdp']}"
+  )
 
   _require(o.learning_rate > 0, f"optimizer.learning_rate={o.learning_rate} must be positive")
   _require(o.warmup_steps >= 0, f"optimizer.warmup_steps={o.warmup_steps} must be >= 0")
@@ -153,25 +167,27 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
     _require(o[field] >= 0, f"optimizer.{field}={o[field]} must be >= 0")
 
   _require(t.num_steps > 0, f"train.num_steps={t.num_steps} must be positive")
-  _require(0 <= t.stop_at_step <= t.num_steps,
-           f"train.stop_at_step={t.stop_at_step} must be in [0, train.num_steps={t.num_steps}]")
+  _require(
+    0 <= t.stop_at_step <= t.num_steps,
+    f"train.stop_at_step={t.stop_at_step} must be in [0, train.num_steps={t.num_steps}]",
+  )
   for field in ("log_every", "checkpoint_every", "keep_checkpoints"):
     _require(t[field] > 0, f"train.{field}={t[field]} must be positive")
-  _require(t.keep_checkpoints_every >= 0,
-           f"train.keep_checkpoints_every={t.keep_checkpoints_every} must be >= 0")
+  _require(t.keep_checkpoints_every >= 0, f"train.keep_checkpoints_every={t.keep_checkpoints_every} must be >= 0")
   i = config.init
   _require(i.step >= -1, f"init.step={i.step} must be a step number or -1 (the latest)")
   for field in ("load_optimizer", "keep_step"):
-    _require(not i[field] or bool(i.checkpoint),
-             f"init.{field}=True needs init.checkpoint (the run to take them from)")
+    _require(not i[field] or bool(i.checkpoint), f"init.{field}=True needs init.checkpoint (the run to take them from)")
   if i.checkpoint:  # A wrong path fails here, not after the data is read and tokenized.
     try:
       locate(i.checkpoint, i.step, field="init.checkpoint")
     except ValueError as e:
       raise ConfigError(str(e)) from None
   for field in ("eval_every", "eval_batches", "num_samples", "sample_length", "sample_temperature"):
-    _require(t[field] >= 0, f"train.{field}={t[field]} must be >= 0"
-             + (" (0 samples greedily)" if field == "sample_temperature" else ""))
+    _require(
+      t[field] >= 0,
+      f"train.{field}={t[field]} must be >= 0" + (" (0 samples greedily)" if field == "sample_temperature" else ""),
+    )
   return config
 
 
@@ -182,8 +198,9 @@ def validate_data(config: ConfigDict) -> ConfigDict:
   for field, allowed in CHOICES.items():
     section, key = field.split(".")
     if section == "data":
-      _require(config.data[key] in allowed,
-               f"config field '{field}'={config.data[key]!r}; allowed: {', '.join(allowed)}")
+      _require(
+        config.data[key] in allowed, f"config field '{field}'={config.data[key]!r}; allowed: {', '.join(allowed)}"
+      )
   _fill_and_check_sources(config.data)
   return config
 
@@ -195,8 +212,10 @@ def _fill_and_check_sources(data: ConfigDict) -> None:
       check_source(name, data.sources[name])
     except ValueError as e:
       raise ConfigError(str(e)) from None
-  _require(any(source.weight > 0 for source in data.sources.values()),
-           "data.sources: every weight is 0; at least one source needs a positive weight")
+  _require(
+    any(source.weight > 0 for source in data.sources.values()),
+    "data.sources: every weight is 0; at least one source needs a positive weight",
+  )
 
 
 def _mesh_sizes(config: ConfigDict, num_devices: int) -> dict[str, int]:
