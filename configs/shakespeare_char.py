@@ -59,7 +59,7 @@ def get_config():
     sample_prompt="ROMEO:",
   )
   # Data parallelism over the machine's cores, one CPU device per core (as many as divide the
-  # batch of 12). On the 2-core benchmark machine 2 devices measured about 4% faster than one
+  # batch of 12): faster than one device splitting every small op across the cores
   # (docs/performance_notes.md). data=-1 takes every device, so it runs on a GPU too.
   config.cpu_devices = -1
   config.mesh.update(data=-1, fsdp=1, tensor=1)

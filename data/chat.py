@@ -70,7 +70,7 @@ def render_chat_batch(
   loss_on: str = "assistant",
   template: str = "chatml",
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-  """Renders many conversations with one encode_batch call (per-text calls are ~25x slower).
+  """Renders many conversations with one encode_batch call (per-text calls pay the overhead per text).
 
   Returns (ids, loss_mask) per conversation: int32 ids starting with bos when
   the tokenizer has one, and a uint8 mask of the same length, 1 on loss targets.

@@ -276,7 +276,7 @@ def _rows_on_the_fly(name: str, source, tokenizer: Tokenizer, data_config, workd
 
 
 def _rows_digest(*splits: packing.PackedRows) -> str:
-  """A hash of the rows' contents (about 1 GB/s): equal whenever the same rows were built again."""
+  """A hash of the rows' contents: equal whenever the same rows were built again."""
   digest = hashlib.sha256()
   for rows in splits:
     for array in (rows.tokens, rows.segment_ids, rows.full_loss_mask()):

@@ -381,7 +381,7 @@ def _check_shards(directory: str, split: str, paths: list[str], shard_rows: list
   """ValueError now, not at the first read, for missing or truncated shards.
 
   Opening an ArrayRecordReader reads only the file's footer and chunk index
-  (under 1 ms for a shard of 8192 rows), not its records, so every shard's
+  (cheap at any shard size), not its records, so every shard's
   record count is checked against meta.json too.
   """
   missing = [path for path in paths if not os.path.isfile(path)]
@@ -428,9 +428,8 @@ class PreparedRows:
   rows_read counter take the lock.
 
   Not ArrayRecordDataSource itself: its __getitems__ starts a thread pool per
-  call, which measured 2x slower here (~7k vs ~14k rows/s for 64 random rows
-  of seq_len 1024 over 6 shards); parallelism comes from tf.data's parallel
-  calls instead.
+  call, which costs more than the reads it parallelises (docs/performance_notes.md);
+  parallelism comes from tf.data's parallel calls instead.
   """
 
   def __init__(self, directory: str, split: str):

@@ -33,9 +33,9 @@ def ones_param(shape: Sequence[int], axes: Sequence[str | None], dtype=jnp.float
 def dense(x: jax.Array, kernel: jax.Array, contract: int, dtype) -> jax.Array:
   """x [..., *in] times kernel [*in, *out] -> [..., *out], as one 2-D matmul.
 
-  Flattening to [tokens, in] x [in, out] gives XLA's CPU backend a plain GEMM;
-  the equivalent multi-dimensional einsum runs about 1.6x slower there
-  (benchmarks/README). Inputs are cast to the compute dtype and accumulated in
+  Flattening to [tokens, in] x [in, out] gives XLA's CPU backend a plain GEMM,
+  which it runs faster than the equivalent multi-dimensional einsum
+  (docs/performance_notes.md). Inputs are cast to the compute dtype and accumulated in
   float32 (preferred_element_type), which keeps bfloat16 products accurate and
   is what makes them fast on CPUs.
   """

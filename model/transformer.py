@@ -59,8 +59,8 @@ REMAT_POLICIES = {
 
 
 def gelu(x: jax.Array, approximate: bool) -> jax.Array:
-  """GELU; the exact form is written with erf, which XLA's CPU backend runs about
-  2x faster than the erfc that jax.nn.gelu(approximate=False) lowers to (same values to 5e-7)."""
+  """GELU; the exact form is written with erf, which XLA's CPU backend runs faster than the
+  erfc that jax.nn.gelu(approximate=False) lowers to (same values to 5e-7; docs/performance_notes.md)."""
   if approximate:
     return jax.nn.gelu(x, approximate=True)
   return 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5)))
