@@ -146,6 +146,14 @@ def get_config() -> ConfigDict:
       checkpoint_every=500,
       keep_checkpoints=3,  # the last K checkpoints are kept...
       keep_checkpoints_every=0,  # ...and, beyond them, every step divisible by this (0: none).
+      # Early stopping on an evaluated metric: "" (off), "eval_loss", or any value the evaluation
+      # logs ("eval_loss/NAME" for source NAME of several, "eval_accuracy", "eval_bits_per_byte").
+      early_stopping_metric="",
+      early_stopping_mode="auto",  # min | max | auto (max for an accuracy, else min).
+      early_stopping_patience=5,  # stop after this many evaluations without improvement (0: never stop).
+      early_stopping_min_delta=0.0,  # an improvement must beat the best by more than this to count.
+      keep_best_checkpoint=True,  # with early_stopping_metric: the best step's state in WORKDIR/best/,
+      # a checkpoint directory of its own that retention (keep_checkpoints) never deletes.
       num_samples=3,  # text samples printed at the end.
       sample_length=200,
       sample_temperature=0.8,

@@ -1,4 +1,5 @@
-"""How loom writes its own files: whole or not at all, and only where it can.
+"""How loom writes its own files (whole or not at all, and only where it can), and reads the small
+JSON-lines files users hand it.
 
 Every file loom writes (metrics, config.json, tokenizers, row caches, prepared
 data's meta.json, downloads) goes through `atomic_write` (or `atomic_copy`): a
@@ -9,6 +10,7 @@ complete new one, never a half-written one. A directory written as one piece
 """
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -106,3 +108,25 @@ def writable_directory(path: str) -> str:
   os.mkdir(probe)
   os.rmdir(probe)
   return path
+
+
+def read_json_lines(path: str) -> list[tuple[int, dict]]:
+  """(line number, object) for each non-blank line of a JSONL file. A file that cannot be read, or a
+  line that is not a JSON object, is a ValueError naming `path:line`."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: cannot be read ({e})") from None
+  records = []
+  for number, line in enumerate(lines, start=1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{number}: not a JSON object ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+      raise ValueError(f"{path}:{number}: not a JSON object but a {type(record).__name__}")
+    records.append((number, record))
+  return records

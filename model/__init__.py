@@ -21,6 +21,7 @@ A tensor's name ends in its shape, one letter a dimension (`x_BLD`: batch, lengt
 
 from model.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from model.config import ModelConfig
+from model.decode import generate
 from model.flops import flops_per_token, num_params
 from model.layers import NORMS
 from model.transformer import COMPUTE_DTYPES, MLPS, POSITIONS, REMAT_POLICIES, Transformer
@@ -35,5 +36,6 @@ __all__ = [
   "REMAT_POLICIES",
   "Transformer",
   "flops_per_token",
+  "generate",
   "num_params",
 ]

@@ -70,6 +70,28 @@ def dot_product_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL) -> jax.Array:
   return out_BKMH.reshape(b, kv, groups, l, h).transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
 
 
+def cached_attention(q_BLNH, k_BKSH, v_BKSH, visible_BLS) -> jax.Array:
+  """Softmax attention of L queries over the S slots of a key/value cache where visible_BLS is true.
+
+  The reference's arithmetic (float32 scores, the same scale and softmax), so cached decoding gives a
+  full forward pass's logits. The cache keeps heads before slots, so both products are batched GEMMs
+  over [S, H] blocks as they lie. A query that sees no slot (a padding row) gets a finite average.
+  """
+  b, l, n, h = q_BLNH.shape
+  kv = k_BKSH.shape[1]
+  groups = n // kv
+  dtype = q_BLNH.dtype
+  q_BKMH = q_BLNH.reshape(b, l, kv, groups, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, groups * l, h)
+  scores_BKMS = jnp.einsum("bkmh,bksh->bkms", q_BKMH, k_BKSH, preferred_element_type=jnp.float32) * (h**-0.5)
+  visible_B1MS = jnp.tile(visible_BLS, (1, groups, 1))[:, None]
+  scores_BKMS = jnp.where(visible_B1MS, scores_BKMS, -1e30)
+  scores_BKMS = scores_BKMS - jnp.max(scores_BKMS, axis=-1, keepdims=True)
+  weights_BKMS = jnp.exp(scores_BKMS)
+  probs_BKMS = (weights_BKMS / jnp.sum(weights_BKMS, axis=-1, keepdims=True)).astype(dtype)
+  out_BKMH = jnp.einsum("bkms,bksh->bkmh", probs_BKMS, v_BKSH, preferred_element_type=jnp.float32).astype(dtype)
+  return out_BKMH.reshape(b, kv, groups, l, h).transpose(0, 3, 1, 2, 4).reshape(b, l, n, h)
+
+
 def resolve_implementation(implementation: str, q_BLNH: jax.Array) -> str:
   """The implementation `auto` stands for on the active mesh's devices (else JAX's default backend)."""
   if implementation not in IMPLEMENTATIONS:
@@ -124,6 +146,12 @@ class Attention(nnx.Module):
       self.bo = param(rngs, (d,), ("embed",), None)
 
   def __call__(self, x_BLD, segment_ids_BL, positions_BL):
+    q_BLNH, k_BLKH, v_BLKH = self.project(x_BLD, positions_BL)
+    out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, self.cfg.attention, self.cfg.attention_block)
+    return self.output(out_BLNH)
+
+  def project(self, x_BLD, positions_BL):
+    """The queries, keys and values of x (RoPE applied), in x's dtype."""
     cfg = self.cfg
     dtype = x_BLD.dtype
     q_BLNH = dense(x_BLD, self.wq[...], 1, dtype)
@@ -142,9 +170,36 @@ class Attention(nnx.Module):
     q_BLNH = checkpoint_name(q_BLNH, "query_proj")
     k_BLKH = checkpoint_name(k_BLKH, "key_proj")
     v_BLKH = checkpoint_name(v_BLKH, "value_proj")
-    out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, cfg.attention, cfg.attention_block)
+    return q_BLNH, k_BLKH, v_BLKH
+
+  def output(self, out_BLNH):
+    """The heads' outputs projected back to the residual stream."""
+    dtype = out_BLNH.dtype
     y_BLD = dense(out_BLNH, self.wo[...], 2, dtype)
-    if cfg.use_bias:
+    if self.cfg.use_bias:
       y_BLD = y_BLD + self.bo[...].astype(dtype)
     y_BLD = checkpoint_name(y_BLD, "attention_out")
     return constrain(y_BLD, ("act_batch", "act_length", "act_embed"))
+
+  def prefill(self, x_BLD, segment_ids_BL, positions_BL):
+    """__call__ that also returns the keys and values [B, L, K, H], for a decoding cache (model/decode.py)."""
+    q_BLNH, k_BLKH, v_BLKH = self.project(x_BLD, positions_BL)
+    out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, self.cfg.attention, self.cfg.attention_block)
+    return self.output(out_BLNH), k_BLKH, v_BLKH
+
+  def decode(self, x_BLD, positions_BL, k_cache, v_cache, index, visible_BLS, layer=None):
+    """Attention of L new tokens against a key/value cache of S slots, after writing their keys and
+    values into slots [index, index + L). The cache is [B, K, S, H], or with `layer` every layer's
+    [layers, B, K, S, H], written where it lies (a decoding step writes L slots, not the layer).
+    visible_BLS says which slots each new token sees (model/decode.py makes it). Returns the output
+    and the updated cache."""
+    q_BLNH, k_BLKH, v_BLKH = self.project(x_BLD, positions_BL)
+    k_BKLH = k_BLKH.transpose(0, 2, 1, 3).astype(k_cache.dtype)
+    v_BKLH = v_BLKH.transpose(0, 2, 1, 3).astype(v_cache.dtype)
+    start = (0, 0, index, 0) if layer is None else (layer, 0, 0, index, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_BKLH if layer is None else k_BKLH[None], start)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_BKLH if layer is None else v_BKLH[None], start)
+    k_BKSH = k_cache if layer is None else k_cache[layer]
+    v_BKSH = v_cache if layer is None else v_cache[layer]
+    out_BLNH = cached_attention(q_BLNH, k_BKSH, v_BKSH, visible_BLS)
+    return self.output(out_BLNH), k_cache, v_cache

@@ -117,6 +117,22 @@ class Block(nnx.Module):
     x_BLD = x_BLD + dropout(self.mlp(self.mlp_norm(x_BLD)), rate, mlp_key)
     return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
 
+  def prefill(self, x_BLD, segment_ids_BL, positions_BL):
+    """__call__ without dropout that also returns this layer's keys and values [B, L, K, H]."""
+    y_BLD, k_BLKH, v_BLKH = self.attn.prefill(self.attn_norm(x_BLD), segment_ids_BL, positions_BL)
+    x_BLD = x_BLD + y_BLD
+    x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+    return constrain(x_BLD, ("act_batch", "act_length", "act_embed")), k_BLKH, v_BLKH
+
+  def decode(self, x_BLD, positions_BL, k_cache, v_cache, index, visible_BLS, layer=None):
+    """The block on L new tokens against its key/value cache (Attention.decode, `layer` as there)."""
+    y_BLD, k_cache, v_cache = self.attn.decode(
+      self.attn_norm(x_BLD), positions_BL, k_cache, v_cache, index, visible_BLS, layer
+    )
+    x_BLD = x_BLD + y_BLD
+    x_BLD = x_BLD + self.mlp(self.mlp_norm(x_BLD))
+    return constrain(x_BLD, ("act_batch", "act_length", "act_embed")), k_cache, v_cache
+
 
 class Transformer(nnx.Module):
   """tokens [B, L] -> logits [B, L, V] (float32).
@@ -148,9 +164,7 @@ class Transformer(nnx.Module):
       self.head = param(rngs, (cfg.embed_dim, cfg.vocab_size), ("embed", "vocab"), cfg.init_std)
 
   def __call__(self, tokens_BL, segment_ids_BL=None, positions_BL=None, dropout_key=None):
-    x_BLD = self.hidden_states(tokens_BL, segment_ids_BL, positions_BL, dropout_key)
-    logits_BLV = dense(x_BLD, self.output_kernel(), 1, self.dtype)
-    return constrain(logits_BLV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+    return self.logits(self.hidden_states(tokens_BL, segment_ids_BL, positions_BL, dropout_key))
 
   def hidden_states(self, tokens_BL, segment_ids_BL=None, positions_BL=None, dropout_key=None):
     """tokens [B, L] -> the final norm's output [B, L, D] in the compute dtype."""
@@ -159,20 +173,80 @@ class Transformer(nnx.Module):
       segment_ids_BL = jnp.ones_like(tokens_BL)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-    # The lookup reads whole rows: gather the fsdp-sharded feature dimension first
-    # (as ZeRO-3 does for every weight), which the partitioner cannot do inside a gather.
-    embed_VD = constrain(self.embed[...], ("vocab", "act_embed"))
-    x_BLD = jnp.take(embed_VD, tokens_BL, axis=0)
-    if cfg.position == "learned":
-      pos_embed_LD = constrain(self.pos_embed[...], ("position", "act_embed"))
-      x_BLD = x_BLD + jnp.take(pos_embed_LD, positions_BL, axis=0)
-    x_BLD = x_BLD.astype(self.dtype)
+    x_BLD = self.embed_tokens(tokens_BL, positions_BL)
     if dropout_key is not None:
       embed_key, dropout_key = jax.random.split(dropout_key)
       x_BLD = dropout(x_BLD, cfg.dropout_rate, embed_key)
     x_BLD = constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
     x_BLD = self._run_blocks(x_BLD, segment_ids_BL, positions_BL, dropout_key)
     return self.final_norm(x_BLD)
+
+  def embed_tokens(self, tokens_BL, positions_BL):
+    """tokens [B, L] at positions [B, L] -> the first block's input [B, L, D] in the compute dtype."""
+    # The lookup reads whole rows: gather the fsdp-sharded feature dimension first
+    # (as ZeRO-3 does for every weight), which the partitioner cannot do inside a gather.
+    embed_VD = constrain(self.embed[...], ("vocab", "act_embed"))
+    x_BLD = jnp.take(embed_VD, tokens_BL, axis=0)
+    if self.cfg.position == "learned":
+      pos_embed_LD = constrain(self.pos_embed[...], ("position", "act_embed"))
+      x_BLD = x_BLD + jnp.take(pos_embed_LD, positions_BL, axis=0)
+    return x_BLD.astype(self.dtype)
+
+  def logits(self, x_BLD):
+    """The final norm's output [B, L, D] -> logits [B, L, V] (float32)."""
+    logits_BLV = dense(x_BLD, self.output_kernel(), 1, self.dtype)
+    return constrain(logits_BLV.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
+
+  def prefill(self, tokens_BL, segment_ids_BL, positions_BL):
+    """The forward pass (no dropout) that also returns every layer's keys and values, stacked
+    [layers, B, L, K, H] each: (the final norm's output [B, L, D], keys, values). model/decode.py
+    starts its cache from them."""
+    x_BLD = constrain(self.embed_tokens(tokens_BL, positions_BL), ("act_batch", "act_length", "act_embed"))
+    graphdef, stacked_state = nnx.split(self.blocks)
+
+    def apply_block(x, layer_state):
+      return nnx.merge(graphdef, layer_state).prefill(x, segment_ids_BL, positions_BL)
+
+    if self.cfg.scan_layers:
+
+      def body(x, layer_state):
+        x, k_BLKH, v_BLKH = apply_block(x, layer_state)
+        return x, (k_BLKH, v_BLKH)
+
+      x_BLD, (k, v) = jax.lax.scan(body, x_BLD, stacked_state)
+    else:
+      keys, values = [], []
+      for i in range(self.cfg.num_layers):
+        x_BLD, k_BLKH, v_BLKH = apply_block(x_BLD, jax.tree.map(lambda a: a[i], stacked_state))  # noqa: B023
+        keys.append(k_BLKH)
+        values.append(v_BLKH)
+      k, v = jnp.stack(keys), jnp.stack(values)
+    return self.final_norm(x_BLD), k, v
+
+  def decode(self, tokens_BL, positions_BL, k, v, index, visible_BLS):
+    """L new tokens (one, in a decoding step) against the cache of every layer, k and v [layers, B, K,
+    S, H], their keys and values written into slots [index, index + L) (Attention.decode).
+
+    Returns (the final norm's output [B, L, D], k, v updated). The cache goes through the layer loop
+    whole and is written where it lies, so a step writes only its new slots.
+    """
+    x_BLD = constrain(self.embed_tokens(tokens_BL, positions_BL), ("act_batch", "act_length", "act_embed"))
+    graphdef, stacked_state = nnx.split(self.blocks)
+
+    def apply_block(i, x, k, v, layer_state):
+      return nnx.merge(graphdef, layer_state).decode(x, positions_BL, k, v, index, visible_BLS, layer=i)
+
+    if self.cfg.scan_layers:
+
+      def body(carry, layer):
+        i, layer_state = layer
+        return apply_block(i, *carry, layer_state), None
+
+      (x_BLD, k, v), _ = jax.lax.scan(body, (x_BLD, k, v), (jnp.arange(self.cfg.num_layers), stacked_state))
+    else:
+      for i in range(self.cfg.num_layers):
+        x_BLD, k, v = apply_block(i, x_BLD, k, v, jax.tree.map(lambda a: a[i], stacked_state))  # noqa: B023
+    return self.final_norm(x_BLD), k, v
 
   def output_kernel(self):
     """The output projection [D, V] (float32): the transposed embedding when tied, else the head."""

@@ -1,5 +1,7 @@
 """Evaluation pools its sources: eval_loss is the loss per target token over all of them."""
 
+import json
+import math
 import types
 
 import jax
@@ -72,3 +74,12 @@ def test_a_run_logs_the_loss_pooled_over_its_sources(tmp_path):
     assert result.eval_history_by_source[name][-1][1] == pytest.approx(loss / tokens, rel=1e-5)
   mean = (numbers_loss / numbers_tokens + letters_loss / letters_tokens) / 2
   assert abs(mean - pooled) > 1e-3 * pooled  # The two ways of averaging give different numbers here.
+  # Beside the loss, each source's and the pooled perplexity, bits per byte and accuracy.
+  records = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+  (logged,) = [r for r in records if "eval_loss" in r]
+  for metric in ("eval_loss", "eval_perplexity", "eval_bits_per_byte", "eval_accuracy"):
+    assert {metric, f"{metric}/numbers", f"{metric}/letters"} <= set(logged)
+  # The byte tokenizer: every target is a byte but the eos after each line, so bits per byte exceed
+  # the loss in bits per token.
+  assert logged["eval_bits_per_byte"] > logged["eval_loss"] / math.log(2)
+  assert 0.0 < logged["eval_accuracy"] < 1.0

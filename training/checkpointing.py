@@ -133,6 +133,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return sorted(self._manager.all_steps())
 
+  def delete(self, step: int) -> None:
+    """Removes a step's checkpoint (every process calls it, as Orbax's deletion expects)."""
+    self._manager.delete(step)
+
   def save(self, state: TrainState, record: dict[str, Any]) -> None:
     """Saves `state` at its own step, with `record` (data position, config) beside it."""
     step = int(jax.device_get(state.step))

@@ -2,9 +2,10 @@
 
 The loop calls every hook through one interface, `Hooks`: `on_start` once before the first step,
 `on_step` after every step and `on_end` once after the last, with the reason the loop ended
-(FINISHED or PREEMPTED). Each hook decides from its own interval whether to act. The time a hook
-takes is reported to the others (`on_time_in_other_hooks`): the logging hook leaves it out of the
-step time.
+(FINISHED, PREEMPTED, STOPPED or EARLY_STOPPED). Each hook decides from its own interval whether to
+act. A hook ends the run early by answering `stop_requested` (the early-stopping hook does): the loop
+asks after every step. The time a hook takes is reported to the others (`on_time_in_other_hooks`):
+the logging hook leaves it out of the step time.
 """
 
 import math
@@ -14,12 +15,16 @@ from typing import Any
 
 import jax
 
+from evaluation.metrics import summarize
 from training.checkpointing import Checkpointer
 from training.metric_writers import MetricWriter, StepTimer
 from training.state import TrainState
 
 FINISHED = "finished"  # The loop trained on every batch: the run reached its last step.
 PREEMPTED = "preempted"  # SIGTERM: the loop stops early, and the run exits after its hooks end.
+STOPPED = "stopped"  # At train.stop_at_step: as a preemption would, without the signal.
+EARLY_STOPPED = "early_stopped"  # A hook asked to stop (no improvement): the run is complete.
+COMPLETE = (FINISHED, EARLY_STOPPED)  # The run is over: its last step is logged and evaluated.
 
 
 class Hook:
@@ -32,14 +37,19 @@ class Hook:
     """After every step: `state` and `metrics` are step `step`'s output."""
 
   def on_end(self, step: int, state: TrainState, metrics: dict[str, Any], reason: str) -> None:
-    """Once after the last step of this run, `reason` FINISHED or PREEMPTED."""
+    """Once after the last step of this run, `reason` FINISHED, PREEMPTED, STOPPED or EARLY_STOPPED."""
+
+  @property
+  def stop_requested(self) -> bool:
+    """Asked after every step (after on_step): True ends the loop there, with EARLY_STOPPED."""
+    return False
 
   def on_time_in_other_hooks(self, seconds: float) -> None:
     """Another hook has just taken `seconds`: not step time."""
 
 
 class IntervalHook(Hook):
-  """Acts (`run`) every `every` steps, and at the end of a finished run on a step it has not acted on."""
+  """Acts (`run`) every `every` steps, and at the end of a complete run on a step it has not acted on."""
 
   def __init__(self, every: int):
     self.every = every
@@ -56,7 +66,7 @@ class IntervalHook(Hook):
       self.run(step, state, metrics)
 
   def on_end(self, step, state, metrics, reason):
-    if reason == FINISHED and not self.due(step):  # A due step has run already.
+    if reason in COMPLETE and not self.due(step):  # A due step has run already.
       self.run(step, state, metrics)
 
   def run(self, step: int, state: TrainState, metrics: dict[str, Any]) -> None:
@@ -86,6 +96,10 @@ class Hooks(Hook):
 
   def on_end(self, step, state, metrics, reason):
     self._call_each(lambda hook: hook.on_end(step, state, metrics, reason))
+
+  @property
+  def stop_requested(self) -> bool:
+    return any(hook.stop_requested for hook in self.hooks)
 
 
 class LoggingHook(IntervalHook):
@@ -135,10 +149,14 @@ class LoggingHook(IntervalHook):
 
 
 class EvalHook(IntervalHook):
-  """Mean loss over each source's validation batches, weighted by target tokens.
+  """Loss, perplexity, bits per byte and next-token accuracy over each source's validation batches,
+  every one weighted by target tokens (bytes for bits per byte: evaluation/metrics.py).
 
-  `eval_loss` covers every source's batches together; with several sources,
-  `eval_loss/NAME` gives each one's (e.g. the replayed data of continued pre-training).
+  `eval_loss` (and `eval_perplexity`, `eval_bits_per_byte`, `eval_accuracy`) cover every source's
+  batches together; with several sources, `eval_loss/NAME` etc. give each one's (e.g. the replayed
+  data of continued pre-training). `eval_step(params, batch)` returns make_eval_step's sums: a dict
+  {"loss", "tokens", "correct", "bytes"}, or a (loss, tokens) pair, which reports loss and
+  perplexity alone. `latest` is the last record written.
   """
 
   def __init__(
@@ -154,18 +172,25 @@ class EvalHook(IntervalHook):
     self.evaluate_at_start = evaluate_at_start  # Where continued training starts from.
     self.history: list[tuple[int, float]] = []
     self.source_history: dict[str, list[tuple[int, float]]] = {name: [] for name in batches}
+    self.latest: dict[str, float] = {}
+
+  def evaluate_totals(self, params) -> dict[str, dict[str, float]]:
+    """name -> the summed {"loss", "tokens"} (and "correct", "bytes" when the step gives them)."""
+    totals = {}
+    for name, batches in self.batches.items():
+      sums: dict[str, float] = {}
+      for batch in batches():
+        out = jax.device_get(self.eval_step(params, batch))
+        out = out if isinstance(out, dict) else dict(zip(("loss", "tokens"), out))
+        for key, value in out.items():
+          sums[key] = sums.get(key, 0.0) + float(value)
+      totals[name] = sums
+    return totals
 
   def evaluate_sources(self, params) -> dict[str, tuple[float, float]]:
     """name -> (summed token loss, target tokens)."""
-    totals = {}
-    for name, batches in self.batches.items():
-      loss_sum, weight = 0.0, 0.0
-      for batch in batches():
-        batch_loss, batch_weight = self.eval_step(params, batch)
-        loss_sum += float(batch_loss)
-        weight += float(batch_weight)
-      totals[name] = (loss_sum, weight)
-    return totals
+    totals = self.evaluate_totals(params)
+    return {name: (sums.get("loss", 0.0), sums.get("tokens", 0.0)) for name, sums in totals.items()}
 
   def evaluate(self, params) -> float:
     totals = self.evaluate_sources(params).values()
@@ -176,14 +201,18 @@ class EvalHook(IntervalHook):
       self.run(step, state, {})
 
   def run(self, step, state, metrics):
-    totals = self.evaluate_sources(state.params)
-    loss = sum(l for l, _ in totals.values()) / max(sum(w for _, w in totals.values()), 1.0)
-    self.history.append((step, loss))
-    record = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+    totals = self.evaluate_totals(state.params)
+    pooled: dict[str, float] = {}
+    for sums in totals.values():
+      for key, value in sums.items():
+        pooled[key] = pooled.get(key, 0.0) + value
+    record = {f"eval_{key}": value for key, value in summarize(pooled).items()}
+    self.history.append((step, record["eval_loss"]))
     if len(totals) > 1:
-      for name, (loss_sum, weight) in totals.items():
-        record[f"eval_loss/{name}"] = loss_sum / max(weight, 1.0)
+      for name, sums in totals.items():
+        record.update({f"eval_{key}/{name}": value for key, value in summarize(sums).items()})
         self.source_history[name].append((step, record[f"eval_loss/{name}"]))
+    self.latest = record
     self.writer.write(step, record)
     self.writer.progress(step, record, None)
 
@@ -215,5 +244,5 @@ class CheckpointHook(IntervalHook):
     self.checkpointer.save(state, self.record(step))
 
   def on_end(self, step, state, metrics, reason):
-    self.run(step, state, metrics)  # Finished or preempted: the last step is saved (once, if due).
+    self.run(step, state, metrics)  # However the loop ended, the last step is saved (once, if due).
     self.checkpointer.wait()

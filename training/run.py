@@ -24,10 +24,11 @@ import data
 import model as model_lib
 import sharding
 from data.files import atomic_write, writable_directory
-from model.sampling import sample
+from evaluation.metrics import byte_lengths
+from model.decode import generate_past_context
 from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS, COMPUTE_DTYPES
+from training import early_stopping, init_from, planner
 from training import hooks as hooks_lib
-from training import init_from, planner
 from training import setup as setup_lib
 from training.checkpointing import Checkpointer
 from training.cpu_memory import keep_step_buffers_mapped
@@ -35,6 +36,7 @@ from training.metric_writers import MetricWriter
 from training.peak_flops import peak_flops
 from training.preemption import Preemption
 from training.state import TrainState
+from training.step import make_eval_step
 from training.validation import ConfigError, validate
 from version import __version__
 
@@ -53,6 +55,9 @@ class RunResult:
   samples: list[str]
   resumed_from: int | None
   preempted: bool
+  early_stopped: bool = False  # Stopped (now or before) by train.early_stopping_*: the run is complete.
+  best_step: int | None = None  # The best evaluation's step (of train.early_stopping_metric), if tracked.
+  best_value: float | None = None
 
 
 @dataclasses.dataclass
@@ -64,6 +69,7 @@ class Start:
   resumed_from: int | None  # The workdir's checkpoint step this run resumes, if any.
   init_record: dict[str, Any] | None  # init.checkpoint's record, when the run starts from one.
   resume_changes: list[str]  # How the config differs from the resumed checkpoint's run.
+  resume_record: dict[str, Any] | None = None  # The resumed checkpoint's record (early-stopping state).
 
 
 def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook] = ()) -> RunResult:
@@ -83,26 +89,38 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
   peak = peak_flops(COMPUTE_DTYPES[config.model.dtype])  # Measured on a CPU: once.
   writer = _open_writer(setup, workdir, start, datasets, peak)
   mixture_stats = hooks_lib.MixtureStats(datasets.names)
-  logging_hook, eval_hook, checkpoint_hook = _make_hooks(
+  logging_hook, eval_hook, early_stopping_hook, checkpoint_hook = _make_hooks(
     setup, datasets, writer, checkpointer, start, mixture_stats, peak[0]
   )
 
-  state, step, preempted = start.state, start.step, False
+  # A run that stopped early is complete, as one at num_steps is (unless its patience was raised).
+  stopped_before = early_stopping_hook is not None and early_stopping_hook.stop_requested
+  state, step, reason = start.state, start.step, None
   batches = _train_batches(
     datasets, mesh, start.step, config.train.stop_at_step or config.train.num_steps, mixture_stats
   )
-  first_batch = next(batches, None)
+  first_batch = None if stopped_before else next(batches, None)
   if first_batch is None:
-    writer.text(f"already at step {start.step}: nothing to train")
+    writer.text(
+      f"already at step {start.step}: nothing to train"
+      + (f" (it stopped early: {early_stopping_hook.summary()})" if stopped_before else "")
+    )
   else:
     compiled_step = _compile(setup.train_step(), state, first_batch, mesh, writer)
-    hooks = hooks_lib.Hooks([logging_hook, eval_hook, checkpoint_hook, *extra_hooks])
-    state, step, preempted = _loop(compiled_step, state, itertools.chain([first_batch], batches), hooks, step)
-    if preempted:
+    run_hooks = [logging_hook, eval_hook, early_stopping_hook, checkpoint_hook, *extra_hooks]
+    hooks = hooks_lib.Hooks([hook for hook in run_hooks if hook is not None])
+    state, step, reason = _loop(
+      compiled_step, state, itertools.chain([first_batch], batches), hooks, step, config.train.num_steps
+    )
+    if reason == hooks_lib.PREEMPTED:
       writer.text(f"preempted (SIGTERM) after step {step}: checkpoint saved; exiting")
+    elif reason == hooks_lib.EARLY_STOPPED:
+      writer.text(f"stopped early after step {step}: {early_stopping_hook.summary()}; checkpoint saved")
   checkpointer.close()
+  if early_stopping_hook is not None:
+    early_stopping_hook.close()
 
-  finished = step == config.train.num_steps and not preempted and first_batch is not None  # Trained to the end now.
+  finished = reason in hooks_lib.COMPLETE  # Trained to the end (or to its early stop) now.
   samples = _samples(config, setup.graphdef, state, datasets.tokenizer) if finished else []
   for text in samples:
     writer.text("--- sample ---\n" + text)
@@ -118,7 +136,10 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
     eval_history_by_source=eval_hook.source_history,
     samples=samples,
     resumed_from=start.resumed_from,
-    preempted=preempted,
+    preempted=reason == hooks_lib.PREEMPTED,
+    early_stopped=stopped_before or reason == hooks_lib.EARLY_STOPPED,
+    best_step=early_stopping_hook and early_stopping_hook.best_step,
+    best_value=early_stopping_hook and early_stopping_hook.best,
   )
 
 
@@ -211,7 +232,7 @@ def _resume_or_init(setup: setup_lib.Setup, checkpointer: Checkpointer, datasets
       checkpointer.set_aside(step_passed),
       resumed_from,
     )
-  init_record = None
+  init_record = resume_record = None
   resume_changes: list[str] = []
   if resumed_from is None and config.init.checkpoint:
     try:
@@ -246,6 +267,7 @@ def _resume_or_init(setup: setup_lib.Setup, checkpointer: Checkpointer, datasets
     resumed_from=resumed_from,
     init_record=init_record,
     resume_changes=resume_changes,
+    resume_record=resume_record,
   )
 
 
@@ -289,9 +311,12 @@ def _make_hooks(
   start: Start,
   mixture_stats: hooks_lib.MixtureStats,
   peak: float,
-) -> tuple[hooks_lib.LoggingHook, hooks_lib.EvalHook, hooks_lib.CheckpointHook]:
-  """Logging, evaluation (of the start too, when continued training starts from init.checkpoint) and
-  checkpoints, in the order they run after a step."""
+) -> tuple[
+  hooks_lib.LoggingHook, hooks_lib.EvalHook, early_stopping.EarlyStoppingHook | None, hooks_lib.CheckpointHook
+]:
+  """Logging, evaluation (of the start too, when continued training starts from init.checkpoint),
+  early stopping (with train.early_stopping_metric) and checkpoints, in the order they run after a
+  step: a checkpoint's record holds the early-stopping state after that step's evaluation."""
   config, train_cfg = setup.config, setup.config.train
   logging_hook = hooks_lib.LoggingHook(
     train_cfg.log_every,
@@ -302,7 +327,9 @@ def _make_hooks(
     peak,
     extra_metrics=mixture_stats.metrics,
   )
-  eval_step = setup.eval_step()
+  # The eval step also sums each target's UTF-8 bytes (for bits per byte): the tokenizer's table, once.
+  table = byte_lengths(datasets.tokenizer, config.model.vocab_size)
+  eval_step = make_eval_step(setup.graphdef, setup.mesh, setup.shardings.params, byte_lengths=table)
 
   def eval_batches(name):
     def batches():
@@ -320,10 +347,9 @@ def _make_hooks(
     evaluate_at_start=start.init_record is not None,
   )
   init_record = start.init_record
-  checkpoint_hook = hooks_lib.CheckpointHook(
-    train_cfg.checkpoint_every,
-    checkpointer,
-    lambda step: {
+
+  def record(step: int) -> dict[str, Any]:
+    return {
       "step": step,
       "loom_version": __version__,
       "data": {
@@ -334,9 +360,27 @@ def _make_hooks(
       },
       "config": json.loads(config.to_json()),
       "init": init_record and {k: init_record.get(k) for k in ("directory", "restored_step")},
-    },
-  )
-  return logging_hook, eval_hook, checkpoint_hook
+      **({"early_stopping": early_stopping_hook.state_record()} if early_stopping_hook else {}),
+    }
+
+  early_stopping_hook = None
+  if train_cfg.early_stopping_metric:
+    early_stopping_hook = early_stopping.EarlyStoppingHook(
+      train_cfg.early_stopping_metric,
+      train_cfg.early_stopping_mode,
+      train_cfg.early_stopping_patience,
+      train_cfg.early_stopping_min_delta,
+      early_stopping.latest_evaluation(eval_hook),
+      # Beside checkpoints/, never in it: its own directory keeps one step, whatever checkpoints/ keeps.
+      Checkpointer(os.path.join(os.path.dirname(checkpointer.directory), "best"), keep=1)
+      if train_cfg.keep_best_checkpoint
+      else None,
+      record,
+      writer.text,
+      saved=(start.resume_record or {}).get("early_stopping"),
+    )
+  checkpoint_hook = hooks_lib.CheckpointHook(train_cfg.checkpoint_every, checkpointer, record)
+  return logging_hook, eval_hook, early_stopping_hook, checkpoint_hook
 
 
 def _train_batches(
@@ -364,8 +408,11 @@ def _compile(train_step, state: TrainState, first_batch, mesh, writer: MetricWri
   return compiled_step
 
 
-def _loop(compiled_step, state: TrainState, batches, hooks: hooks_lib.Hook, step: int) -> tuple[TrainState, int, bool]:
-  """Trains on every batch, or until SIGTERM; the state, its step, and whether it was preempted."""
+def _loop(
+  compiled_step, state: TrainState, batches, hooks: hooks_lib.Hook, step: int, num_steps: int
+) -> tuple[TrainState, int, str]:
+  """Trains on every batch, or until SIGTERM or a hook's stop request; the state, its step, and why
+  the loop ended (hooks_lib.FINISHED at num_steps, else PREEMPTED, EARLY_STOPPED or STOPPED)."""
   metrics: dict[str, Any] = {}
   hooks.on_start(step, state)
   in_flight = collections.deque()
@@ -380,11 +427,17 @@ def _loop(compiled_step, state: TrainState, batches, hooks: hooks_lib.Hook, step
       if len(in_flight) > STEPS_IN_FLIGHT:
         in_flight.popleft().block_until_ready()
       hooks.on_step(step, state, metrics)
-      if preemption.reached(step):
-        hooks.on_end(step, state, metrics, hooks_lib.PREEMPTED)
-        return state, step, True
-    hooks.on_end(step, state, metrics, hooks_lib.FINISHED)
-  return state, step, False
+      # Every host asks both, every step: the preemption sync point is a step all hosts reach, and
+      # the stop request comes from an evaluation every host made of the same global arrays.
+      stop_requested, preempted = hooks.stop_requested, preemption.reached(step)
+      if stop_requested or preempted:  # A run that is complete ends as one, preempted or not.
+        reason = hooks_lib.EARLY_STOPPED if stop_requested else hooks_lib.PREEMPTED
+        hooks.on_end(step, state, metrics, reason)
+        return state, step, reason
+    # Batches end at train.stop_at_step too: that is no finished run (no final evaluation or samples).
+    reason = hooks_lib.FINISHED if step == num_steps else hooks_lib.STOPPED
+    hooks.on_end(step, state, metrics, reason)
+  return state, step, reason
 
 
 _workdir_locks = {}  # Released when train() returns; however the process ends, the OS releases them.
@@ -468,7 +521,9 @@ def _samples(config, graphdef, state, tokenizer) -> list[str]:
   prompt = tokenizer.encode_batch([train_cfg.sample_prompt])[0].tolist() if train_cfg.sample_prompt else []
   if not prompt:
     prompt = [tokenizer.bos_id if tokenizer.bos_id is not None else 0]
-  outputs = sample(
+  # With the key/value cache, on the state's mesh; a sample longer than the training length goes on
+  # from the last half of its window.
+  outputs = generate_past_context(
     graphdef,
     state.params,
     [prompt] * train_cfg.num_samples,
@@ -477,4 +532,4 @@ def _samples(config, graphdef, state, tokenizer) -> list[str]:
     temperature=train_cfg.sample_temperature,
     seed=config.seed,
   )
-  return [tokenizer.decode(np.asarray(tokens)) for tokens in outputs]
+  return [tokenizer.decode(np.asarray(prompt + tokens)) for tokens in outputs]

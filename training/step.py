@@ -9,6 +9,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import sharding
+from model.layers import dense
 from model.loss import chunked_row_losses
 from training.state import TrainState
 
@@ -25,8 +26,11 @@ def row_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_
     x_BLD = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
     return chunked_row_losses(x_BLD, model.output_kernel(), batch["targets"], batch["weights"], model.cfg.loss_chunk)
   logits_BLV = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
-  losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, batch["targets"])
-  weights_BL = batch["weights"]
+  return _row_losses_of_logits(logits_BLV, batch["targets"], batch["weights"])
+
+
+def _row_losses_of_logits(logits_BLV, targets_BL, weights_BL):
+  losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
   return jnp.sum(losses_BL * weights_BL, axis=1), jnp.sum(weights_BL, axis=1)
 
 
@@ -101,12 +105,72 @@ def make_train_step(
   return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
-def make_eval_step(graphdef, mesh: Mesh, params_shardings, rules=sharding.DEFAULT_RULES, per_row: bool = False):
+def _chunked_predictions(x_BLD, kernel_DV, chunk: int):
+  """The argmax token of every position [B, L], the logits made `chunk` positions at a time as
+  model/loss.py's chunked loss makes them (no gradient here, so nothing is rematerialised)."""
+  batch, length, _ = x_BLD.shape
+  chunk = min(chunk, length)
+  num_chunks = -(-length // chunk)
+  x_BLD = jnp.pad(x_BLD, ((0, 0), (0, num_chunks * chunk - length), (0, 0)))
+  x_TBCD = x_BLD.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)
+  kernel_DV = sharding.constrain(kernel_DV, ("act_embed", "vocab"))
+
+  def body(carry, x_BCD):
+    logits_BCV = dense(x_BCD, kernel_DV, 1, x_BCD.dtype).astype(jnp.float32)
+    return carry, jnp.argmax(logits_BCV, axis=-1)
+
+  _, predictions_TBC = jax.lax.scan(body, None, x_TBCD)
+  return predictions_TBC.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
+
+
+def row_eval_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, byte_lengths_V: jax.Array):
+  """Per row [B]: summed cross-entropy ("loss", row_losses' numbers exactly), target weight
+  ("tokens"), weighted targets that are the argmax prediction ("correct") and UTF-8 bytes of the
+  weighted targets ("bytes", byte_lengths_V: each token id's byte count)."""
+  model = nnx.merge(graphdef, params)
+  targets_BL, weights_BL = batch["targets"], batch["weights"]
+  if model.cfg.loss_chunk:
+    x_BLD = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"])
+    kernel_DV = model.output_kernel()
+    loss_B, tokens_B = chunked_row_losses(x_BLD, kernel_DV, targets_BL, weights_BL, model.cfg.loss_chunk)
+    predictions_BL = _chunked_predictions(x_BLD, kernel_DV, model.cfg.loss_chunk)
+  else:
+    logits_BLV = model(batch["inputs"], batch["segment_ids"], batch["positions"])
+    loss_B, tokens_B = _row_losses_of_logits(logits_BLV, targets_BL, weights_BL)
+    predictions_BL = jnp.argmax(logits_BLV, axis=-1)
+  correct_B = jnp.sum((predictions_BL == targets_BL) * weights_BL, axis=1)
+  bytes_B = jnp.sum(jnp.take(byte_lengths_V, targets_BL, axis=0) * weights_BL, axis=1)
+  return {"loss": loss_B, "tokens": tokens_B, "correct": correct_B, "bytes": bytes_B}
+
+
+def make_eval_step(
+  graphdef,
+  mesh: Mesh,
+  params_shardings,
+  rules=sharding.DEFAULT_RULES,
+  per_row: bool = False,
+  byte_lengths=None,
+):
   """A jitted `eval(params, batch) -> (loss_sum, weight)`, summed so batches can be pooled;
-  with per_row, both are [B], one per row of the batch."""
+  with per_row, both are [B], one per row of the batch.
 
-  def evaluate(params, batch):
+  With `byte_lengths` (a [V] table of each token id's UTF-8 bytes: evaluation.metrics.byte_lengths),
+  it returns row_eval_sums' dict instead, {"loss", "tokens", "correct", "bytes"}, summed or per row;
+  the table is one array argument of the compiled step, not a constant folded into it.
+  """
+  if byte_lengths is None:
+
+    def evaluate(params, batch):
+      with sharding.activation_rules(mesh, rules):
+        return (row_losses if per_row else token_losses)(graphdef, params, batch)
+
+    return jax.jit(evaluate, in_shardings=(params_shardings, None))
+
+  def evaluate_sums(params, batch, byte_lengths_V):
     with sharding.activation_rules(mesh, rules):
-      return (row_losses if per_row else token_losses)(graphdef, params, batch)
+      sums = row_eval_sums(graphdef, params, batch, byte_lengths_V)
+    return sums if per_row else jax.tree.map(jnp.sum, sums)
 
-  return jax.jit(evaluate, in_shardings=(params_shardings, None))
+  jitted = jax.jit(evaluate_sums, in_shardings=(params_shardings, None, None))
+  byte_lengths_V = jnp.asarray(byte_lengths, jnp.float32)
+  return lambda params, batch: jitted(params, batch, byte_lengths_V)

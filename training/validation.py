@@ -14,6 +14,7 @@ from data.sources import check_source
 from sharding import resolve_mesh_shape
 from training import optimizer
 from training.checkpointing import locate
+from training.reports import METRIC_MODES
 
 # Each field's allowed values, as defined beside the code that implements them: a new choice
 # there is allowed here without a second list to keep in step.
@@ -32,6 +33,7 @@ CHOICES = {
   "data.chat_loss_on": chat.LOSS_ON,
   "optimizer.name": optimizer.OPTIMIZERS,
   "optimizer.schedule": optimizer.SCHEDULES,
+  "train.early_stopping_mode": METRIC_MODES,
 }
 
 
@@ -188,7 +190,33 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
       t[field] >= 0,
       f"train.{field}={t[field]} must be >= 0" + (" (0 samples greedily)" if field == "sample_temperature" else ""),
     )
+  _check_early_stopping(t, tuple(d.sources.keys()))
   return config
+
+
+def _check_early_stopping(t: ConfigDict, sources: tuple[str, ...]) -> None:
+  """The metric's name as far as it is known before an evaluation: whether the evaluation logs it is
+  checked at the first one."""
+  metric = t.early_stopping_metric
+  _require(t.early_stopping_patience >= 0, f"train.early_stopping_patience={t.early_stopping_patience} must be >= 0")
+  _require(t.early_stopping_min_delta >= 0, f"train.early_stopping_min_delta={t.early_stopping_min_delta} must be >= 0")
+  if not metric:
+    return
+  _require(
+    metric.startswith("eval_"),
+    f"train.early_stopping_metric={metric!r} is not an evaluated metric; evaluation logs eval_loss, "
+    "eval_perplexity (and, per source of several, eval_loss/NAME ...)",
+  )
+  _, _, source = metric.partition("/")
+  _require(
+    not source or (source in sources and len(sources) > 1),
+    f"train.early_stopping_metric={metric!r}: per-source metrics are logged for each of several "
+    f"data.sources ({', '.join(sources)})",
+  )
+  _require(
+    t.eval_every > 0,
+    f"train.early_stopping_metric={metric!r} needs train.eval_every > 0 (with 0 the run is evaluated only at its end)",
+  )
 
 
 def validate_data(config: ConfigDict) -> ConfigDict:
