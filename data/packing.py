@@ -11,6 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 
 PAD_ID = 0  # Pad token in rows; the padded positions have segment id 0.
+# How data/pipeline.py cuts each epoch's training windows from these rows (data.windows). Here, not
+# beside that tf.data code, so that validating a config does not import TensorFlow.
+WINDOWS = ("aligned", "shifted", "random")
 
 
 def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:

@@ -17,10 +17,10 @@ from typing import Protocol
 
 import numpy as np
 
+from data.packing import WINDOWS
 from data.tf_cpu import tf
 
 Batch = dict[str, np.ndarray]
-WINDOWS = ("aligned", "shifted", "random")
 # Steps whose batches one tf.data call builds: the per-call costs (graph dispatch, a
 # prepared store's read) are then shared, and the step time barely feels the pipeline.
 _STEPS_PER_CALL = 8

@@ -9,7 +9,7 @@ from ml_collections import ConfigDict
 
 import model
 from configs import base
-from data import bad_data, chat, pipeline, tokenizers
+from data import bad_data, chat, packing, tokenizers
 from data.sources import check_source
 from sharding import resolve_mesh_shape
 from training import optimizer
@@ -27,7 +27,7 @@ CHOICES = {
   "model.attention": tuple(model.ATTENTION_IMPLEMENTATIONS),
   "data.tokenizer": tokenizers.TOKENIZER_NAMES,
   "data.tokenizer_model_type": tokenizers.MODEL_TYPES,
-  "data.windows": pipeline.WINDOWS,
+  "data.windows": packing.WINDOWS,
   "data.bad_data": bad_data.POLICIES,
   "data.chat_template": chat.CHAT_TEMPLATES,
   "data.chat_loss_on": chat.LOSS_ON,
