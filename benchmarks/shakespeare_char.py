@@ -34,7 +34,7 @@ from absl import app, flags, logging  # noqa: E402
 import data  # noqa: E402
 import model as model_lib  # noqa: E402
 import sharding  # noqa: E402
-from benchmarks.torch_peer import TorchPeer  # noqa: E402
+from benchmarks.torch_peer import peer_for  # noqa: E402
 from training.cli import define_config_flag  # noqa: E402
 from training.cpu_memory import keep_step_buffers_mapped  # noqa: E402
 from training.peak_flops import measured_matmul_flops  # noqa: E402
@@ -75,24 +75,7 @@ def main(argv):
   eval_step = setup.eval_step()
 
   # The peer, with nanoGPT's hyperparameters from the same config.
-  o = config.optimizer
-  peer = TorchPeer(
-    vocab_size=m.vocab_size,
-    n_layer=m.num_layers,
-    n_head=m.num_heads,
-    n_embd=m.embed_dim,
-    block_size=config.data.seq_len,
-    bias=m.use_bias,
-    learning_rate=o.learning_rate,
-    min_lr=o.learning_rate * o.min_lr_ratio,
-    warmup_iters=o.warmup_steps,
-    lr_decay_iters=num_steps,
-    weight_decay=o.weight_decay,
-    beta1=o.b1,
-    beta2=o.b2,
-    grad_clip=o.grad_clip_norm,
-    seed=config.seed,
-  )
+  peer = peer_for(config, num_steps)
 
   def model_inputs(batch):  # The per-source row counts feed mixture metrics, not the model.
     return {name: value for name, value in batch.items() if name != "source_counts"}

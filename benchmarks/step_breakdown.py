@@ -292,23 +292,11 @@ def run_peer(base):
   """In a child process: time the PyTorch peer's forward loss, forward+backward and train step."""
   import torch
 
-  from benchmarks.torch_peer import TorchPeer
+  from benchmarks.torch_peer import peer_for
 
   config = validate(base, 1, tokenizer_vocab_size=base.model.vocab_size or 65)
-  m, o = config.model, config.optimizer
-  peer = TorchPeer(
-    vocab_size=m.vocab_size,
-    n_layer=m.num_layers,
-    n_head=m.num_heads,
-    n_embd=m.embed_dim,
-    block_size=config.data.seq_len,
-    bias=m.use_bias,
-    learning_rate=o.learning_rate,
-    weight_decay=o.weight_decay,
-    beta1=o.b1,
-    beta2=o.b2,
-    grad_clip=o.grad_clip_norm,
-  )
+  m = config.model
+  peer = peer_for(config, config.train.num_steps)
   rng = np.random.default_rng(0)
   b, l = config.train.global_batch_size, config.data.seq_len
   tokens = rng.integers(0, m.vocab_size, (b, l + 1))

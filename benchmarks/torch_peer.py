@@ -289,3 +289,25 @@ if __name__ == "__main__":
   print(f"median {ms:.2f} ms/step over last 50, {B * T / (ms / 1e3):.0f} tokens/s")
   evb = [(rng.integers(0, vocab, size=(B, T)), rng.integers(0, vocab, size=(B, T))) for _ in range(4)]
   print(f"eval_loss {peer.eval_loss(evb):.4f}")
+
+
+def peer_for(config, num_steps: int) -> TorchPeer:
+  """The peer with a loom config's model shapes and nanoGPT's optimizer settings from the same config."""
+  m, o = config.model, config.optimizer
+  return TorchPeer(
+    vocab_size=m.vocab_size,
+    n_layer=m.num_layers,
+    n_head=m.num_heads,
+    n_embd=m.embed_dim,
+    block_size=config.data.seq_len,
+    bias=m.use_bias,
+    learning_rate=o.learning_rate,
+    min_lr=o.learning_rate * o.min_lr_ratio,
+    warmup_iters=o.warmup_steps,
+    lr_decay_iters=num_steps,
+    weight_decay=o.weight_decay,
+    beta1=o.b1,
+    beta2=o.b2,
+    grad_clip=o.grad_clip_norm,
+    seed=config.seed,
+  )
