@@ -134,6 +134,63 @@ def get_config() -> ConfigDict:
     )
   )
 
+  # Magnitude pruning of the matmul kernels (training/pruning.py): masks in the optimizer state keep
+  # pruned weights exactly zero; they are checkpointed, resumed and sharded with it.
+  config.pruning = ConfigDict(
+    dict(
+      method="none",  # none | magnitude
+      structure="unstructured",  # unstructured | 2:4 (2 zeros in every 4 consecutive input weights)
+      scope="layer",  # unstructured: layer (the sparsity in each layer slice of each kernel) | global
+      # (one threshold over all pruned weights). 2:4 holds per group of 4 either way.
+      sparsity=0.5,  # the final fraction of zeros (2:4: exactly 0.5).
+      begin_step=0,  # gradual pruning on Zhu & Gupta's cubic schedule from here...
+      end_step=0,  # ...to the final sparsity here (== begin_step: one-shot at begin_step).
+      every=100,  # recompute the masks every N steps between begin_step and end_step.
+      targets="blocks/(attn/(wq|wk|wv|wo)|mlp/(w_up|w_gate|w_down))",  # a regex over kernel paths; embeddings,
+      # norms and biases are never pruned (the untied head, path "head", may be).
+    )
+  )
+
+  # Knowledge distillation (training/distillation.py): the model also learns a fixed teacher's
+  # softened next-token distribution. Per target token the loss is alpha * T^2 * KL(teacher || student),
+  # both softmaxes at temperature T, plus (1 - alpha) * the cross-entropy with the data's targets.
+  # Evaluation stays the plain cross-entropy.
+  config.distillation = ConfigDict(
+    dict(
+      teacher="",  # "": off. A loom workdir, its checkpoints/ directory, one checkpoints/STEP, or a
+      # tools/hf_import.py output; its model is its record's, its vocabulary must be this run's.
+      step=-1,  # which of its steps (-1: the latest).
+      temperature=2.0,  # T > 0: above 1 softens both distributions, exposing the teacher's ranking of unlikely tokens.
+      alpha=0.5,  # in [0, 1]: the distillation term's weight; 1 - alpha weights the cross-entropy.
+    )
+  )
+
+  # LoRA (model/lora.py): low-rank adapters train beside chosen kernels, the rest of the model frozen;
+  # gradients and optimizer state exist for the adapters alone, and checkpoints hold only them (the
+  # base is rebuilt from init.checkpoint, or from the seed without one). QLoRA: base_quantization.
+  config.lora = ConfigDict(
+    dict(
+      rank=0,  # 0: off (every parameter trains, as init.freeze allows).
+      alpha=16.0,  # the adapters' update is scaled by alpha / rank.
+      dropout=0.0,  # dropout on the adapters' input, in training.
+      targets="blocks/attn/(wq|wk|wv|wo)|blocks/mlp/(w_up|w_gate|w_down)",  # a regex over kernel paths.
+      base_dtype="bfloat16",  # float32 | bfloat16: the frozen base's stored dtype.
+      base_quantization="none",  # none | int8 (per output channel) | nf4 (4-bit NormalFloat): QLoRA's
+      # frozen block kernels, dequantized a layer at a time inside the step.
+      quantization_block=64,  # nf4: the group of input rows sharing one scale.
+    )
+  )
+
+  # Quantization-aware training (model/quantization.py): the block kernels are quantized and
+  # dequantized in the forward pass of training and evaluation (gradients pass straight through), so
+  # the weights learn to survive the quantization that tools/evaluate.py --quantize applies after.
+  config.quantization = ConfigDict(
+    dict(
+      qat="none",  # none | int8 (per output channel) | int4 (symmetric, per group) | nf4 (per group)
+      block=64,  # int4 / nf4: the input rows sharing one scale.
+    )
+  )
+
   config.train = ConfigDict(
     dict(
       num_steps=1000,  # the length of the run (and of the learning-rate schedule).

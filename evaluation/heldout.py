@@ -63,7 +63,7 @@ def evaluate_heldout(
   "accuracy", "tokens", "bytes"}, pooled over target tokens (bytes for bits per byte)."""
   if split not in SPLITS:
     raise ValueError(f"--split={split!r}: expected one of {', '.join(SPLITS)}")
-  step = make_eval_step(model.graphdef, model.mesh, model.setup.shardings.params, byte_lengths=model.byte_lengths)
+  step = make_eval_step(model.graphdef, model.mesh, model.param_shardings, byte_lengths=model.byte_lengths)
   per_source, pooled = {}, {}
   for source in datasets.sources:
     rows = source.validation if split == "validation" else source.train

@@ -7,6 +7,7 @@ import (tools/hf_import.py's OUT directory: checkpoints/0, config.py, the tokeni
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any
 
@@ -15,10 +16,14 @@ import numpy as np
 from flax import nnx
 from ml_collections import ConfigDict
 
+import sharding
 from configs import base
 from data import tokenizers
 from evaluation.metrics import byte_lengths
+from model.lora import merge_lora
+from model.quantization import quantize_kernels
 from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS
+from training import init_from
 from training import setup as setup_lib
 from training.checkpointing import Checkpointer, locate
 from training.validation import validate
@@ -104,9 +109,12 @@ def tokenizer_path(info: CheckpointInfo) -> str:
   if kind == "byte":
     return ""
   if data_cfg.tokenizer_path and kind != "char":
-    if not os.path.isfile(data_cfg.tokenizer_path):
-      raise ValueError(f"data.tokenizer_path: the run's tokenizer {data_cfg.tokenizer_path} is not there")
-    return data_cfg.tokenizer_path
+    if os.path.isfile(data_cfg.tokenizer_path):
+      return data_cfg.tokenizer_path
+    kept = os.path.join(info.workdir, "tokenizer", _CACHED.get(kind, ""))  # training/run.py's copy.
+    if kind in _CACHED and os.path.isfile(kept):
+      return kept
+    raise ValueError(f"data.tokenizer_path: the run's tokenizer {data_cfg.tokenizer_path} is not there")
   candidates = [
     os.path.join(source.paths, _PREPARED[kind]) for source in data_cfg.sources.values() if source.kind == "prepared"
   ]
@@ -141,18 +149,38 @@ class LoadedModel:
   params: nnx.State
   tokenizer: tokenizers.Tokenizer
   byte_lengths: np.ndarray  # [V]: each token id's UTF-8 bytes (evaluation.metrics.byte_lengths).
+  graphdef: nnx.GraphDef  # The setup's, or a quantized model's (`quantized`).
+  quantization: str = "none"  # Post-training weight quantization: none | model.quantization.KINDS.
 
   @property
   def config(self) -> ConfigDict:
     return self.setup.config
 
   @property
-  def graphdef(self):
-    return self.setup.graphdef
+  def param_shardings(self):
+    return jax.tree.map(lambda array: array.sharding, self.params)
 
   @property
   def mesh(self):
     return self.setup.mesh
+
+
+def restore_params(setup: setup_lib.Setup, directory: str, step: int) -> nnx.State:
+  """A checkpoint's parameters in the setup's layout; a LoRA run's adapters joined to their base
+  (rebuilt from the run's init.checkpoint, which must still be there)."""
+  abstract = setup.saved_abstract_state().params
+  checkpointer = Checkpointer(directory, async_save=False)
+  try:
+    params = checkpointer.restore_params(step, abstract)
+  except Exception as e:  # noqa: BLE001 -- a damaged or foreign checkpoint: say which, in one line.
+    raise ValueError(
+      f"{directory}/{step}: its parameters cannot be restored ({type(e).__name__}: {str(e)[:200]})"
+    ) from None
+  finally:
+    checkpointer.close()
+  if setup.lora:
+    params = init_from.with_base(setup, params)
+  return params
 
 
 def load_model(info: CheckpointInfo, tokenizer: tokenizers.Tokenizer | None = None) -> LoadedModel:
@@ -160,22 +188,40 @@ def load_model(info: CheckpointInfo, tokenizer: tokenizers.Tokenizer | None = No
   tokenizer = tokenizer or load_tokenizer(info)
   config = info.config.copy_and_resolve_references()
   config.train.microbatches = 1
+  config.distillation.teacher = ""  # Training's alone: a distilled model evaluates without its teacher.
   setup_lib.use_cpu_devices(config)
+  mesh_sizes = list(config.mesh.values())
+  if -1 not in mesh_sizes and math.prod(mesh_sizes) != jax.device_count():
+    # The run's mesh was for another machine: evaluation is data parallel over the devices here.
+    config.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
   config = validate(config, jax.device_count(), tokenizer_vocab_size=tokenizer.vocab_size)
   setup = setup_lib.build_setup(config)
-  abstract = jax.tree.map(
-    lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
-    setup.abstract_params,
-    setup.shardings.params,
-  )
-  checkpointer = Checkpointer(info.directory, async_save=False)
-  try:
-    params = checkpointer.restore_params(info.step, abstract)
-  except Exception as e:  # noqa: BLE001 -- a damaged or foreign checkpoint: say which, in one line.
-    raise ValueError(
-      f"{info.directory}/{info.step}: its parameters cannot be restored ({type(e).__name__}: {str(e)[:200]})"
-    ) from None
-  finally:
-    checkpointer.close()
+  params = restore_params(setup, info.directory, info.step)
   lengths = byte_lengths(tokenizer, config.model.vocab_size)
-  return LoadedModel(info=info, setup=setup, params=params, tokenizer=tokenizer, byte_lengths=lengths)
+  return LoadedModel(
+    info=info, setup=setup, params=params, tokenizer=tokenizer, byte_lengths=lengths, graphdef=setup.graphdef
+  )
+
+
+def quantize_params(graphdef: nnx.GraphDef, params: nnx.State, kind: str, block: int, mesh) -> tuple:
+  """Post-training weight quantization: (graphdef, params) of the same model with its block kernels
+  stored in `kind` (model/quantization.py; LoRA adapters merged in first), dequantized a layer at a
+  time when it runs; laid out on `mesh` by the logical-axis rules."""
+
+  def quantized(params):
+    model = nnx.merge(graphdef, params)
+    merge_lora(model)
+    quantize_kernels(model, kind, block)
+    return nnx.split(model)
+
+  quantized_graphdef, abstract = jax.eval_shape(quantized, params)
+  shardings = sharding.tree_shardings(abstract, mesh)
+  return quantized_graphdef, jax.jit(lambda p: quantized(p)[1], out_shardings=shardings)(params)
+
+
+def quantized(model: LoadedModel, kind: str, block: int) -> LoadedModel:
+  """The loaded model with post-training weight quantization (`quantize_params`)."""
+  if kind == "none":
+    return model
+  graphdef, params = quantize_params(model.graphdef, model.params, kind, block, model.mesh)
+  return dataclasses.replace(model, graphdef=graphdef, params=params, quantization=kind)

@@ -53,7 +53,7 @@ class Scorer:
     tokenizer = model.tokenizer
     self.prefix_id = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
     self._step = make_eval_step(
-      model.graphdef, model.mesh, model.setup.shardings.params, per_row=True, byte_lengths=model.byte_lengths
+      model.graphdef, model.mesh, model.param_shardings, per_row=True, byte_lengths=model.byte_lengths
     )
 
   def _row(self, context: Sequence[int], continuation: Sequence[int]) -> tuple[list[int], int]:

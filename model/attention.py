@@ -7,7 +7,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from model import attention_kernels as kernels
 from model.config import ModelConfig
-from model.layers import dense, param
+from model.layers import param
+from model.lora import project as project_kernel
 from sharding import constrain
 
 # The allowed values of model.attention, dispatched on in `attend`.
@@ -145,18 +146,19 @@ class Attention(nnx.Module):
     if cfg.use_bias:
       self.bo = param(rngs, (d,), ("embed",), None)
 
-  def __call__(self, x_BLD, segment_ids_BL, positions_BL):
-    q_BLNH, k_BLKH, v_BLKH = self.project(x_BLD, positions_BL)
+  def __call__(self, x_BLD, segment_ids_BL, positions_BL, lora_key=None):
+    """`lora_key`: the dropout key of the LoRA adapters (model/lora.py), if any; None in evaluation."""
+    q_BLNH, k_BLKH, v_BLKH = self.project(x_BLD, positions_BL, lora_key)
     out_BLNH = attend(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, self.cfg.attention, self.cfg.attention_block)
-    return self.output(out_BLNH)
+    return self.output(out_BLNH, lora_key)
 
-  def project(self, x_BLD, positions_BL):
+  def project(self, x_BLD, positions_BL, lora_key=None):
     """The queries, keys and values of x (RoPE applied), in x's dtype."""
     cfg = self.cfg
     dtype = x_BLD.dtype
-    q_BLNH = dense(x_BLD, self.wq[...], 1, dtype)
-    k_BLKH = dense(x_BLD, self.wk[...], 1, dtype)
-    v_BLKH = dense(x_BLD, self.wv[...], 1, dtype)
+    q_BLNH = project_kernel(x_BLD, self, "wq", dtype, lora_key)
+    k_BLKH = project_kernel(x_BLD, self, "wk", dtype, lora_key)
+    v_BLKH = project_kernel(x_BLD, self, "wv", dtype, lora_key)
     if cfg.has_qkv_bias:
       q_BLNH = q_BLNH + self.bq[...].astype(dtype)
       k_BLKH = k_BLKH + self.bk[...].astype(dtype)
@@ -172,10 +174,10 @@ class Attention(nnx.Module):
     v_BLKH = checkpoint_name(v_BLKH, "value_proj")
     return q_BLNH, k_BLKH, v_BLKH
 
-  def output(self, out_BLNH):
+  def output(self, out_BLNH, lora_key=None):
     """The heads' outputs projected back to the residual stream."""
     dtype = out_BLNH.dtype
-    y_BLD = dense(out_BLNH, self.wo[...], 2, dtype)
+    y_BLD = project_kernel(out_BLNH, self, "wo", dtype, lora_key)
     if self.cfg.use_bias:
       y_BLD = y_BLD + self.bo[...].astype(dtype)
     y_BLD = checkpoint_name(y_BLD, "attention_out")

@@ -18,6 +18,7 @@ from ml_collections import ConfigDict
 from model.attention import Attention
 from model.config import ModelConfig
 from model.layers import Norm, dense, dropout, param
+from model.lora import project
 from sharding import constrain
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -80,19 +81,20 @@ class Mlp(nnx.Module):
       self.b_up = param(rngs, (f,), ("mlp",), None)
       self.b_down = param(rngs, (d,), ("embed",), None)
 
-  def __call__(self, x_BLD):
+  def __call__(self, x_BLD, lora_key=None):
+    """`lora_key`: the dropout key of the LoRA adapters (model/lora.py), if any; None in evaluation."""
     cfg, dtype = self.cfg, x_BLD.dtype
-    h_BLF = dense(x_BLD, self.w_up[...], 1, dtype)
+    h_BLF = project(x_BLD, self, "w_up", dtype, lora_key)
     if cfg.use_bias:
       h_BLF = h_BLF + self.b_up[...].astype(dtype)
     if cfg.mlp == "swiglu":
-      gate_BLF = dense(x_BLD, self.w_gate[...], 1, dtype)
+      gate_BLF = project(x_BLD, self, "w_gate", dtype, lora_key)
       h_BLF = jax.nn.silu(gate_BLF) * h_BLF
     else:
       h_BLF = gelu(h_BLF, cfg.gelu_approximate)
     h_BLF = constrain(h_BLF, ("act_batch", "act_length", "act_mlp"))
     h_BLF = checkpoint_name(h_BLF, "mlp_hidden")
-    y_BLD = dense(h_BLF, self.w_down[...], 1, dtype)
+    y_BLD = project(h_BLF, self, "w_down", dtype, lora_key)
     if cfg.use_bias:
       y_BLD = y_BLD + self.b_down[...].astype(dtype)
     y_BLD = checkpoint_name(y_BLD, "mlp_out")
@@ -113,8 +115,13 @@ class Block(nnx.Module):
   def __call__(self, x_BLD, segment_ids_BL, positions_BL, dropout_key=None):
     rate = self.cfg.dropout_rate
     attn_key, mlp_key = jax.random.split(dropout_key) if dropout_key is not None else (None, None)
-    x_BLD = x_BLD + dropout(self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL), rate, attn_key)
-    x_BLD = x_BLD + dropout(self.mlp(self.mlp_norm(x_BLD)), rate, mlp_key)
+    # The adapters' dropout keys are derived apart from the residual dropout's, which stay as they were.
+    attn_lora_key, mlp_lora_key = (
+      (None, None) if dropout_key is None else (jax.random.fold_in(attn_key, 1), jax.random.fold_in(mlp_key, 1))
+    )
+    attn_out = self.attn(self.attn_norm(x_BLD), segment_ids_BL, positions_BL, attn_lora_key)
+    x_BLD = x_BLD + dropout(attn_out, rate, attn_key)
+    x_BLD = x_BLD + dropout(self.mlp(self.mlp_norm(x_BLD), mlp_lora_key), rate, mlp_key)
     return constrain(x_BLD, ("act_batch", "act_length", "act_embed"))
 
   def prefill(self, x_BLD, segment_ids_BL, positions_BL):

@@ -4,7 +4,7 @@ Imports no other loom package, so model/, data/ and training/ can all build on i
 """
 
 from sharding.mesh import MESH_AXES, make_mesh, resolve_mesh_shape, use_cpu_devices
-from sharding.placement import global_batch_from_local
+from sharding.placement import bytes_per_device, global_batch_from_local
 from sharding.rules import (
   DEFAULT_RULES,
   activation_rules,
@@ -21,6 +21,7 @@ __all__ = [
   "resolve_mesh_shape",
   "use_cpu_devices",
   "global_batch_from_local",
+  "bytes_per_device",
   "DEFAULT_RULES",
   "activation_rules",
   "active_mesh_and_rules",

@@ -1,6 +1,8 @@
 """Placing host data onto a mesh."""
 
+import math
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -24,3 +26,21 @@ def global_batch_from_local(
     sharding = logical_to_sharding(axes, mesh, rules)
     out[name] = jax.make_array_from_process_local_data(sharding, local, global_shape)
   return out
+
+
+def bytes_per_device(tree) -> int:
+  """The most bytes any one device holds of the arrays in `tree`: each array's addressable shards, or
+  for a ShapeDtypeStruct with a sharding, the shards that sharding would give."""
+  totals: dict[Any, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    itemsize = np.dtype(leaf.dtype).itemsize
+    if hasattr(leaf, "addressable_shards"):
+      for shard in leaf.addressable_shards:
+        totals[shard.device] = totals.get(shard.device, 0) + math.prod(shard.data.shape) * itemsize
+    elif getattr(leaf, "sharding", None) is not None:
+      for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+        size = math.prod(len(range(*s.indices(n))) for s, n in zip(index, leaf.shape))
+        totals[device] = totals.get(device, 0) + size * itemsize
+    else:
+      raise ValueError(f"bytes_per_device: a leaf of shape {leaf.shape} has no sharding to read")
+  return max(totals.values(), default=0)

@@ -29,6 +29,7 @@ DEFAULT_RULES: Rules = (
   ("head_dim", None),
   ("mlp", "tensor"),
   ("position", None),
+  ("lora_rank", None),  # LoRA adapters' rank: small, kept whole.
   # Activations.
   ("act_batch", ("data", "fsdp")),
   ("act_length", None),

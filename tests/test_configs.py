@@ -59,7 +59,12 @@ def test_configs_are_discovered():
   assert {"gpt2_124m", "llama3_1b", "llama3_8b", "shakespeare_char", "tiny", "quickstart"} <= set(CONFIG_NAMES)
 
 
-@pytest.mark.parametrize("name", CONFIG_NAMES)
+# Configs that start from a run or files the user makes first (their docstrings give the commands): until
+# then they stop at validation naming the field; tests/test_finetune_configs.py builds them with those made.
+NEEDS_USER_FILES = {"distill_quickstart", "lora_chat", "prune_gradual", "qlora_chat"}
+
+
+@pytest.mark.parametrize("name", [name for name in CONFIG_NAMES if name not in NEEDS_USER_FILES])
 def test_config_validates_and_builds_abstractly(name):
   config = _load(name)
   vocab = config.model.vocab_size or CHAR_VOCAB

@@ -31,6 +31,14 @@ _DATA = flags.DEFINE_string("data", "", "Comma-separated globs of text/.jsonl/.p
 _MAX_BATCHES = flags.DEFINE_integer("max_batches", 0, "Batches per source (0: the whole split).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Rows per batch (0: the config's train.global_batch_size).")
 _OUTPUT = flags.DEFINE_string("output", "", "A .json file for the metrics.")
+_QUANTIZE = flags.DEFINE_enum(
+  "quantize",
+  "none",
+  ["none", "int8", "int4", "nf4"],
+  "Post-training weight quantization of the block kernels before evaluating: int8 per output channel, "
+  "int4 or nf4 per group of --quantization_block input rows (model/quantization.py).",
+)
+_QUANTIZATION_BLOCK = flags.DEFINE_integer("quantization_block", 64, "int4 / nf4: input rows sharing one scale.")
 
 
 def main(argv):
@@ -38,6 +46,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   output = check_output_path(_OUTPUT.value, "--output", "file") if _OUTPUT.value else ""
   # Imported after parsing: loading JAX and TensorFlow takes seconds that a bad flag need not wait for.
+  import jax
+
   from evaluation import heldout, loading
 
   try:
@@ -47,10 +57,14 @@ def main(argv):
       info.config.train.global_batch_size = _BATCH_SIZE.value
     datasets = heldout.heldout_datasets(info, info.config.train.global_batch_size)
     model = loading.load_model(info, datasets.tokenizer)
+    model = loading.quantized(model, _QUANTIZE.value, _QUANTIZATION_BLOCK.value)
     results = heldout.evaluate_heldout(model, datasets, _SPLIT.value, _MAX_BATCHES.value)
+    results["weight_bytes"] = sum(leaf.nbytes for leaf in jax.tree.leaves(model.params))
   except ValueError as e:
     raise SystemExit(f"evaluate: {e}") from None
-  print(f"{info.directory}/{info.step}, {_SPLIT.value} split:")
+  quantized = f", weights {_QUANTIZE.value}" if _QUANTIZE.value != "none" else ""
+  weights = f"{results['weight_bytes'] / 2**20:.2f} MiB of weights"
+  print(f"{info.directory}/{info.step}, {_SPLIT.value} split{quantized} ({weights}):")
   rows = dict(results["sources"], **({"all": results["all"]} if len(results["sources"]) > 1 else {}))
   for name, m in rows.items():
     print(

@@ -37,6 +37,10 @@ _PROMPTS = flags.DEFINE_string(
 )
 _CHAT = flags.DEFINE_boolean("chat", False, "Prompt as a chat: --prompt (or a line's prompt) is a user message.")
 _SYSTEM = flags.DEFINE_string("system", "", "With --chat: the system message before every conversation.")
+_QUANTIZE = flags.DEFINE_enum(
+  "quantize", "none", ["none", "int8", "int4", "nf4"], "Post-training weight quantization (model/quantization.py)."
+)
+_QUANTIZATION_BLOCK = flags.DEFINE_integer("quantization_block", 64, "int4 / nf4: input rows sharing one scale.")
 _ADD_BOS = flags.DEFINE_boolean(
   "add_bos", False, "Start plain prompts with the tokenizer's bos token (chat prompts always do)."
 )
@@ -195,7 +199,7 @@ def main(argv):
         f"{len(ids) + _MAX_NEW_TOKENS.value} positions, more than the model's max_seq_len={model_cfg.max_seq_len}"
       )
 
-  outputs = _generate(model_cfg, directory, step, prompts, tokenizer, chat=any(chats))
+  outputs = _generate(config, directory, step, prompts, tokenizer, chat=any(chats))
   records = []
   for request, ids, tokens, chat in zip(requests, prompts, outputs, chats):
     text = tokenizer.decode(tokens)
@@ -217,28 +221,30 @@ def main(argv):
       f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
-def _generate(model_cfg, directory: str, step: int, prompts: list[list[int]], tokenizer, chat: bool):
+def _generate(config, directory: str, step: int, prompts: list[list[int]], tokenizer, chat: bool):
   """Restores the parameters onto a (data, tensor) mesh of all devices and generates."""
   import jax
 
   import model as model_lib
   import sharding
   from data.special_tokens import IM_END
-  from training.checkpointing import Checkpointer
-  from training.state import abstract_model
+  from evaluation.loading import quantize_params, restore_params
+  from training.setup import build_setup
+  from training.validation import validate
 
   try:
     mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=_TENSOR.value))
   except ValueError as e:
     raise _fail(f"--tensor={_TENSOR.value}: {e}") from None
-  graphdef, abstract = abstract_model(model_cfg)
-  shardings = sharding.tree_shardings(abstract, mesh)
-  targets = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  checkpointer = Checkpointer(directory, async_save=False, read_only=True)
-  try:
-    params = checkpointer.restore_params(step, targets)
-  finally:
-    checkpointer.close()
+  # The run's model (with its LoRA adapters and their base, if it had them) on this mesh.
+  config = config.copy_and_resolve_references()
+  config.mesh.update(data=mesh.shape["data"], fsdp=1, tensor=mesh.shape["tensor"])
+  config.train.update(global_batch_size=mesh.shape["data"], microbatches=1)
+  config.distillation.teacher = ""  # Training's alone: a distilled model generates without its teacher.
+  setup = build_setup(validate(config, jax.device_count()), mesh)
+  graphdef, params = setup.graphdef, restore_params(setup, directory, step)
+  if _QUANTIZE.value != "none":
+    graphdef, params = quantize_params(graphdef, params, _QUANTIZE.value, _QUANTIZATION_BLOCK.value, mesh)
   stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   if chat and tokenizer.special_id(IM_END) is not None:
     stops.append(tokenizer.special_id(IM_END))

@@ -151,7 +151,7 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[ConfigDict, dict[str, Any]]:
     for name in TOKENIZER_FILES:
       if os.path.isfile(os.path.join(hf_dir, name)):
         atomic_copy(os.path.join(hf_dir, name), os.path.join(directory, name))
-    _save_params(os.path.join(directory, "checkpoints"), config.model, params, record)
+    save_params(os.path.join(directory, "checkpoints"), config.model, params, record)
     _write_config_py(os.path.join(directory, "config.py"), fields, config, tokenizer, hf_dir)
   return config, params
 
@@ -225,7 +225,7 @@ def _output_directory(out_dir: str, flag: str) -> Iterator[str]:
     raise ValueError(f"{flag}={out_dir}: {e.strerror}") from None
 
 
-def _save_params(directory: str, model_cfg: ConfigDict, params: Mapping[str, Any], record: dict[str, Any]) -> None:
+def save_params(directory: str, model_cfg: ConfigDict, params: Mapping[str, Any], record: dict[str, Any]) -> None:
   """A parameters-only checkpoint at step 0, in the nnx.State structure training restores."""
   _, state = abstract_model(model_cfg)
   host = _host_device()
@@ -392,7 +392,12 @@ def _full_config(config, saved: Mapping[str, Any] | None, where: str) -> ConfigD
 
 
 def export_hf(
-  checkpoint: str, config: ConfigDict | Mapping[str, Any] | None, out_dir: str, model_type: str, dtype: str = "float32"
+  checkpoint: str,
+  config: ConfigDict | Mapping[str, Any] | None,
+  out_dir: str,
+  model_type: str,
+  dtype: str = "float32",
+  params: Mapping[str, Any] | None = None,
 ) -> list[str]:
   """Writes a loom checkpoint as a Hugging Face directory; returns the paths written.
 
@@ -406,17 +411,28 @@ def export_hf(
   `config`'s model differs from the checkpoint's, or when `out_dir` is not a
   new or empty directory outside the checkpoints. The files are written into
   a temporary sibling directory renamed to `out_dir` at the end.
+
+  `params` (loom's pure dict) are written instead of the checkpoint's own: tools/lora.py passes a LoRA
+  run's base, which its checkpoint (the adapters alone) does not hold. Without them a LoRA run's
+  checkpoint is refused, pointing at tools/lora.py.
   """
   if dtype not in EXPORT_DTYPES:
     raise ValueError(f"dtype {dtype!r}; allowed: {', '.join(EXPORT_DTYPES)}")
   out_dir = os.path.abspath(out_dir)
   directory, _ = locate(checkpoint)
   check_output_dir(out_dir, "--output", within=(("the run's checkpoint directory", directory),))
-  full, _ = checkpoint_config(checkpoint, config)
+  full, record = checkpoint_config(checkpoint, config)
+  if params is None and ((record.get("config") or {}).get("lora") or {}).get("rank", 0) > 0:
+    raise ValueError(
+      f"{checkpoint} is a LoRA run's checkpoint, which holds its adapters alone: export the merged model "
+      "(tools/lora.py merge, then this) or the adapters for PEFT (tools/lora.py export_peft)"
+    )
   hf_cfg = huggingface.hf_config(full.model, model_type)
   workdir = os.path.dirname(directory)
   _check_tokenizer_path(full.data)
-  tensors = huggingface.hf_tensors(load_params(checkpoint, full.model), full.model, model_type)
+  if params is None:
+    params = load_params(checkpoint, full.model)
+  tensors = huggingface.hf_tensors(params, full.model, model_type)
   tensors = {name: np.ascontiguousarray(value.astype(EXPORT_DTYPES[dtype])) for name, value in tensors.items()}
 
   written: list[str] = []

@@ -13,6 +13,7 @@ never the checkpoint that `latest_step` returns.
 
 import os
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -77,10 +78,21 @@ def locate(path: str, step: int = -1, field: str = "checkpoint") -> tuple[str, i
 
 class Checkpointer:
   def __init__(
-    self, directory: str, keep: int = 3, keep_every: int = 0, async_save: bool = True, read_only: bool = False
+    self,
+    directory: str,
+    keep: int = 3,
+    keep_every: int = 0,
+    async_save: bool = True,
+    read_only: bool = False,
+    saved_params: Callable[[Any], Any] | None = None,
   ):
-    """Keeps the last `keep` checkpoints and, beyond them, every step divisible by `keep_every`."""
+    """Keeps the last `keep` checkpoints and, beyond them, every step divisible by `keep_every`.
+
+    `saved_params`: what `save` keeps of the state's parameters (training.setup.Setup.saved_params: a
+    LoRA run's adapters, not its frozen base); default all of them.
+    """
     self.directory = os.path.abspath(directory)
+    self._saved_params = saved_params or (lambda params: params)
     options = ocp.CheckpointManagerOptions(
       max_to_keep=keep,
       keep_period=keep_every or None,
@@ -145,7 +157,7 @@ class Checkpointer:
     self._manager.save(
       step,
       args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
+        params=ocp.args.StandardSave(self._saved_params(state.params)),
         opt_state=ocp.args.StandardSave(state.opt_state),
         progress=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
         record=ocp.args.JsonSave(record),

@@ -12,6 +12,7 @@ schedule start afresh (a re-warmup to the new peak, then its decay).
 import jax
 import jax.numpy as jnp
 from absl import logging
+from flax import nnx
 
 from training.checkpointing import Checkpointer, locate
 from training.optimizer import parameter_paths
@@ -28,13 +29,21 @@ def _extend_rows(array: jax.Array, rows: int, axis: int) -> jax.Array:
 
 
 def initial_state(init_cfg, setup: Setup) -> tuple[TrainState, dict]:
-  """The state this run starts from, built from init.checkpoint; and that checkpoint's record."""
+  """The state this run starts from, built from init.checkpoint; and that checkpoint's record.
+
+  A LoRA run (lora.rank > 0) takes the checkpoint's model as its base (Setup.adapt_params).
+  """
   abstract_state, shardings = setup.abstract_state(), setup.shardings
   directory, step = locate(init_cfg.checkpoint, init_cfg.step, field="init.checkpoint")
   source = Checkpointer(directory, async_save=False, read_only=True)
   record = source.record(step)
+  if (record.get("config") or {}).get("lora", {}).get("rank", 0) > 0:
+    raise ValueError(
+      f"init.checkpoint: {directory}/{step} is a LoRA run's checkpoint (adapters alone); merge it into "
+      "its base first (tools/lora.py merge) and start from the merged checkpoint"
+    )
   saved = source.params_shapes(step)
-  abstract_params = abstract_state.params
+  abstract_params = setup.plain_abstract_params() if setup.lora else abstract_state.params
   paths = parameter_paths(abstract_params)
   missing = sorted(set(paths) - set(saved))
   if missing:
@@ -76,7 +85,11 @@ def initial_state(init_cfg, setup: Setup) -> tuple[TrainState, dict]:
       return _extend_rows(array, vocab, axis)
 
     grown = [grow(p, a, leaf) for p, a, leaf in zip(paths, jax.tree.leaves(params), jax.tree.leaves(abstract_params))]
-    params = jax.device_put(jax.tree.unflatten(jax.tree.structure(params), grown), shardings.params)
+    params = jax.device_put(
+      jax.tree.unflatten(jax.tree.structure(params), grown), jax.tree.map(lambda a: a.sharding, abstract_params)
+    )
+  if setup.lora:
+    params = setup.adapt_params(params)
 
   if init_cfg.load_optimizer:
     if not source.has_optimizer_state(step):
@@ -90,3 +103,14 @@ def initial_state(init_cfg, setup: Setup) -> tuple[TrainState, dict]:
   state = setup.state_from_params(params, step=start, opt_state=opt_state)
   source.close()
   return state, dict(record, directory=directory, restored_step=step)
+
+
+def with_base(setup: Setup, adapters):
+  """A LoRA run's full parameters from its checkpointed `adapters`: the frozen base rebuilt as the
+  run built it (init.checkpoint adapted, or the seed's initialisation), the adapters replaced."""
+  if setup.config.init.checkpoint:
+    start, _ = initial_state(setup.config.init, setup)
+  else:
+    start = setup.init_state()
+  _, base = nnx.split_state(start.params, setup.trainable, ...)
+  return nnx.merge_state(adapters, base)

@@ -1,10 +1,13 @@
-"""Optax chains from the `optimizer` config: optimizer, schedule, clipping, decay mask, frozen parameters."""
+"""Optax chains from the `optimizer` config: optimizer, schedule, clipping, decay mask, frozen parameters,
+pruning (training/pruning.py)."""
 
 import re
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from training import pruning as pruning_lib
 
 # optimizer.schedule's values: learning_rate_schedule computes each (validation reads this list).
 SCHEDULES = ("warmup_cosine", "warmup_linear", "constant", "wsd", "rsqrt")
@@ -139,8 +142,11 @@ def weight_decay_mask(params, decay_embeddings: bool):
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 
 
-def build_optimizer(cfg, num_steps: int, params, frozen=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """`frozen`: a trainable_mask (or None); frozen parameters get zero updates."""
+def build_optimizer(
+  cfg, num_steps: int, params, frozen=None, pruning=None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`frozen`: a trainable_mask (or None); frozen parameters get zero updates. `pruning`: config.pruning
+  (or None); with its method on, the pruning masks come last, so every update before them is masked."""
   schedule = learning_rate_schedule(cfg, num_steps)
   mask = weight_decay_mask(params, cfg.decay_embeddings)
   if cfg.name == "adamw":
@@ -164,4 +170,6 @@ def build_optimizer(cfg, num_steps: int, params, frozen=None) -> tuple[optax.Gra
     core = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), core)
   if frozen is not None:
     core = optax.chain(core, freeze(frozen))
+  if pruning is not None and pruning.method != "none":
+    core = optax.chain(core, pruning_lib.prune(pruning, params))
   return core, schedule

@@ -396,7 +396,7 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
   else:
     start = time.perf_counter()
     try:
-      compiled = setup.train_step().lower(abstract_state, batch).compile()
+      compiled = setup.train_step(setup.load_teacher()).lower(abstract_state, batch).compile()
     except Exception as e:  # noqa: BLE001 -- the compiler's out-of-memory error is the answer.
       summary = out_of_memory_summary(e)
       if summary is None:

@@ -7,6 +7,7 @@ state (resumed, from init.checkpoint, or fresh) -> hooks -> loop -> samples.
 import collections
 import dataclasses
 import fcntl
+import filecmp
 import itertools
 import json
 import os
@@ -23,7 +24,7 @@ from ml_collections import ConfigDict
 import data
 import model as model_lib
 import sharding
-from data.files import atomic_write, writable_directory
+from data.files import atomic_copy, atomic_write, writable_directory
 from evaluation.metrics import byte_lengths
 from model.decode import generate_past_context
 from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS, COMPUTE_DTYPES
@@ -35,8 +36,7 @@ from training.cpu_memory import keep_step_buffers_mapped
 from training.metric_writers import MetricWriter
 from training.peak_flops import peak_flops
 from training.preemption import Preemption
-from training.state import TrainState
-from training.step import make_eval_step
+from training.state import TrainState, split_trainable
 from training.validation import ConfigError, validate
 from version import __version__
 
@@ -81,7 +81,7 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
   datasets, config = _build_datasets(config, workdir)
   setup = setup_lib.build_setup(config, mesh)
   logging.info("model: %.2fM parameters", model_lib.num_params(config.model) / 1e6)
-  checkpointer = _open_checkpointer(config, workdir)
+  checkpointer = _open_checkpointer(config, workdir, setup.saved_params)
   start = _resume_or_init(setup, checkpointer, datasets, workdir)
   if jax.process_index() == 0:  # After the resume checks: a refused run leaves the workdir's as it was.
     with atomic_write(os.path.join(workdir, "config.json")) as f:
@@ -106,7 +106,14 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
       + (f" (it stopped early: {early_stopping_hook.summary()})" if stopped_before else "")
     )
   else:
-    compiled_step = _compile(setup.train_step(), state, first_batch, mesh, writer)
+    teacher = setup.load_teacher()  # config.distillation's, or None.
+    if teacher is not None:
+      distill = config.distillation
+      writer.text(
+        f"distilling from {distill.teacher} (temperature {distill.temperature}, alpha {distill.alpha}): the "
+        "logged loss is the distillation objective, evaluation the plain cross-entropy"
+      )
+    compiled_step = _compile(setup.train_step(teacher), state, first_batch, mesh, writer)
     run_hooks = [logging_hook, eval_hook, early_stopping_hook, checkpoint_hook, *extra_hooks]
     hooks = hooks_lib.Hooks([hook for hook in run_hooks if hook is not None])
     state, step, reason = _loop(
@@ -186,6 +193,7 @@ def _build_datasets(config: ConfigDict, workdir: str) -> tuple[data.Datasets, Co
   except ValueError as e:  # data/ names the data.* field at fault; report it like any config error.
     raise ConfigError(str(e)) from e
   config = validate(config, jax.device_count(), tokenizer_vocab_size=datasets.tokenizer.vocab_size)
+  _keep_tokenizer(config.data, workdir)
   try:  # Sampling comes at the end of the run; a prompt the tokenizer cannot encode fails now.
     datasets.tokenizer.encode_batch([config.train.sample_prompt])
   except ValueError as e:
@@ -200,11 +208,24 @@ def _build_datasets(config: ConfigDict, workdir: str) -> tuple[data.Datasets, Co
   return datasets, config
 
 
-def _open_checkpointer(config: ConfigDict, workdir: str) -> Checkpointer:
+def _keep_tokenizer(data_cfg: ConfigDict, workdir: str) -> None:
+  """A sentencepiece model named by data.tokenizer_path (another run's, a distillation teacher's) is
+  copied to WORKDIR/tokenizer/sp.model, so this run's checkpoints evaluate and sample without that file."""
+  path = data_cfg.tokenizer_path
+  if jax.process_index() != 0 or data_cfg.tokenizer != "sentencepiece" or not path:
+    return
+  kept = os.path.join(workdir, "tokenizer", "sp.model")
+  if os.path.abspath(path) != os.path.abspath(kept) and not (os.path.isfile(kept) and filecmp.cmp(path, kept, False)):
+    os.makedirs(os.path.dirname(kept), exist_ok=True)
+    atomic_copy(path, kept)
+
+
+def _open_checkpointer(config: ConfigDict, workdir: str, saved_params) -> Checkpointer:
   checkpointer = Checkpointer(
     os.path.join(workdir, "checkpoints"),
     keep=config.train.keep_checkpoints,
     keep_every=config.train.keep_checkpoints_every,
+    saved_params=saved_params,
   )
   try:
     writable_directory(checkpointer.directory)
@@ -253,13 +274,15 @@ def _resume_or_init(setup: setup_lib.Setup, checkpointer: Checkpointer, datasets
       if saved_rows.get(name, rows_id) != rows_id
     ]
     try:
-      state, record = checkpointer.restore(resumed_from, setup.abstract_state())
+      state, record = checkpointer.restore(resumed_from, setup.saved_abstract_state())
     except Exception as e:  # noqa: BLE001 -- a damaged array file: say which checkpoint, and what to do.
       step_dir = os.path.join(checkpointer.directory, str(resumed_from))
       raise ConfigError(
         f"{step_dir} cannot be restored ({type(e).__name__}: {str(e)[:200]}); move it aside "
         f"(mv {step_dir} {step_dir}.damaged) to resume from the step before it"
       ) from None
+    if setup.lora:  # The checkpoint holds the adapters; the frozen base is rebuilt as the run began.
+      state = state.replace(params=init_from.with_base(setup, state.params))
     logging.info("resumed from step %d (data position %s)", resumed_from, record.get("data"))
   return Start(
     state=state,
@@ -296,11 +319,28 @@ def _open_writer(
       else "fresh start"
     )
   )
+  if setup.lora:
+    writer.text(_lora_memory_line(setup, start.state))
   if start.resume_changes:
     writer.text("resumed with changes from the checkpointed run: " + "; ".join(start.resume_changes))
   if datasets.bad_data_counts:  # Counted while the data was read, before the first step.
     writer.write(start.step, {f"data/skipped/{reason}": count for reason, count in datasets.bad_data_counts.items()})
   return writer
+
+
+def _lora_memory_line(setup: setup_lib.Setup, state: TrainState) -> str:
+  """What a LoRA run trains and what its state takes on a device, read from the arrays."""
+  lora = setup.config.lora
+  adapters, base = split_trainable(state.params, setup.trainable)
+  trained = sum(leaf.size for leaf in jax.tree.leaves(adapters))
+  total = model_lib.num_params(setup.config.model)
+  megabytes = lambda tree: sharding.bytes_per_device(tree) / 2**20
+  quantized = "" if lora.base_quantization == "none" else f", {lora.base_quantization} kernels"
+  return (
+    f"LoRA rank {lora.rank} on {lora.targets}: {trained:,} trainable parameters ({100 * trained / total:.2f}% of "
+    f"{total:,}); per device: frozen base {megabytes(base):.2f} MB ({lora.base_dtype}"
+    f"{quantized}), adapters {megabytes(adapters):.2f} MB, optimizer state {megabytes(state.opt_state):.2f} MB"
+  )
 
 
 def _make_hooks(
@@ -329,7 +369,7 @@ def _make_hooks(
   )
   # The eval step also sums each target's UTF-8 bytes (for bits per byte): the tokenizer's table, once.
   table = byte_lengths(datasets.tokenizer, config.model.vocab_size)
-  eval_step = make_eval_step(setup.graphdef, setup.mesh, setup.shardings.params, byte_lengths=table)
+  eval_step = setup.eval_step(byte_lengths=table)
 
   def eval_batches(name):
     def batches():
@@ -372,7 +412,9 @@ def _make_hooks(
       train_cfg.early_stopping_min_delta,
       early_stopping.latest_evaluation(eval_hook),
       # Beside checkpoints/, never in it: its own directory keeps one step, whatever checkpoints/ keeps.
-      Checkpointer(os.path.join(os.path.dirname(checkpointer.directory), "best"), keep=1)
+      Checkpointer(
+        os.path.join(os.path.dirname(checkpointer.directory), "best"), keep=1, saved_params=setup.saved_params
+      )
       if train_cfg.keep_best_checkpoint
       else None,
       record,

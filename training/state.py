@@ -10,6 +10,7 @@ from jax.sharding import Mesh
 
 import sharding
 from model import Transformer
+from model.lora import LoraSpec, add_lora
 
 
 @flax.struct.dataclass
@@ -20,10 +21,53 @@ class TrainState:
   rng: jax.Array  # uint32 key data; jax.random.wrap_key_data gives the key.
 
 
-def abstract_model(model_cfg) -> tuple[nnx.GraphDef, nnx.State]:
-  """Graph definition and shape-only parameters: nothing is allocated."""
-  model = nnx.eval_shape(lambda: Transformer(model_cfg, nnx.Rngs(0)))
+def abstract_model(model_cfg, lora_cfg=None) -> tuple[nnx.GraphDef, nnx.State]:
+  """Graph definition and shape-only parameters: nothing is allocated. With `lora_cfg` (config.lora,
+  rank > 0), the model with its adapters and its base as stored (see `adapt`)."""
+  model = nnx.eval_shape(lambda: build_model(model_cfg, jax.random.key(0), lora_cfg))
   return nnx.split(model)
+
+
+def build_model(model_cfg, key: jax.Array, lora_cfg=None) -> nnx.Module:
+  """The Transformer initialised from `key`; with LoRA on, adapted (`adapt`) with adapters from `key` too."""
+  model = Transformer(model_cfg, nnx.Rngs(params=key))
+  if LoraSpec.from_config(lora_cfg) is not None:
+    adapt(model, lora_cfg, lora_key(key))
+  return model
+
+
+def lora_key(params_key: jax.Array) -> jax.Array:
+  """The key of the adapters' initialisation: from the seed's, whatever base they are added to."""
+  return jax.random.fold_in(params_key, 1)
+
+
+def adapt(model: nnx.Module, lora_cfg, key: jax.Array) -> None:
+  """A plain model made a LoRA model in place: its base stored in lora.base_dtype, the block kernels
+  quantized with lora.base_quantization (QLoRA), then adapters added on lora.targets."""
+  from model import quantization  # Its storage is only needed here.
+
+  base_dtype = jnp.dtype(lora_cfg.base_dtype)
+  if lora_cfg.base_quantization != "none":
+    quantization.quantize_kernels(model, lora_cfg.base_quantization, lora_cfg.quantization_block, base_dtype)
+  else:
+    nnx.update(model, jax.tree.map(lambda x: x.astype(base_dtype), nnx.state(model, nnx.Param)))
+  add_lora(model, LoraSpec.from_config(lora_cfg), key)
+
+
+def trainable_filter(lora_cfg):
+  """What the optimizer trains: the adapters with LoRA on, else None (every parameter)."""
+  return nnx.LoRAParam if LoraSpec.from_config(lora_cfg) is not None else None
+
+
+def split_trainable(params: nnx.State, trainable) -> tuple[nnx.State, nnx.State | None]:
+  """(the trained part, the frozen rest): with `trainable` None, all of it and None."""
+  if trainable is None:
+    return params, None
+  return nnx.split_state(params, trainable, ...)
+
+
+def join_trainable(trained: nnx.State, frozen: nnx.State | None) -> nnx.State:
+  return trained if frozen is None else nnx.merge_state(trained, frozen)
 
 
 def state_rng(seed: int) -> jax.Array:
@@ -32,24 +76,25 @@ def state_rng(seed: int) -> jax.Array:
   return jax.random.key_data(jax.random.split(jax.random.key(seed))[1])
 
 
-def new_train_state(model_cfg, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def new_train_state(model_cfg, tx: optax.GradientTransformation, seed: int, lora_cfg=None) -> TrainState:
   """A freshly initialised state (traceable: jit it, or eval_shape it for shapes alone); the sharded
-  one is training.setup.Setup.init_state."""
+  one is training.setup.Setup.init_state. The optimizer state covers the trainable parameters."""
   params_key = jax.random.split(jax.random.key(seed))[0]
-  params = nnx.state(Transformer(model_cfg, nnx.Rngs(params=params_key)))
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng(seed))
+  params = nnx.state(build_model(model_cfg, params_key, lora_cfg))
+  trained, _ = split_trainable(params, trainable_filter(lora_cfg))
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(trained), rng=state_rng(seed))
 
 
 def state_shardings(
-  abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, rules=sharding.DEFAULT_RULES
+  abstract_params: nnx.State, tx: optax.GradientTransformation, mesh: Mesh, rules=sharding.DEFAULT_RULES, trainable=None
 ) -> TrainState:
-  """NamedShardings for every leaf of the train state.
+  """NamedShardings for every leaf of the train state (the optimizer's over the `trainable` part).
 
   Optimizer moments mirror the parameters' structure, so they take the
   parameters' shardings; factored or scalar leaves are replicated.
   """
   param_shardings = sharding.tree_shardings(abstract_params, mesh, rules)
-  abstract_opt_state = jax.eval_shape(tx.init, abstract_params)
+  abstract_opt_state = jax.eval_shape(tx.init, split_trainable(abstract_params, trainable)[0])
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
   flat_params = jax.tree_util.tree_flatten_with_path(abstract_params)[0]

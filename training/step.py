@@ -1,5 +1,6 @@
 """The jitted train and eval steps: loss, gradient accumulation, metrics."""
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -11,7 +12,8 @@ from jax.sharding import Mesh
 import sharding
 from model.layers import dense
 from model.loss import chunked_row_losses
-from training.state import TrainState
+from training import distillation
+from training.state import TrainState, join_trainable, split_trainable
 
 Batch = dict[str, jax.Array]
 
@@ -58,51 +60,108 @@ def make_train_step(
   microbatches: int = 1,
   dropout: bool = False,
   rules=sharding.DEFAULT_RULES,
+  trainable=None,
+  params_transform=None,
+  teacher=None,
+  sparsity_of=None,
 ):
   """A jitted `step(state, batch) -> (state, metrics)` with the state donated.
 
   The loss is the mean over all weighted tokens of the global batch; with
   microbatches, summed losses and gradients are accumulated and divided once
   by the total weight, so k microbatches equal one step on the whole batch.
+  `trainable` (an nnx filter, training/setup.py's): only those parameters are
+  differentiated and updated, the rest pass through as they are (a LoRA base).
+  `params_transform`: applied to the parameters the forward pass sees (QAT's fake quantization).
+  `teacher`: (graphdef, params, temperature, alpha) of knowledge distillation (training/distillation.py);
+  the step then takes the teacher's parameters as an argument at every call (a BoundStep), never as
+  constants compiled into it. `sparsity_of`: with pruning, logs the kernels' fraction of zeros.
   """
+  transform = params_transform or (lambda params: params)
 
-  def grads_and_loss(params, batch, dropout_key):
+  def losses(params, batch, dropout_key, teacher_params):
+    if teacher is None:
+      return token_losses(graphdef, params, batch, dropout_key)
+    teacher_graphdef, _, temperature, alpha = teacher
+    return distillation.token_losses_with_teacher(
+      graphdef, params, teacher_graphdef, teacher_params, batch, temperature, alpha, dropout_key
+    )
+
+  def grads_and_loss(trained, frozen, batch, dropout_key, teacher_params):
     (loss_sum, weight), grads = jax.value_and_grad(
-      lambda p: token_losses(graphdef, p, batch, dropout_key), has_aux=True
-    )(params)
+      lambda t: losses(transform(join_trainable(t, frozen)), batch, dropout_key, teacher_params), has_aux=True
+    )(trained)
     return grads, loss_sum, weight
 
-  def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Any]]:
+  def step(state: TrainState, batch: Batch, teacher_params=None) -> tuple[TrainState, dict[str, Any]]:
     with sharding.activation_rules(mesh, rules):
       dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if dropout else None
+      trained, frozen = split_trainable(state.params, trainable)
       if microbatches == 1:
-        grads, loss_sum, weight = grads_and_loss(state.params, batch, dropout_key)
+        grads, loss_sum, weight = grads_and_loss(trained, frozen, batch, dropout_key, teacher_params)
       else:
 
         def accumulate(carry, micro):
           index, micro_batch = micro
           key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
-          grads, loss_sum, weight = grads_and_loss(state.params, micro_batch, key)
+          grads, loss_sum, weight = grads_and_loss(trained, frozen, micro_batch, key, teacher_params)
           return jax.tree.map(jnp.add, carry, (grads, loss_sum, weight)), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros(()), jnp.zeros(()))
+        zeros = (jax.tree.map(jnp.zeros_like, trained), jnp.zeros(()), jnp.zeros(()))
         micro = (jnp.arange(microbatches), _split_microbatches(batch, microbatches))
         (grads, loss_sum, weight), _ = jax.lax.scan(accumulate, zeros, micro)
       weight = jnp.maximum(weight, 1.0)
       grads = jax.tree.map(lambda g: g / weight, grads)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
+      updates, opt_state = tx.update(grads, state.opt_state, trained)
+      trained = optax.apply_updates(trained, updates)
     loss = loss_sum / weight
     metrics = {
       "loss": loss,
       "learning_rate": schedule(state.step),
       "grad_norm": optax.tree.norm(grads),
-      "param_norm": optax.tree.norm(params),
+      "param_norm": optax.tree.norm(trained),  # Of the trained parameters (a LoRA run's adapters).
       "tokens": weight,
     }
+    if sparsity_of is not None:
+      metrics["sparsity"] = sparsity_of(trained)
+    params = join_trainable(trained, frozen)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return jax.jit(step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,))
+  if teacher is None:
+    return jax.jit(
+      step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,)
+    )
+  teacher_params = teacher[1]
+  teacher_shardings = jax.tree.map(lambda leaf: leaf.sharding, teacher_params)
+  jitted = jax.jit(
+    step,
+    in_shardings=(state_shardings, None, teacher_shardings),
+    out_shardings=(state_shardings, None),
+    donate_argnums=(0,),
+  )
+  return BoundStep(jitted, (teacher_params,))
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundStep:
+  """A jitted `f(state, batch, *bound)` used as `step(state, batch)`: the bound arrays (a teacher's
+  parameters) are arguments of every call, so they are neither compiled in as constants nor copied.
+  `lower(...).compile()` gives a compiled step bound the same way."""
+
+  function: Any
+  bound: tuple
+
+  def __call__(self, state, batch):
+    return self.function(state, batch, *self.bound)
+
+  def lower(self, state, batch) -> "BoundStep":
+    return BoundStep(self.function.lower(state, batch, *self.bound), self.bound)
+
+  def compile(self) -> "BoundStep":
+    return BoundStep(self.function.compile(), self.bound)
+
+  def __getattr__(self, name):  # memory_analysis(), cost_analysis(), as_text() of the wrapped stage.
+    return getattr(self.function, name)
 
 
 def _chunked_predictions(x_BLD, kernel_DV, chunk: int):
@@ -150,6 +209,7 @@ def make_eval_step(
   rules=sharding.DEFAULT_RULES,
   per_row: bool = False,
   byte_lengths=None,
+  params_transform=None,
 ):
   """A jitted `eval(params, batch) -> (loss_sum, weight)`, summed so batches can be pooled;
   with per_row, both are [B], one per row of the batch.
@@ -157,18 +217,20 @@ def make_eval_step(
   With `byte_lengths` (a [V] table of each token id's UTF-8 bytes: evaluation.metrics.byte_lengths),
   it returns row_eval_sums' dict instead, {"loss", "tokens", "correct", "bytes"}, summed or per row;
   the table is one array argument of the compiled step, not a constant folded into it.
+  `params_transform`: applied to the parameters first (QAT's fake quantization).
   """
+  transform = params_transform or (lambda params: params)
   if byte_lengths is None:
 
     def evaluate(params, batch):
       with sharding.activation_rules(mesh, rules):
-        return (row_losses if per_row else token_losses)(graphdef, params, batch)
+        return (row_losses if per_row else token_losses)(graphdef, transform(params), batch)
 
     return jax.jit(evaluate, in_shardings=(params_shardings, None))
 
   def evaluate_sums(params, batch, byte_lengths_V):
     with sharding.activation_rules(mesh, rules):
-      sums = row_eval_sums(graphdef, params, batch, byte_lengths_V)
+      sums = row_eval_sums(graphdef, transform(params), batch, byte_lengths_V)
     return sums if per_row else jax.tree.map(jnp.sum, sums)
 
   jitted = jax.jit(evaluate_sums, in_shardings=(params_shardings, None, None))

@@ -11,8 +11,9 @@ import model
 from configs import base
 from data import bad_data, chat, packing, tokenizers
 from data.sources import check_source
+from model.quantization import KINDS as QUANTIZATION_KINDS
 from sharding import resolve_mesh_shape
-from training import optimizer
+from training import optimizer, pruning
 from training.checkpointing import locate
 from training.reports import METRIC_MODES
 
@@ -191,7 +192,103 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
       f"train.{field}={t[field]} must be >= 0" + (" (0 samples greedily)" if field == "sample_temperature" else ""),
     )
   _check_early_stopping(t, tuple(d.sources.keys()))
+  _check_distillation(config.distillation)
+  _check_lora(config)
+  _check_pruning(config)
+  _check_quantization(config)
   return config
+
+
+def _check_quantization(config: ConfigDict) -> None:
+  q = config.quantization
+  allowed = ("none", *QUANTIZATION_KINDS)
+  _require(q.qat in allowed, f"quantization.qat={q.qat!r}; allowed: {', '.join(allowed)}")
+  _require(q.block > 0, f"quantization.block={q.block} must be positive")
+  if q.qat in ("int4", "nf4"):
+    _check_quantization_block(config.model, q.block, "quantization.block")
+
+
+def _check_quantization_block(m: ConfigDict, block: int, field: str) -> None:
+  """Groups of `block` input rows must tile every block kernel's input (model/quantization.py)."""
+  inputs = {
+    "model.embed_dim": m.embed_dim,
+    "model.mlp_dim": m.mlp_dim,
+    "model.num_heads*head_dim": m.num_heads * m.head_dim,
+  }
+  for name, size in inputs.items():
+    _require(
+      size % block == 0,
+      f"{field}={block} does not divide {name}={size}, an input size of the block kernels; use a divisor of it",
+    )
+
+
+# lora.base_dtype's and lora.base_quantization's values (training/state.py builds each).
+LORA_BASE_DTYPES = ("float32", "bfloat16")
+LORA_BASE_QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+def _check_lora(config: ConfigDict) -> None:
+  lora = config.lora
+  if lora.rank == 0:
+    return
+  _require(lora.rank > 0, f"lora.rank={lora.rank} must be positive (or 0: no LoRA)")
+  _require(lora.alpha > 0, f"lora.alpha={lora.alpha} must be positive")
+  _require(0.0 <= lora.dropout < 1.0, f"lora.dropout={lora.dropout} must be in [0, 1)")
+  _require(
+    lora.base_dtype in LORA_BASE_DTYPES, f"lora.base_dtype={lora.base_dtype!r}; allowed: {', '.join(LORA_BASE_DTYPES)}"
+  )
+  _require(
+    lora.base_quantization in LORA_BASE_QUANTIZATIONS,
+    f"lora.base_quantization={lora.base_quantization!r}; allowed: {', '.join(LORA_BASE_QUANTIZATIONS)}",
+  )
+  _require(lora.quantization_block > 0, f"lora.quantization_block={lora.quantization_block} must be positive")
+  if lora.base_quantization == "nf4":
+    _check_quantization_block(config.model, lora.quantization_block, "lora.quantization_block")
+  _require(
+    not (config.init.freeze or config.init.freeze_layers),
+    "init.freeze / init.freeze_layers cannot be combined with lora.rank > 0 (LoRA already freezes the whole base)",
+  )
+  _require(
+    not config.init.load_optimizer,
+    "init.load_optimizer=True cannot be combined with lora.rank > 0: the base's optimizer state does not "
+    "fit the adapters",
+  )
+
+
+def _check_pruning(config: ConfigDict) -> None:
+  """config.pruning's fields (training/pruning.py checks them, the targets against this model's kernels)."""
+  try:
+    pruning.check_config(config.pruning, config.model, config.train.num_steps)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _require(
+    config.pruning.method == "none" or config.lora.rank == 0,
+    f"config.pruning.method={config.pruning.method!r}: prunes the kernels, which LoRA (lora.rank="
+    f"{config.lora.rank}) freezes; allowed: none with lora.rank > 0",
+  )
+
+
+def _check_distillation(distillation: ConfigDict) -> None:
+  """The teacher's path is found here (a wrong one fails before the data is read); its record, model
+  and vocabulary are checked when training.distillation.load_teacher loads it."""
+  _require(
+    distillation.step >= -1,
+    f"config.distillation.step={distillation.step}: not a step; allowed: a step number or -1 (the latest)",
+  )
+  _require(
+    distillation.temperature > 0,
+    f"config.distillation.temperature={distillation.temperature}: not positive; allowed: > 0 (1: the plain softmax)",
+  )
+  _require(
+    0.0 <= distillation.alpha <= 1.0,
+    f"config.distillation.alpha={distillation.alpha}: outside [0, 1]; allowed: 0 (cross-entropy only) to 1 "
+    "(distillation only)",
+  )
+  if distillation.teacher:
+    try:
+      locate(distillation.teacher, distillation.step, field=f"config.distillation.teacher={distillation.teacher!r}")
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
 
 def _check_early_stopping(t: ConfigDict, sources: tuple[str, ...]) -> None:
