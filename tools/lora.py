@@ -22,6 +22,7 @@ OUTPUT (and BASE_OUTPUT) must be new or empty directories; the files are written
 into place at the end, so a failed command leaves nothing behind.
 """
 
+import contextlib
 import json
 import os
 import sys
@@ -139,6 +140,7 @@ def plain_params(setup: setup_lib.Setup, params: nnx.State, with_adapters: bool 
   return merged
 
 
+@contextlib.contextmanager
 def _output(out_dir: str, flag: str) -> Iterator[str]:
   """atomic_directory for `out_dir`, a place taken meanwhile reported in one line naming `flag`."""
   try:
