@@ -94,6 +94,19 @@ def get_config() -> ConfigDict:
       bad_data="skip",  # skip (and count in the metrics) | stop: what a bad record does.
       chat_template="chatml",  # how chat sources render messages into tokens.
       chat_loss_on="assistant",  # assistant | all: which chat tokens are loss targets.
+      # Text augmentation of training batches (never evaluation ones), reproducible from (seed, step);
+      # every probability 0 (the default) makes batches exactly as without it. See data/augment.py.
+      augment=ConfigDict(
+        dict(
+          token_mask=0.0,  # per input token: becomes mask_id (targets stay the clean next tokens).
+          mask_id=-1,  # the id token_mask writes; -1: the tokenizer's <unk> (byte and char have none).
+          token_replace=0.0,  # per input token: becomes a uniformly random vocabulary token (targets clean).
+          span_delete=0.0,  # per row: one span of 1..span_delete_max tokens deleted (the row ends in padding).
+          span_delete_max=8,  # the longest deleted span, in tokens (< data.seq_len).
+          sentence_shuffle=0.0,  # per row: the sentences of each document in it put in a random order.
+          sentence_ends=".!?",  # a token whose text (trailing spaces removed) ends in one of these ends a sentence.
+        )
+      ),
     )
   )
 
@@ -191,6 +204,16 @@ def get_config() -> ConfigDict:
     )
   )
 
+  # Online batch selection (training/selection.py): the loaded global batch is the candidate batch; a
+  # forward pass without gradient scores each row by the current model's mean loss, and the step trains
+  # on the highest-scoring `fraction` of the rows (round(fraction * train.global_batch_size), a multiple
+  # of train.microbatches * mesh.data * mesh.fsdp). Logs selection/fraction, loss_selected and loss_all.
+  config.selection = ConfigDict(
+    dict(
+      fraction=1.0,  # the share of each batch's rows trained on; 1.0: off (plain training, no scoring pass).
+    )
+  )
+
   config.train = ConfigDict(
     dict(
       num_steps=1000,  # the length of the run (and of the learning-rate schedule).
@@ -215,6 +238,19 @@ def get_config() -> ConfigDict:
       sample_length=200,
       sample_temperature=0.8,
       sample_prompt="",
+      plot_curves=True,  # a finished run draws its loss, eval loss and learning rate into WORKDIR/curves.png.
+      # "N-M": a JAX profiler trace of steps N to M (inclusive) in WORKDIR/profile, for TensorBoard's
+      # profile plugin or Perfetto; "" traces nothing.
+      profile_steps="",
+      # Regularisers of the trained loss (evaluation reports the plain cross-entropy); 0: off.
+      z_loss=0.0,  # PaLM's z-loss: this times log(Z)^2 per target token keeps the softmax normaliser near 1.
+      label_smoothing=0.0,  # the target's probability mass spread evenly over the vocabulary (0 <= s < 1).
+      # Divergence guards (training/guards.py): an update that makes the loss, gradient norm or a
+      # parameter non-finite is always skipped; then "stop" ends the run naming the quantity and
+      # the step (the last checkpoint stays), "skip" counts it (skipped_steps) and goes on.
+      on_nonfinite="stop",
+      spike_factor=0.0,  # skip the update of a loss above this times the running median (0: off; > 1).
+      spike_window=100,  # the running median's window: the last this many finite losses (in the state).
     )
   )
   return config

@@ -18,5 +18,6 @@ def get_config():
     checkpoint_every=20,
     num_samples=1,
     sample_length=32,
+    plot_curves=False,  # Tests train it by the hundred; tests/test_plot.py turns it on.
   )
   return config

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from data import augment as augment_lib
 from data import packing, pipeline, row_cache, source_rows
 from data import sources as sources_lib
 from data.bad_data import BadData, BadDataError
@@ -45,6 +46,7 @@ class Datasets:
   windows: str
   process_index: int = 0
   process_count: int = 1
+  augment: augment_lib.Augmentation | None = None  # data.augment on training batches; None: off.
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -72,6 +74,7 @@ class Datasets:
       stop_step=stop_step,
       process_index=self.process_index,
       process_count=self.process_count,
+      augment=self.augment,
     )
 
   def eval_batches(self, name: str, max_batches: int | None = None) -> Iterator[pipeline.Batch]:
@@ -147,6 +150,7 @@ def build_datasets(
     windows=data_config.windows,
     process_index=process_index,
     process_count=process_count,
+    augment=augment_lib.from_config(data_config.get("augment"), tokenizer),
   )
 
 

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
+from data.augment import Augmentation, augmented_features
 from data.packing import WINDOWS
 from data.tf_cpu import tf
 
@@ -216,6 +217,7 @@ def train_batches(
   stop_step: int | None = None,
   process_index: int = 0,
   process_count: int = 1,
+  augment: Augmentation | None = None,
 ) -> Iterator[Batch]:
   """Yields this process's slice of the global batches start_step..stop_step-1.
 
@@ -232,7 +234,8 @@ def train_batches(
       replacement (nanoGPT's sampling); there are no epochs.
   Sources of whole examples (chat, stream=False) always read aligned rows.
   Each batch also carries 'source_counts': examples of each source in the
-  global batch (for the observed mixture proportions).
+  global batch (for the observed mixture proportions). `augment` (data/augment.py)
+  edits the examples, from (seed, step, slot) alone; None makes them exactly as before it.
   """
   if windows not in WINDOWS:
     raise ValueError(f"data.windows={windows!r}; allowed: {', '.join(WINDOWS)}")
@@ -318,9 +321,13 @@ def train_batches(
         for k, source in enumerate(sources)
       ]
       arrays = [tf.dynamic_stitch(picked, [part[i] for part in parts]) for i in range(3)]
+    if augment is None:
+      features = _features(*arrays)
+    else:
+      features = augmented_features(augment, tuple(arrays), _features, seed_t, step_of, slot)
     batch = {
       name: tf.reshape(value, tf.concat([[num_steps, local_batch_size], tf.shape(value)[1:]], 0))
-      for name, value in _features(*arrays).items()
+      for name, value in features.items()
     }
     batch["source_counts"] = tf.reduce_sum(tf.one_hot(source_id, len(sources), dtype=tf.int32), axis=1)
     return batch

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+from absl import logging
 
 from evaluation.metrics import summarize
 from training.checkpointing import Checkpointer
@@ -24,6 +26,7 @@ FINISHED = "finished"  # The loop trained on every batch: the run reached its la
 PREEMPTED = "preempted"  # SIGTERM: the loop stops early, and the run exits after its hooks end.
 STOPPED = "stopped"  # At train.stop_at_step: as a preemption would, without the signal.
 EARLY_STOPPED = "early_stopped"  # A hook asked to stop (no improvement): the run is complete.
+DIVERGED = "diverged"  # A non-finite loss, gradient or parameter (training/guards.py): nothing more is saved.
 COMPLETE = (FINISHED, EARLY_STOPPED)  # The run is over: its last step is logged and evaluated.
 
 
@@ -41,8 +44,10 @@ class Hook:
 
   @property
   def stop_requested(self) -> bool:
-    """Asked after every step (after on_step): True ends the loop there, with EARLY_STOPPED."""
+    """Asked after every step (after on_step): True ends the loop there, with `stop_reason`."""
     return False
+
+  stop_reason = EARLY_STOPPED  # Why the loop ends when this hook asks it to.
 
   def on_time_in_other_hooks(self, seconds: float) -> None:
     """Another hook has just taken `seconds`: not step time."""
@@ -101,6 +106,13 @@ class Hooks(Hook):
   def stop_requested(self) -> bool:
     return any(hook.stop_requested for hook in self.hooks)
 
+  @property
+  def stop_reason(self) -> str:
+    return next((hook.stop_reason for hook in self.hooks if hook.stop_requested), EARLY_STOPPED)
+
+
+UNLOGGED = ("tokens", "nonfinite", "spike")  # Step metrics others read: the guards' verdicts are counted instead.
+
 
 class LoggingHook(IntervalHook):
   """Reads the step's metrics back from the devices only every `every` steps."""
@@ -132,7 +144,7 @@ class LoggingHook(IntervalHook):
 
   def run(self, step, state, metrics):
     # Reading the metrics waits for the step to finish, so the timer is read after it.
-    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k != "tokens"}
+    values = {k: float(v) for k, v in jax.device_get(metrics).items() if k not in UNLOGGED}
     seconds_per_step = self.timer.read(step)
     values["perplexity"] = math.exp(min(values["loss"], 50.0))
     values.update(self.extra_metrics())
@@ -241,8 +253,66 @@ class CheckpointHook(IntervalHook):
     self.checkpointer, self.record = checkpointer, record
 
   def run(self, step, state, metrics):
+    if not all_finite(state.params):  # The step never makes one (training/guards.py): a last line of defence.
+      logging.error("step %d: a parameter is not finite: not checkpointed (the last checkpoint stays)", step)
+      return
     self.checkpointer.save(state, self.record(step))
 
   def on_end(self, step, state, metrics, reason):
-    self.run(step, state, metrics)  # However the loop ended, the last step is saved (once, if due).
+    if reason != DIVERGED:  # A diverged run's last checkpoint is the one to resume or inspect.
+      self.run(step, state, metrics)  # However else the loop ended, the last step is saved (once, if due).
     self.checkpointer.wait()
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def all_finite(tree) -> bool:
+  """Whether every value in `tree` is finite: one reduction on the devices, one bool read back."""
+  return bool(_all_finite(tree)) if jax.tree.leaves(tree) else True
+
+
+class ProfileHook(Hook):
+  """A JAX profiler trace of steps `first` to `last` (train.profile_steps) in `directory`.
+
+  Steps are dispatched ahead of the devices, so the hook waits for the state before starting the
+  trace (no earlier step's work in it) and before stopping it (all of the last step's work in it).
+  The trace starts after the hooks of step `first - 1` (it is the last hook) and covers what the
+  loop does up to step `last`'s hooks. TensorBoard's profile plugin reads `directory`
+  (plugins/profile/RUN/HOST.xplane.pb); Perfetto opens the .trace.json.gz beside it.
+  """
+
+  def __init__(self, first: int, last: int, directory: str, log: Callable[[str], None] = print):
+    self.first, self.last, self.directory, self.log = first, last, directory, log
+    self.tracing_from: int | None = None  # The first step in the trace, while one is being taken.
+    self.traced: tuple[int, int] | None = None  # The steps the finished trace covers.
+
+  def _start(self, step: int, state: TrainState) -> None:
+    jax.block_until_ready(state)
+    jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
+    self.tracing_from = step + 1
+
+  def _stop(self, step: int, state: TrainState) -> None:
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    self.traced, self.tracing_from = (self.tracing_from, step), None
+    self.log(
+      f"profile of steps {self.traced[0]}-{step} written to {self.directory} (tensorboard --logdir={self.directory})"
+    )
+
+  def on_start(self, step, state):
+    # A run resumed inside the range traces the rest of it; one resumed past it traces nothing.
+    if self.first - 1 <= step < self.last:
+      self._start(step, state)
+
+  def on_step(self, step, state, metrics):
+    if self.tracing_from is None and step == self.first - 1:
+      self._start(step, state)
+    elif self.tracing_from is not None and step == self.last:
+      self._stop(step, state)
+
+  def on_end(self, step, state, metrics, reason):
+    if self.tracing_from is not None:  # The run ended inside the range (preempted, stopped early).
+      self._stop(step, state)

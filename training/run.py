@@ -28,7 +28,7 @@ from data.files import atomic_copy, atomic_write, writable_directory
 from evaluation.metrics import byte_lengths
 from model.decode import generate_past_context
 from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS, COMPUTE_DTYPES
-from training import early_stopping, init_from, planner
+from training import early_stopping, guards, init_from, planner
 from training import hooks as hooks_lib
 from training import setup as setup_lib
 from training.checkpointing import Checkpointer
@@ -37,7 +37,7 @@ from training.metric_writers import MetricWriter
 from training.peak_flops import peak_flops
 from training.preemption import Preemption
 from training.state import TrainState, split_trainable
-from training.validation import ConfigError, validate
+from training.validation import ConfigError, profile_step_range, validate
 from version import __version__
 
 STEPS_IN_FLIGHT = 2
@@ -58,6 +58,7 @@ class RunResult:
   early_stopped: bool = False  # Stopped (now or before) by train.early_stopping_*: the run is complete.
   best_step: int | None = None  # The best evaluation's step (of train.early_stopping_metric), if tracked.
   best_value: float | None = None
+  diverged: str | None = None  # Why a run stopped at a non-finite value (train.on_nonfinite=stop), if it did.
 
 
 @dataclasses.dataclass
@@ -89,7 +90,7 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
   peak = peak_flops(COMPUTE_DTYPES[config.model.dtype])  # Measured on a CPU: once.
   writer = _open_writer(setup, workdir, start, datasets, peak)
   mixture_stats = hooks_lib.MixtureStats(datasets.names)
-  logging_hook, eval_hook, early_stopping_hook, checkpoint_hook = _make_hooks(
+  logging_hook, eval_hook, early_stopping_hook, checkpoint_hook, guard_hook = _make_hooks(
     setup, datasets, writer, checkpointer, start, mixture_stats, peak[0]
   )
 
@@ -114,15 +115,26 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
         "logged loss is the distillation objective, evaluation the plain cross-entropy"
       )
     compiled_step = _compile(setup.train_step(teacher), state, first_batch, mesh, writer)
-    run_hooks = [logging_hook, eval_hook, early_stopping_hook, checkpoint_hook, *extra_hooks]
+    # The guard hook first: the logging and checkpoint hooks then read its counts up to their step.
+    run_hooks = [guard_hook, logging_hook, eval_hook, early_stopping_hook, checkpoint_hook, *extra_hooks]
+    run_hooks.append(_profile_hook(config, workdir, writer))  # Last: it starts after a step's other hooks.
     hooks = hooks_lib.Hooks([hook for hook in run_hooks if hook is not None])
     state, step, reason = _loop(
       compiled_step, state, itertools.chain([first_batch], batches), hooks, step, config.train.num_steps
     )
     if reason == hooks_lib.PREEMPTED:
       writer.text(f"preempted (SIGTERM) after step {step}: checkpoint saved; exiting")
+    elif reason == hooks_lib.DIVERGED:
+      last = checkpointer.latest_step()
+      writer.text(
+        f"stopped after step {step}: {guard_hook.summary()}"
+        + (f"; the last checkpoint is step {last}" if last is not None else "; no checkpoint was saved")
+      )
     elif reason == hooks_lib.EARLY_STOPPED:
-      writer.text(f"stopped early after step {step}: {early_stopping_hook.summary()}; checkpoint saved")
+      # An extra hook (a sweep's trial stopper) may be the one that asked.
+      asked = early_stopping_hook is not None and early_stopping_hook.stop_requested
+      why = early_stopping_hook.summary() if asked else "a hook asked"
+      writer.text(f"stopped early after step {step}: {why}; checkpoint saved")
   checkpointer.close()
   if early_stopping_hook is not None:
     early_stopping_hook.close()
@@ -131,6 +143,8 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
   samples = _samples(config, setup.graphdef, state, datasets.tokenizer) if finished else []
   for text in samples:
     writer.text("--- sample ---\n" + text)
+  if finished and config.train.get("plot_curves", False):
+    _write_curves(workdir, writer)
   writer.close()
   _unlock_workdir(workdir)
   return RunResult(
@@ -147,6 +161,7 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
     early_stopped=stopped_before or reason == hooks_lib.EARLY_STOPPED,
     best_step=early_stopping_hook and early_stopping_hook.best_step,
     best_value=early_stopping_hook and early_stopping_hook.best,
+    diverged=guard_hook.summary() or None,
   )
 
 
@@ -352,12 +367,26 @@ def _make_hooks(
   mixture_stats: hooks_lib.MixtureStats,
   peak: float,
 ) -> tuple[
-  hooks_lib.LoggingHook, hooks_lib.EvalHook, early_stopping.EarlyStoppingHook | None, hooks_lib.CheckpointHook
+  hooks_lib.LoggingHook,
+  hooks_lib.EvalHook,
+  early_stopping.EarlyStoppingHook | None,
+  hooks_lib.CheckpointHook,
+  guards.GuardHook,
 ]:
   """Logging, evaluation (of the start too, when continued training starts from init.checkpoint),
   early stopping (with train.early_stopping_metric) and checkpoints, in the order they run after a
-  step: a checkpoint's record holds the early-stopping state after that step's evaluation."""
+  step: a checkpoint's record holds the early-stopping state after that step's evaluation. Then the
+  divergence guards' hook (training/guards.py), which runs before them all."""
   config, train_cfg = setup.config, setup.config.train
+  guard_hook = guards.GuardHook(
+    train_cfg.on_nonfinite,
+    guards.param_paths(setup.saved_params(setup.abstract_params)),
+    writer.text,
+    behind=STEPS_IN_FLIGHT,
+    spike_factor=train_cfg.spike_factor,
+    spike_window=train_cfg.spike_window,
+    saved=(start.resume_record or {}).get("guards"),
+  )
   logging_hook = hooks_lib.LoggingHook(
     train_cfg.log_every,
     writer,
@@ -365,7 +394,7 @@ def _make_hooks(
     train_cfg.global_batch_size * config.data.seq_len,
     model_lib.flops_per_token(config.model, config.data.seq_len),
     peak,
-    extra_metrics=mixture_stats.metrics,
+    extra_metrics=lambda: {**mixture_stats.metrics(), **guard_hook.metrics()},
   )
   # The eval step also sums each target's UTF-8 bytes (for bits per byte): the tokenizer's table, once.
   table = byte_lengths(datasets.tokenizer, config.model.vocab_size)
@@ -401,6 +430,7 @@ def _make_hooks(
       "config": json.loads(config.to_json()),
       "init": init_record and {k: init_record.get(k) for k in ("directory", "restored_step")},
       **({"early_stopping": early_stopping_hook.state_record()} if early_stopping_hook else {}),
+      "guards": guard_hook.state_record(),
     }
 
   early_stopping_hook = None
@@ -422,7 +452,35 @@ def _make_hooks(
       saved=(start.resume_record or {}).get("early_stopping"),
     )
   checkpoint_hook = hooks_lib.CheckpointHook(train_cfg.checkpoint_every, checkpointer, record)
-  return logging_hook, eval_hook, early_stopping_hook, checkpoint_hook
+  return logging_hook, eval_hook, early_stopping_hook, checkpoint_hook, guard_hook
+
+
+def _profile_hook(config: ConfigDict, workdir: str, writer: MetricWriter) -> hooks_lib.ProfileHook | None:
+  """With train.profile_steps: a trace of those steps in WORKDIR/profile."""
+  steps = profile_step_range(config.train)
+  if steps is None:
+    return None
+  directory = os.path.join(os.path.abspath(workdir), "profile")
+  writer.text(f"profiling steps {steps[0]}-{steps[1]} into {directory}")
+  return hooks_lib.ProfileHook(*steps, directory, writer.text)
+
+
+def _write_curves(workdir: str, writer: MetricWriter) -> None:
+  """WORKDIR/curves.png (training/plots.py), where matplotlib is installed. The run is complete and
+  saved by now, so a plot that fails is a warning, not a failed run."""
+  if jax.process_index() != 0:
+    return
+  try:
+    from training import plots
+
+    path = plots.write_curves(workdir)
+  except ImportError as e:
+    logging.warning("no curves.png: matplotlib is not importable (%s); pip install matplotlib", e)
+    return
+  except Exception as e:  # noqa: BLE001 -- see the docstring.
+    logging.warning("no curves.png: plotting failed (%s: %s)", type(e).__name__, e)
+    return
+  writer.text(f"curves: {path} (python tools/plot.py {workdir} --output=FILE redraws them)")
 
 
 def _train_batches(
@@ -473,7 +531,7 @@ def _loop(
       # the stop request comes from an evaluation every host made of the same global arrays.
       stop_requested, preempted = hooks.stop_requested, preemption.reached(step)
       if stop_requested or preempted:  # A run that is complete ends as one, preempted or not.
-        reason = hooks_lib.EARLY_STOPPED if stop_requested else hooks_lib.PREEMPTED
+        reason = hooks.stop_reason if stop_requested else hooks_lib.PREEMPTED
         hooks.on_end(step, state, metrics, reason)
         return state, step, reason
     # Batches end at train.stop_at_step too: that is no finished run (no final evaluation or samples).

@@ -19,7 +19,7 @@ from ml_collections import ConfigDict
 
 import sharding
 from model.quantization import fake_quantize_params
-from training import distillation, pruning
+from training import distillation, guards, pruning, selection
 from training.optimizer import build_optimizer, trainable_mask
 from training.state import (
   TrainState,
@@ -181,6 +181,9 @@ class Setup:
       params_transform=self.params_transform(),
       teacher=None if teacher is None else (*teacher, distill.temperature, distill.alpha),
       sparsity_of=self.sparsity_of(),
+      z_loss=self.config.train.z_loss,
+      label_smoothing=self.config.train.label_smoothing,
+      select_rows=selection.step_selection(self.config),  # config.selection (0: off).
     )
 
   def eval_step(self, per_row: bool = False, byte_lengths=None):
@@ -232,6 +235,7 @@ def build_setup(
   tx, schedule = build_optimizer(
     config.optimizer, config.train.num_steps, trained_params, frozen, pruning=config.pruning
   )
+  tx = guards.with_spike_guard(tx, config.train)  # train.spike_factor's window: optimizer state, checkpointed.
   return Setup(
     config=config,
     mesh=mesh,

@@ -11,34 +11,41 @@ from jax.sharding import Mesh
 
 import sharding
 from model.layers import dense
-from model.loss import chunked_row_losses
-from training import distillation
+from model.loss import chunked_row_losses, cross_entropy
+from training import distillation, guards, selection
 from training.state import TrainState, join_trainable, split_trainable
 
 Batch = dict[str, jax.Array]
 
 
-def row_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key=None):
+def row_losses(
+  graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key=None, z_loss=0.0, label_smoothing=0.0
+):
   """Per row: summed cross-entropy over weighted target tokens [B], and the weight total [B].
 
   With model.loss_chunk, the logits are made that many positions at a time (model/loss.py).
+  `z_loss`, `label_smoothing`: train.z_loss and train.label_smoothing (model.loss.cross_entropy).
   """
   model = nnx.merge(graphdef, params)
   if model.cfg.loss_chunk:
     x_BLD = model.hidden_states(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
-    return chunked_row_losses(x_BLD, model.output_kernel(), batch["targets"], batch["weights"], model.cfg.loss_chunk)
+    return chunked_row_losses(
+      x_BLD, model.output_kernel(), batch["targets"], batch["weights"], model.cfg.loss_chunk, z_loss, label_smoothing
+    )
   logits_BLV = model(batch["inputs"], batch["segment_ids"], batch["positions"], dropout_key)
-  return _row_losses_of_logits(logits_BLV, batch["targets"], batch["weights"])
+  return _row_losses_of_logits(logits_BLV, batch["targets"], batch["weights"], z_loss, label_smoothing)
 
 
-def _row_losses_of_logits(logits_BLV, targets_BL, weights_BL):
-  losses_BL = optax.softmax_cross_entropy_with_integer_labels(logits_BLV, targets_BL)
+def _row_losses_of_logits(logits_BLV, targets_BL, weights_BL, z_loss=0.0, label_smoothing=0.0):
+  losses_BL = cross_entropy(logits_BLV, targets_BL, z_loss, label_smoothing)
   return jnp.sum(losses_BL * weights_BL, axis=1), jnp.sum(weights_BL, axis=1)
 
 
-def token_losses(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key=None):
+def token_losses(
+  graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, dropout_key=None, z_loss=0.0, label_smoothing=0.0
+):
   """Summed cross-entropy over weighted target tokens, and the weight total."""
-  loss_sum_B, weight_B = row_losses(graphdef, params, batch, dropout_key)
+  loss_sum_B, weight_B = row_losses(graphdef, params, batch, dropout_key, z_loss, label_smoothing)
   return jnp.sum(loss_sum_B), jnp.sum(weight_B)
 
 
@@ -64,6 +71,9 @@ def make_train_step(
   params_transform=None,
   teacher=None,
   sparsity_of=None,
+  z_loss: float = 0.0,
+  label_smoothing: float = 0.0,
+  select_rows: int = 0,
 ):
   """A jitted `step(state, batch) -> (state, metrics)` with the state donated.
 
@@ -76,12 +86,23 @@ def make_train_step(
   `teacher`: (graphdef, params, temperature, alpha) of knowledge distillation (training/distillation.py);
   the step then takes the teacher's parameters as an argument at every call (a BoundStep), never as
   constants compiled into it. `sparsity_of`: with pruning, logs the kernels' fraction of zeros.
+  `z_loss`, `label_smoothing`: train.z_loss and train.label_smoothing, in the trained (and logged)
+  loss alone; evaluation reports the plain cross-entropy.
+  `select_rows`: online batch selection (training/selection.py; 0: off). The batch is the candidate
+  batch: a forward pass without gradient scores each row by the current model's mean cross-entropy,
+  and the step trains (microbatches, loss, gradients) on the `select_rows` highest-scoring rows alone.
+
+  Divergence guards (training/guards.py): an update after which the loss, the gradient norm or a
+  trained parameter is not finite is skipped (parameters and optimizer state as they were; the step
+  counter advances, so the next batch is the next step's); `metrics["nonfinite"]` says which came
+  first (guards.nonfinite_code). With a spike_guard optimizer (train.spike_factor), its update is given
+  the loss, and `metrics["spike"]` says whether it skipped the update as a spike.
   """
   transform = params_transform or (lambda params: params)
 
   def losses(params, batch, dropout_key, teacher_params):
     if teacher is None:
-      return token_losses(graphdef, params, batch, dropout_key)
+      return token_losses(graphdef, params, batch, dropout_key, z_loss, label_smoothing)
     teacher_graphdef, _, temperature, alpha = teacher
     return distillation.token_losses_with_teacher(
       graphdef, params, teacher_graphdef, teacher_params, batch, temperature, alpha, dropout_key
@@ -93,10 +114,24 @@ def make_train_step(
     )(trained)
     return grads, loss_sum, weight
 
+  def row_scores(params, batch):
+    """Per row of the candidate batch: the plain cross-entropy sum and target weight, without dropout
+    or regularisers; a microbatch at a time with train.microbatches, as the training pass runs."""
+    if microbatches == 1:
+      return row_losses(graphdef, params, batch)
+    loss_kB, weight_kB = jax.lax.map(
+      lambda micro: row_losses(graphdef, params, micro), _split_microbatches(batch, microbatches)
+    )
+    return loss_kB.swapaxes(0, 1).reshape(-1), weight_kB.swapaxes(0, 1).reshape(-1)  # Back to the batch's order.
+
   def step(state: TrainState, batch: Batch, teacher_params=None) -> tuple[TrainState, dict[str, Any]]:
     with sharding.activation_rules(mesh, rules):
       dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if dropout else None
       trained, frozen = split_trainable(state.params, trainable)
+      selection_metrics = {}
+      if select_rows:
+        loss_sum_B, weight_B = row_scores(transform(state.params), batch)
+        batch, selection_metrics = selection.select(batch, loss_sum_B, weight_B, select_rows)
       if microbatches == 1:
         grads, loss_sum, weight = grads_and_loss(trained, frozen, batch, dropout_key, teacher_params)
       else:
@@ -112,16 +147,23 @@ def make_train_step(
         (grads, loss_sum, weight), _ = jax.lax.scan(accumulate, zeros, micro)
       weight = jnp.maximum(weight, 1.0)
       grads = jax.tree.map(lambda g: g / weight, grads)
-      updates, opt_state = tx.update(grads, state.opt_state, trained)
-      trained = optax.apply_updates(trained, updates)
-    loss = loss_sum / weight
+      loss, grad_norm = loss_sum / weight, optax.tree.norm(grads)
+      spike_guarded = guards.spike_of(state.opt_state) is not None
+      updates, opt_state = tx.update(grads, state.opt_state, trained, **({"loss": loss} if spike_guarded else {}))
+      updated = optax.apply_updates(trained, updates)
+      nonfinite = guards.nonfinite_code(loss, grad_norm, updated)
+      trained, opt_state = guards.keep_old_if(nonfinite > 0, (trained, state.opt_state), (updated, opt_state))
     metrics = {
       "loss": loss,
       "learning_rate": schedule(state.step),
-      "grad_norm": optax.tree.norm(grads),
+      "grad_norm": grad_norm,
       "param_norm": optax.tree.norm(trained),  # Of the trained parameters (a LoRA run's adapters).
       "tokens": weight,
+      "nonfinite": nonfinite,
+      **selection_metrics,
     }
+    if spike_guarded:  # A step skipped as non-finite is counted as that, not as a spike.
+      metrics["spike"] = guards.spike_of(opt_state) & (nonfinite == 0)
     if sparsity_of is not None:
       metrics["sparsity"] = sparsity_of(trained)
     params = join_trainable(trained, frozen)

@@ -13,7 +13,7 @@ from data import bad_data, chat, packing, tokenizers
 from data.sources import check_source
 from model.quantization import KINDS as QUANTIZATION_KINDS
 from sharding import resolve_mesh_shape
-from training import optimizer, pruning
+from training import guards, optimizer, pruning, selection
 from training.checkpointing import locate
 from training.reports import METRIC_MODES
 
@@ -35,6 +35,7 @@ CHOICES = {
   "optimizer.name": optimizer.OPTIMIZERS,
   "optimizer.schedule": optimizer.SCHEDULES,
   "train.early_stopping_mode": METRIC_MODES,
+  "train.on_nonfinite": guards.ON_NONFINITE,
 }
 
 
@@ -137,6 +138,7 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
   _require(d.seq_len <= m.max_seq_len, f"data.seq_len={d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
   _require(0.0 < d.validation_fraction < 1.0, f"data.validation_fraction={d.validation_fraction} must be in (0, 1)")
   _fill_and_check_sources(d)
+  _check_augment(d)
 
   mesh = _mesh_sizes(config, num_devices)
   batch_shards = mesh["data"] * mesh["fsdp"]
@@ -152,6 +154,7 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
     f"train.global_batch_size={t.global_batch_size} (per microbatch {micro}) is not divisible "
     f"by the data-parallel size mesh.data*mesh.fsdp = {mesh['data']}*{mesh['fsdp']} = {batch_shards}",
   )
+  _check_selection(config, batch_shards)
   tensor = mesh["tensor"]
   _require(m.num_heads % tensor == 0, f"model.num_heads={m.num_heads} is not divisible by mesh.tensor={tensor}")
   _require(m.mlp_dim % tensor == 0, f"model.mlp_dim={m.mlp_dim} is not divisible by mesh.tensor={tensor}")
@@ -192,11 +195,24 @@ def validate(config: ConfigDict, num_devices: int, tokenizer_vocab_size: int | N
       f"train.{field}={t[field]} must be >= 0" + (" (0 samples greedily)" if field == "sample_temperature" else ""),
     )
   _check_early_stopping(t, tuple(d.sources.keys()))
+  _check_guards(t, config.distillation)
+  profile_step_range(t)
   _check_distillation(config.distillation)
   _check_lora(config)
   _check_pruning(config)
   _check_quantization(config)
   return config
+
+
+def _check_selection(config: ConfigDict, batch_shards: int) -> None:
+  """config.selection (training/selection.py); a config.json from before it existed has none: off."""
+  s = config.get("selection")
+  if s is None:
+    return
+  try:
+    selection.check_config(s.fraction, config.train.global_batch_size, config.train.microbatches, batch_shards)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _check_quantization(config: ConfigDict) -> None:
@@ -316,6 +332,42 @@ def _check_early_stopping(t: ConfigDict, sources: tuple[str, ...]) -> None:
   )
 
 
+def _check_guards(t: ConfigDict, distillation: ConfigDict) -> None:
+  """train.z_loss, label_smoothing and the loss-spike guard (training/guards.py)."""
+  _require(t.z_loss >= 0, f"config.train.z_loss={t.z_loss}: must be >= 0 (0: off)")
+  _require(0 <= t.label_smoothing < 1, f"config.train.label_smoothing={t.label_smoothing}: must be in [0, 1) (0: off)")
+  _require(
+    not (t.z_loss or t.label_smoothing) or not distillation.teacher,
+    f"config.train.z_loss={t.z_loss}, train.label_smoothing={t.label_smoothing}: not applied to "
+    "distillation's loss (distillation.teacher is set); allowed: 0 with distillation",
+  )
+  _require(
+    t.spike_factor == 0 or t.spike_factor > 1,
+    f"config.train.spike_factor={t.spike_factor}: a loss spike is above this many times the running "
+    "median; allowed: a number > 1, or 0 (off)",
+  )
+  _require(t.spike_window >= 1, f"config.train.spike_window={t.spike_window}: must be at least 1")
+
+
+def profile_step_range(t: ConfigDict) -> tuple[int, int] | None:
+  """train.profile_steps "N-M" as (N, M), the first and last step traced; None when it is "" (off)."""
+  text = t.get("profile_steps", "")
+  if not text:
+    return None
+  first, dash, last = text.strip().partition("-")
+  allowed = f"allowed: 'N-M' with 1 <= N <= M <= train.num_steps={t.num_steps} (e.g. '10-15'), or '' for no trace"
+  _require(
+    bool(dash) and first.strip().isdigit() and last.strip().isdigit(),
+    f"config.train.profile_steps={text!r}: not a range of steps; {allowed}",
+  )
+  first_step, last_step = int(first), int(last)
+  _require(
+    1 <= first_step <= last_step <= t.num_steps,
+    f"config.train.profile_steps={text!r}: steps {first_step} to {last_step} are not within the run's; {allowed}",
+  )
+  return first_step, last_step
+
+
 def validate_data(config: ConfigDict) -> ConfigDict:
   """Checks only the data section (for tools that read data without training): a filled-in copy."""
   _check_schema(config, base.get_config())
@@ -327,7 +379,38 @@ def validate_data(config: ConfigDict) -> ConfigDict:
         config.data[key] in allowed, f"config field '{field}'={config.data[key]!r}; allowed: {', '.join(allowed)}"
       )
   _fill_and_check_sources(config.data)
+  _check_augment(config.data)
   return config
+
+
+def _check_augment(d: ConfigDict) -> None:
+  """data.augment (data/augment.py): probabilities, and the ids and lengths they need."""
+  a = d.get("augment")
+  if a is None:  # An older run's config.json: no augmentation.
+    return
+  for field in ("token_mask", "token_replace", "span_delete", "sentence_shuffle"):
+    _require(
+      0.0 <= a[field] <= 1.0,
+      f"config.data.augment.{field}={a[field]}: not a probability; allowed: a number in [0, 1] (0: off)",
+    )
+  _require(
+    a.token_mask + a.token_replace <= 1.0,
+    f"config.data.augment.token_mask={a.token_mask} + data.augment.token_replace={a.token_replace} > 1: "
+    "one draw per token decides between them; allowed: a sum in [0, 1]",
+  )
+  _require(
+    a.mask_id >= -1,
+    f"config.data.augment.mask_id={a.mask_id}: not a token id; allowed: -1 (the tokenizer's <unk>) or an id >= 0",
+  )
+  _require(
+    a.span_delete == 0 or 1 <= a.span_delete_max < d.seq_len,
+    f"config.data.augment.span_delete_max={a.span_delete_max}: the longest deleted span must leave some of a row; "
+    f"allowed: 1 to data.seq_len - 1 = {d.seq_len - 1}",
+  )
+  _require(
+    a.sentence_shuffle == 0 or bool(a.sentence_ends),
+    f"config.data.augment.sentence_ends={a.sentence_ends!r}: no characters end a sentence; allowed: e.g. '.!?'",
+  )
 
 
 def _fill_and_check_sources(data: ConfigDict) -> None:
