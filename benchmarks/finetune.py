@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
 
+from model.quantization import KERNEL_INPUT_AXES  # noqa: E402
 from training.cli import skip_absent_tpu  # noqa: E402
 
 _BASE = flags.DEFINE_string("base", "", "A trained run to use (a workdir); default: train configs/quickstart.py.")
@@ -52,8 +53,8 @@ _QUANTIZATION_BLOCK = flags.DEFINE_integer("quantization_block", 64, "(b) int4 /
 _DISTILL_STEPS = flags.DEFINE_integer("distill_steps", 600, "(d) training steps of each student.")
 _PARTS = flags.DEFINE_list("parts", ["a", "b", "c", "d"], "Which tables to make.")
 
-# The block kernels, whose storage quantization changes (model/quantization.py's KERNEL_INPUT_AXES).
-_KERNELS = ("wq", "wk", "wv", "wo", "w_up", "w_gate", "w_down")
+# The block kernels, whose storage quantization changes.
+_KERNELS = tuple(KERNEL_INPUT_AXES)
 
 
 def _mib(num_bytes: float) -> str:

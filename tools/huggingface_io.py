@@ -147,7 +147,7 @@ def import_hf(hf_dir: str, out_dir: str) -> tuple[ConfigDict, dict[str, Any]]:
     "imported_from": {"path": hf_dir, "files": [os.path.basename(f) for f in files], "hf_config": hf_cfg},
   }
 
-  with _output_directory(out_dir, "--output") as directory:
+  with output_directory(out_dir, "--output") as directory:
     for name in TOKENIZER_FILES:
       if os.path.isfile(os.path.join(hf_dir, name)):
         atomic_copy(os.path.join(hf_dir, name), os.path.join(directory, name))
@@ -216,7 +216,7 @@ def check_output_dir(out_dir: str, flag: str, within: tuple[tuple[str, str], ...
 
 
 @contextlib.contextmanager
-def _output_directory(out_dir: str, flag: str) -> Iterator[str]:
+def output_directory(out_dir: str, flag: str) -> Iterator[str]:
   """data.files.atomic_directory for `out_dir`, with a taken place reported in one line naming `flag`."""
   try:
     with atomic_directory(out_dir) as temporary:
@@ -436,7 +436,7 @@ def export_hf(
   tensors = {name: np.ascontiguousarray(value.astype(EXPORT_DTYPES[dtype])) for name, value in tensors.items()}
 
   written: list[str] = []
-  with _output_directory(out_dir, "--output") as target:
+  with output_directory(out_dir, "--output") as target:
     tokens = _write_tokenizer(full.data, workdir, target, full.model.max_seq_len, written)
     hf_cfg.update(
       torch_dtype=dtype,

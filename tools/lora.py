@@ -22,7 +22,6 @@ OUTPUT (and BASE_OUTPUT) must be new or empty directories; the files are written
 into place at the end, so a failed command leaves nothing behind.
 """
 
-import contextlib
 import json
 import os
 import sys
@@ -30,7 +29,6 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from collections.abc import Iterator  # noqa: E402
 from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
@@ -42,7 +40,7 @@ from ml_collections import ConfigDict  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from configs import base  # noqa: E402
-from data.files import DirectoryTaken, atomic_copy, atomic_directory, atomic_write  # noqa: E402
+from data.files import atomic_copy, atomic_write  # noqa: E402
 from evaluation import loading  # noqa: E402
 from model import huggingface  # noqa: E402
 from model.lora import adapters, merge_lora  # noqa: E402
@@ -140,16 +138,6 @@ def plain_params(setup: setup_lib.Setup, params: nnx.State, with_adapters: bool 
   return merged
 
 
-@contextlib.contextmanager
-def _output(out_dir: str, flag: str) -> Iterator[str]:
-  """atomic_directory for `out_dir`, a place taken meanwhile reported in one line naming `flag`."""
-  try:
-    with atomic_directory(out_dir) as temporary:
-      yield temporary
-  except DirectoryTaken as e:
-    raise ValueError(f"{flag}={out_dir}: {e.strerror}") from None
-
-
 def _lora_summary(info: loading.CheckpointInfo) -> dict[str, Any]:
   return {
     "checkpoint": f"{info.directory}/{info.step}",
@@ -185,7 +173,7 @@ def merge_checkpoint(checkpoint: str, out_dir: str, step: int = -1) -> str:
     "merged_from": _lora_summary(info),
   }
   cached = _cached_tokenizer(info)
-  with _output(out_dir, "--output") as directory:
+  with huggingface_io.output_directory(out_dir, "--output") as directory:
     if cached:
       atomic_copy(cached, os.path.join(directory, "tokenizer", os.path.basename(cached)))
     huggingface_io.save_params(os.path.join(directory, "checkpoints"), setup.config.model, merged, record)
@@ -317,7 +305,7 @@ def export_peft(
     written += huggingface_io.export_hf(
       os.path.join(info.directory, str(info.step)), None, base_out_dir, model_type, params=base_params
     )
-  with _output(out_dir, "--output") as directory:
+  with huggingface_io.output_directory(out_dir, "--output") as directory:
     weights = os.path.join(directory, ADAPTER_WEIGHTS)
     save_file(tensors, weights, metadata={"format": "pt"})
     config_path = os.path.join(directory, ADAPTER_CONFIG)
