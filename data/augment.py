@@ -32,6 +32,8 @@ Row-level ones (span deletion, then sentence shuffling) run before the inputs an
 from a row; the token-level ones after, on the inputs.
 """
 
+from __future__ import annotations  # tf.Tensor annotations must not import TensorFlow.
+
 import dataclasses
 from collections.abc import Callable
 

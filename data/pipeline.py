@@ -10,6 +10,8 @@ therefore reads only step s's rows, and every process computes, and reads,
 only its own slice of the same global batch.
 """
 
+from __future__ import annotations  # tf.Tensor annotations must not import TensorFlow.
+
 import dataclasses
 import math
 from collections.abc import Iterator, Sequence

@@ -43,7 +43,10 @@ def test_a_small_config_compiles_for_a_v5e_slice_with_fsdp_sharded_parameters():
   cfg = planner.validate(config, 4)
   assert result.params_bytes == model_lib.num_params(cfg.model) * 4 / 4
   assert result.opt_state_bytes >= 2 * result.params_bytes  # AdamW's two moments, sharded alike.
-  assert result.temp_bytes > 0 and result.code_bytes > 0
+  # No lower bound on temp_bytes: XLA:TPU may keep a step this small's temporaries in on-chip VMEM,
+  # which the memory analysis (HBM) does not count; this one's were 3.7 MiB before the divergence
+  # guards changed its fusions and are 0 since. The oversized test below reads real temporaries.
+  assert result.temp_bytes >= 0 and result.code_bytes > 0
   assert result.total_bytes >= result.params_bytes + result.opt_state_bytes + result.temp_bytes
   assert result.memory_source.startswith("compiled for v5e-4")
   assert result.model_flops == model_lib.flops_per_token(cfg.model, 32) * 16 * 32
