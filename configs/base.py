@@ -187,6 +187,10 @@ def get_config() -> ConfigDict:
       alpha=16.0,  # the adapters' update is scaled by alpha / rank.
       dropout=0.0,  # dropout on the adapters' input, in training.
       targets="blocks/attn/(wq|wk|wv|wo)|blocks/mlp/(w_up|w_gate|w_down)",  # a regex over kernel paths.
+      # a regex over parameter path prefixes, as init.freeze's ("embed|head": the embeddings and an
+      # untied head): those train in full beside the adapters, in model.param_dtype, and are
+      # checkpointed with them (PEFT's modules_to_save). "": none. Not the kernels of lora.targets.
+      train_full="",
       base_dtype="bfloat16",  # float32 | bfloat16: the frozen base's stored dtype.
       base_quantization="none",  # none | int8 (per output channel) | nf4 (4-bit NormalFloat): QLoRA's
       # frozen block kernels, dequantized a layer at a time inside the step.
@@ -204,13 +208,16 @@ def get_config() -> ConfigDict:
     )
   )
 
-  # Online batch selection (training/selection.py): the loaded global batch is the candidate batch; a
-  # forward pass without gradient scores each row by the current model's mean loss, and the step trains
-  # on the highest-scoring `fraction` of the rows (round(fraction * train.global_batch_size), a multiple
-  # of train.microbatches * mesh.data * mesh.fsdp). Logs selection/fraction, loss_selected and loss_all.
+  # Online batch selection (training/selection.py): the pipeline loads a candidate batch of
+  # train.global_batch_size / fraction rows; a forward pass without gradient scores each row by the
+  # current model's mean loss (minus a reference model's: RHO-loss), and the step trains on the
+  # train.global_batch_size highest-scoring rows. Logs selection/* (fraction, losses of selected vs all).
   config.selection = ConfigDict(
     dict(
-      fraction=1.0,  # the share of each batch's rows trained on; 1.0: off (plain training, no scoring pass).
+      fraction=1.0,  # the share of the candidate rows trained on; 1.0: off (plain training, no scoring pass).
+      reference="",  # "": none. A checkpoint (loom run or tools/hf_import.py output, this run's vocabulary)
+      # of a model trained on holdout data: a row's score is then its loss minus the reference's.
+      reference_step=-1,  # which of its steps (-1: the latest).
     )
   )
 

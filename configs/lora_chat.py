@@ -93,6 +93,10 @@ def get_config(imported: str = ""):
     alpha=32.0,
     dropout=0.05,
     targets="blocks/attn/(wq|wk|wv|wo)|blocks/mlp/(w_up|w_gate|w_down)",
+    # None trained in full: SmolLM2-Instruct's vocabulary has trained ChatML markers already. A base
+    # whose tokenizer gained them (a pre-trained, not instruct, model): "embed" (tied, as here; adds
+    # vocab_size * embed_dim trained parameters, 47M for SmolLM2-360M) or "embed|head" (untied).
+    train_full="",
     base_dtype="bfloat16",
     base_quantization="none",
   )

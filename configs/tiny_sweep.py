@@ -1,7 +1,8 @@
 """An example sweep on the tiny config: learning rate by warmup, a 2x2 grid, trials that fall behind stopped.
 
-  python tools/sweep.py --config=configs/tiny_sweep.py --workdir=/tmp/tiny_sweep
+  python tools/sweep.py --config=configs/tiny_sweep.py --workdir=/tmp/tiny_sweep           # the median rule
   python tools/sweep.py --config=configs/tiny_sweep.py:random --workdir=/tmp/tiny_random
+  python tools/sweep.py --config=configs/tiny_sweep.py:halving --workdir=/tmp/tiny_halving  # successive halving
 
 get_sweep() returns plain data (training/sweeps.py describes the format): config files import nothing of loom.
 """
@@ -29,6 +30,12 @@ def get_sweep(method: str = "grid"):
       },
       "stop_trials": stop_trials,
     }
+  if method == "halving":
+    # Rungs at steps 10 and 20 of 40 (evaluated: eval_every=10); from the second trial on, a trial continues
+    # past a rung only while it is in the better half of the trials that reached it.
+    stop_trials = {"rule": "halving", "min_steps": 10, "reduction_factor": 2}
+  elif method != "grid":
+    raise ValueError(f"configs/tiny_sweep.py:{method}: grid, random or halving")
   return {
     "method": "grid",
     "fields": {"optimizer.learning_rate": [1e-3, 3e-3], "optimizer.warmup_steps": [0, 5]},

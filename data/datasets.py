@@ -22,6 +22,15 @@ from data.tokenizers import CharTokenizer, NoTextError, Tokenizer, build_tokeniz
 
 
 @dataclasses.dataclass(frozen=True)
+class DocumentSelection:
+  """Which documents of a source prepare_datasets keeps (deduplication, a reference model's perplexity:
+  tools/prepare_data.py chooses them), and the record of why, stored in meta.json's metadata."""
+
+  keep: np.ndarray  # [N] bool: one per document sources.read_documents yields, in its order.
+  record: dict  # JSON-serialisable: the settings and the documents removed per reason.
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceData:
   """One named source of the mixture: its rows and weight."""
 
@@ -40,13 +49,14 @@ class Datasets:
   tokenizer: Tokenizer
   sources: tuple[SourceData, ...]
   bad_data_counts: dict[str, int]
-  global_batch_size: int
+  global_batch_size: int  # Of evaluation batches, and of training batches unless train_batch_size is set.
   seed: int
   shuffle: bool
   windows: str
   process_index: int = 0
   process_count: int = 1
   augment: augment_lib.Augmentation | None = None  # data.augment on training batches; None: off.
+  train_batch_size: int | None = None  # Rows of a training batch (online selection's candidates); None: global.
 
   @property
   def names(self) -> tuple[str, ...]:
@@ -66,7 +76,7 @@ class Datasets:
     return pipeline.train_batches(
       [source.train for source in self.sources],
       weights=self.weights,
-      global_batch_size=self.global_batch_size,
+      global_batch_size=self.train_batch_size or self.global_batch_size,
       seed=self.seed,
       shuffle=self.shuffle,
       windows=self.windows,
@@ -90,9 +100,17 @@ class Datasets:
 
 
 def build_datasets(
-  data_config, *, global_batch_size: int, seed: int, workdir: str, process_index: int = 0, process_count: int = 1
+  data_config,
+  *,
+  global_batch_size: int,
+  seed: int,
+  workdir: str,
+  process_index: int = 0,
+  process_count: int = 1,
+  train_batch_size: int | None = None,
 ) -> Datasets:
-  """Reads, tokenizes and packs every source (or loads it from the cache / a prepared dataset)."""
+  """Reads, tokenizes and packs every source (or loads it from the cache / a prepared dataset).
+  `train_batch_size`: rows of a training batch when not global_batch_size (a candidate batch)."""
   named_sources = list(data_config.sources.items())
   for name, source in named_sources:
     sources_lib.check_source(name, source)
@@ -130,7 +148,7 @@ def build_datasets(
     logging.warning("bad data skipped: %s", bad_data.summary())
   # Fail now, not at the first training step, if a batch cannot be filled.
   if len(built) == 1:
-    pipeline.check_fills_a_batch(built[0].train, global_batch_size, built[0].name)
+    pipeline.check_fills_a_batch(built[0].train, train_batch_size or global_batch_size, built[0].name)
   for source in built:
     if source.weight > 0:
       pipeline.check_fills_a_batch(source.train, 1, source.name)
@@ -151,6 +169,7 @@ def build_datasets(
     process_index=process_index,
     process_count=process_count,
     augment=augment_lib.from_config(data_config.get("augment"), tokenizer),
+    train_batch_size=train_batch_size,
   )
 
 
@@ -158,8 +177,9 @@ def build_datasets(
 _TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "huggingface": "tokenizer.json", "char": "char_vocab.json"}
 
 
-def _tokenizer(data_config, named_sources, workdir: str) -> Tokenizer:
-  """The configured tokenizer; a prepared dataset's own one when none is named."""
+def _tokenizer(data_config, named_sources, workdir: str, selections=None) -> Tokenizer:
+  """The configured tokenizer; a prepared dataset's own one when none is named. A learned one is
+  learned from the documents `selections` (name -> DocumentSelection) keep, where given."""
   prepared = [(name, source) for name, source in named_sources if source.kind == "prepared"]
   stored = prepared and _TOKENIZER_FILES.get(data_config.tokenizer)
   if stored and not data_config.get("tokenizer_path"):
@@ -179,7 +199,9 @@ def _tokenizer(data_config, named_sources, workdir: str) -> Tokenizer:
     quiet = BadData(data_config.bad_data, max_logged=0)
     try:
       yield from itertools.chain.from_iterable(
-        source_rows.document_texts(name, source, quiet) for name, source in named_sources if source.kind != "prepared"
+        source_rows.document_texts(name, source, quiet, _keep_of(selections, name))
+        for name, source in named_sources
+        if source.kind != "prepared"
       )
     except BadDataError as e:
       stopped.append(e)
@@ -297,6 +319,7 @@ def prepare_datasets(
   rows_per_shard: int = 8192,
   overwrite: bool = False,
   loom_version: str = "",
+  selections: dict[str, DocumentSelection] | None = None,
 ) -> dict[str, dict]:
   """Tokenizes and packs sources once into OUTPUT/NAME/ (ArrayRecord shards, data/prepared.py).
 
@@ -304,6 +327,10 @@ def prepare_datasets(
   validation_fraction of the data, held until the train split is written).
   The tokenizer travels with the data (NAME/tokenizer.model, tokenizer.json or
   char_vocab.json), so a kind='prepared' source needs nothing else. Returns each source's meta.
+
+  `selections`: source name -> DocumentSelection; such a source keeps only those documents (text
+  sources only: a chat conversation has no document text to compare), and its meta.json's metadata
+  gets the selection's record as "document_selection".
   """
   named_sources = [(name, source) for name, source in data_config.sources.items() if names is None or name in names]
   unknown = sorted(set(names or ()) - set(data_config.sources.keys()))
@@ -313,7 +340,15 @@ def prepare_datasets(
     sources_lib.check_source(name, source)
     if source.kind == "prepared":
       raise ValueError(f"data.sources.{name} is already prepared ({source.paths}).")
-  tokenizer = _tokenizer(data_config, named_sources, output_dir)
+  selections = selections or {}
+  for name in selections:
+    kind = data_config.sources[name].kind if name in data_config.sources else None
+    if name not in dict(named_sources) or kind == "chat":
+      raise ValueError(
+        f"a document selection for data.sources.{name}, "
+        + ("a chat source: selections apply to text sources" if kind == "chat" else "which is not being prepared")
+      )
+  tokenizer = _tokenizer(data_config, named_sources, output_dir, selections)
   metas = {}
   for name, source in named_sources:
     start = time.perf_counter()
@@ -338,12 +373,16 @@ def prepare_datasets(
       "loom_version": loom_version,
       "bad_data": {},
     }
+    if name in selections:
+      metadata["document_selection"] = selections[name].record
     try:
       meta = write_prepared(
         directory,
         {
           "train": train_chunks(
-            source_rows.packed_chunks(name, source, tokenizer, data_config, bad_data, chunk_tokens=chunk_tokens),
+            source_rows.packed_chunks(
+              name, source, tokenizer, data_config, bad_data, chunk_tokens=chunk_tokens, keep=_keep_of(selections, name)
+            ),
             validation_chunks,
             bad_data,
             metadata,
@@ -366,3 +405,9 @@ def prepare_datasets(
     )
     metas[name] = meta
   return metas
+
+
+def _keep_of(selections, name: str) -> np.ndarray | None:
+  """The keep mask of source `name`'s DocumentSelection, or None (every document)."""
+  selection = (selections or {}).get(name)
+  return None if selection is None else selection.keep

@@ -23,9 +23,29 @@ from data.tokenizers import Tokenizer
 _ENCODE_BATCH = 256  # documents per tokenizer call: batched calls run in C++ over the list.
 
 
-def _document_batches(name, source, bad_data: BadData) -> Iterator[list[sources.Document]]:
+def kept_documents(name, source, bad_data: BadData, keep: np.ndarray | None = None) -> Iterator[sources.Document]:
+  """The source's documents, or with `keep` ([N] bool, one per document read_documents yields: an
+  offline selection's, tools/prepare_data.py) those it marks; ValueError when the source no longer
+  yields N documents (it changed since the selection was made)."""
+  documents = sources.read_documents(name, source, bad_data)
+  if keep is None:
+    yield from documents
+    return
+  count = 0
+  for document in documents:
+    if count < len(keep) and keep[count]:
+      yield document
+    count += 1
+  if count != len(keep):
+    raise ValueError(
+      f"data.sources.{name}: {count} documents now, {len(keep)} when the documents to keep were chosen; "
+      "the source changed meanwhile: prepare it again"
+    )
+
+
+def _document_batches(name, source, bad_data: BadData, keep=None) -> Iterator[list[sources.Document]]:
   batch = []
-  for document in sources.read_documents(name, source, bad_data):
+  for document in kept_documents(name, source, bad_data, keep):
     batch.append(document)
     if len(batch) == _ENCODE_BATCH:
       yield batch
@@ -35,12 +55,12 @@ def _document_batches(name, source, bad_data: BadData) -> Iterator[list[sources.
 
 
 def tokenized_examples(
-  name, source, tokenizer: Tokenizer, data_config, bad_data: BadData
+  name, source, tokenizer: Tokenizer, data_config, bad_data: BadData, keep=None
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
-  """(ids, loss mask or None) per usable document, bad ones reported to `bad_data`."""
+  """(ids, loss mask or None) per usable document (of those `keep` marks), bad ones reported to `bad_data`."""
   is_chat = source.get("kind", "text") == "chat"
   width = data_config.seq_len + 1
-  for batch in _document_batches(name, source, bad_data):
+  for batch in _document_batches(name, source, bad_data, keep):
     if not is_chat:
       for ids in tokenizer.encode_batch([d.text for d in batch]):
         yield ids, None
@@ -91,11 +111,11 @@ class StreamPacker:
 
 
 def packed_chunks(
-  name, source, tokenizer: Tokenizer, data_config, bad_data: BadData, chunk_tokens: int | None = None
+  name, source, tokenizer: Tokenizer, data_config, bad_data: BadData, chunk_tokens: int | None = None, keep=None
 ) -> Iterator[tuple[packing.PackedRows, packing.PackedRows, int]]:
   """Yields (train rows, validation rows, train tokens) per chunk of ~chunk_tokens tokens.
 
-  chunk_tokens=None: the whole source in one chunk.
+  chunk_tokens=None: the whole source in one chunk. `keep`: kept_documents'.
   """
   seq_len = data_config.seq_len
   fraction = data_config.validation_fraction
@@ -122,7 +142,7 @@ def packed_chunks(
     train_stream, val_stream = packing.split_by_position(stream, fraction)
     return packer.add(train_stream), packing.pack_rows(val_stream, seq_len), len(train_stream.tokens)
 
-  for example in tokenized_examples(name, source, tokenizer, data_config, bad_data):
+  for example in tokenized_examples(name, source, tokenizer, data_config, bad_data, keep):
     pending.append(example)
     pending_tokens += len(example[0])
     if chunk_tokens and pending_tokens >= chunk_tokens:
@@ -136,9 +156,10 @@ def packed_chunks(
       yield rest, packing.pack_rows(packing.TokenStream(np.zeros(0, np.int32), np.zeros(0, np.int32)), seq_len), 0
 
 
-def document_texts(name, source, bad_data: BadData) -> Iterator[str]:
-  """The text of every document, chat as rendered by the template: for training tokenizers."""
-  for document in sources.read_documents(name, source, bad_data):
+def document_texts(name, source, bad_data: BadData, keep=None) -> Iterator[str]:
+  """The text of every document (of those `keep` marks), chat as rendered by the template: for
+  training tokenizers."""
+  for document in kept_documents(name, source, bad_data, keep):
     if document.text is not None:
       yield document.text
     elif isinstance(document.messages, list):

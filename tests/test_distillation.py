@@ -292,7 +292,7 @@ def test_a_vocabulary_mismatch_is_one_error_naming_the_field(teacher_dir):
   directory, _ = teacher_dir
   with pytest.raises(
     ConfigError,
-    match=r"^config.distillation.teacher=.* vocabulary has 256 tokens and the student's .* 259; .*tokenizer",
+    match=r"^config.distillation.teacher=.* vocabulary has 256 tokens and this run's .* 259; .*tokenizer",
   ):
     distillation.load_teacher(_cfg(directory), _mesh(ONE_DEVICE), "float32", 259)
 

@@ -212,6 +212,6 @@ def test_the_student_is_evaluated_without_its_teacher_and_a_missing_teacher_stop
   # A teacher that is there but does not fit (another vocabulary) stops the run before its first step.
   config = _tiny_student(root, root / "teacher")
   config.model.vocab_size = 264
-  with pytest.raises(ConfigError, match=r"^config.distillation.teacher=.* 259 tokens and the student's .* 264"):
+  with pytest.raises(ConfigError, match=r"^config.distillation.teacher=.* 259 tokens and this run's .* 264"):
     train(config, str(root / "misfit"))
   assert not os.listdir(root / "misfit" / "checkpoints") and _logged_losses(root / "misfit") == {}

@@ -18,9 +18,9 @@ from training.run import train
 from training.setup import build_setup
 from training.validation import ConfigError, validate
 
-# Each kill costs a process start (about 10 s with jax and TF imports): 12 of them land in
-# start-up, mid-save and between saves, and keep this, the suite's longest test, near 3 minutes.
-KILLS = 12
+# Each kill costs a process start and a restore: 8 of them land in start-up, mid-save and between
+# saves, and keep this, the suite's longest test, near 2 minutes.
+KILLS = 8
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Frequent async saves (every 3 steps) of a tiny model: a kill often lands in the middle of one.
 RUN_FLAGS = [
@@ -111,7 +111,7 @@ def test_kill_9_at_random_moments_never_loses_the_run(tmp_path):
   assert final.returncode == 0 and "Traceback" not in output, output
   print(f"{KILLS} kills; restarts resumed at steps {resumed_steps}")
   assert resumed_steps == sorted(resumed_steps)  # Never back to an older checkpoint...
-  assert len(set(resumed_steps)) >= 5  # ...and the kills landed at many points of the run.
+  assert len(set(resumed_steps)) >= 4  # ...and the kills landed at many points of the run.
   for killed, uninterrupted in zip(_final_params(workdir, 240), _final_params(tmp_path / "reference", 240)):
     np.testing.assert_array_equal(killed, uninterrupted)
 

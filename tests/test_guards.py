@@ -245,3 +245,51 @@ def test_skipped_nan_and_spike_are_counted_and_resume_is_bit_exact(tmp_path, mon
   for a, b in zip(jax.tree.leaves(jax.device_get(straight.state)), jax.tree.leaves(jax.device_get(resumed.state))):
     np.testing.assert_array_equal(a, b)
   assert resumed.last_metrics["skipped_steps"] == 2 and resumed.last_metrics["skipped_steps/nonfinite"] == 1
+
+
+def test_toggling_spike_detection_on_resume_is_one_clear_error(tmp_path):
+  """spike_guard wraps the optimizer only with train.spike_factor > 0, so a checkpoint written with it
+  off does not restore into a run with it on (nor the other way, nor another window while on): the run
+  stops before restoring, naming the field, both values and what to do, instead of Orbax's tree error."""
+  # A workdir whose step-2 checkpoint was written with the guard off: its record is what is compared
+  # (the arrays are placeholders, never restored: the refusal comes first).
+  workdir = str(tmp_path / "run")
+  off_run = validate(corpus_config(tmp_path, **dict(RUN, num_steps=4, checkpoint_every=2)), 8, tokenizer_vocab_size=259)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  placeholder = TrainState(
+    step=jnp.int32(2), params={"w": jnp.ones(3)}, opt_state={"m": jnp.zeros(3)}, rng=jnp.zeros(2, jnp.uint32)
+  )
+  checkpointer.save(placeholder, {"step": 2, "config": json.loads(off_run.to_json())})
+  checkpointer.close()
+  checkpoint = os.path.join(workdir, "checkpoints", "2")
+
+  on = corpus_config(tmp_path, **dict(RUN, num_steps=4, checkpoint_every=2))
+  on.train.update(spike_factor=2.0, spike_window=8)
+  with pytest.raises(ConfigError) as caught:
+    train(on, workdir)
+  message = str(caught.value)
+  assert message.startswith(
+    f"train.spike_factor=2 turns the loss-spike guard on, but {checkpoint} was written with train.spike_factor=0 "
+    "(guard off): the guard's window of recent losses is part of the optimizer state"
+  )
+  assert "To resume, keep train.spike_factor=0 (--config.train.spike_factor=...)" in message
+  assert f"--config.init.checkpoint={checkpoint}" in message and "\n" not in message
+
+  # The other way, and another window, checked from the record alone (as train() does, before restoring).
+  saved = json.loads(on.to_json())
+  off = corpus_config(tmp_path, **RUN)
+  with pytest.raises(ConfigError, match=r"^train.spike_factor=0 turns the loss-spike guard off, but /ckpt/5 was "):
+    guards.check_resume(saved, off.train, "/ckpt/5")
+  with pytest.raises(ConfigError, match=r"keep train.spike_factor=2 and train.spike_window=8 \("):
+    guards.check_resume(saved, off.train, "/ckpt/5")
+  on.train.spike_window = 16
+  with pytest.raises(ConfigError, match=r"^train.spike_window=16, but /ckpt/5 was written with train.spike_window=8 "):
+    guards.check_resume(saved, on.train, "/ckpt/5")
+  # What the optimizer state does not hold may change; a record without a config, or from before the
+  # guard (no spike_factor: it ran without), compares as it should.
+  on.train.update(spike_factor=3.0, spike_window=8)
+  guards.check_resume(saved, on.train, "/ckpt/5")
+  guards.check_resume({}, on.train, "/ckpt/5")
+  guards.check_resume({"train": {}}, off.train, "/ckpt/5")
+  with pytest.raises(ConfigError, match=r"was written with train.spike_factor=0 \(guard off\)"):
+    guards.check_resume({"train": {}}, on.train, "/ckpt/5")

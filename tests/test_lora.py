@@ -9,6 +9,7 @@ Nothing is downloaded; transformers and torch make the base, peft loads the expo
 
 import json
 import os
+import shutil
 import types
 
 import jax
@@ -29,7 +30,7 @@ from training.checkpointing import Checkpointer
 from training.optimizer import parameter_paths
 from training.run import train
 from training.setup import build_setup
-from training.state import abstract_model
+from training.state import abstract_model, trainable_filter
 from training.validation import ConfigError
 
 VOCAB = 260  # The byte tokenizer's 259 ids fit.
@@ -324,9 +325,10 @@ def test_errors_are_one_clear_line(base, run):
 # --- PEFT.
 
 
-def check_peft_export(workdir, graphdef, params, out) -> None:
+def check_peft_export(workdir, graphdef, params, out, modules_to_save=None) -> None:
   """Exports `workdir`'s LoRA checkpoint as a PEFT adapter and its base; peft on transformers gives
-  loom's logits (those of `graphdef` with `params`)."""
+  loom's logits (those of `graphdef` with `params`). `modules_to_save`: {Hugging Face module: its
+  tensors' count} of the parameters the run trained in full (lora.train_full)."""
   peft = pytest.importorskip("peft")
   import torch
   import transformers
@@ -338,8 +340,9 @@ def check_peft_export(workdir, graphdef, params, out) -> None:
   assert (adapter_cfg["peft_type"], adapter_cfg["task_type"], adapter_cfg["bias"]) == ("LORA", "CAUSAL_LM", "none")
   assert (adapter_cfg["r"], adapter_cfg["lora_alpha"], adapter_cfg["target_modules"]) == (RANK, 16, PEFT_TARGETS)
   assert adapter_cfg["base_model_name_or_path"] == str(out / "hf_base")
+  assert adapter_cfg["modules_to_save"] == (sorted(modules_to_save) if modules_to_save else None)
   weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
-  assert len(weights) == LAYERS * len(PEFT_TARGETS) * 2
+  assert len(weights) == LAYERS * len(PEFT_TARGETS) * 2 + sum((modules_to_save or {}).values())
   prefix = "base_model.model.model.layers"
   assert weights[f"{prefix}.1.self_attn.q_proj.lora_A.weight"].shape == (RANK, EMBED)
   assert weights[f"{prefix}.1.self_attn.k_proj.lora_B.weight"].shape == (KV_HEADS * HEAD_DIM, RANK)
@@ -381,3 +384,153 @@ def test_the_merged_export_gives_loom_logits_in_transformers(base, run, merged_d
   difference = np.abs(hf_logits(model, batch) - logits(run.graphdef, run.state.params, batch)).max()
   print(f"merged export vs loom: max |difference| {difference:.1e}")
   assert difference <= HF_TOLERANCE
+
+
+# --- Parameters trained in full beside the adapters (lora.train_full, PEFT's modules_to_save).
+
+TRAIN_FULL = "embed|head|final_norm"
+FULL_SHAPES = {"embed": (VOCAB, EMBED), "head": (EMBED, VOCAB), "final_norm/scale": (EMBED,)}
+
+
+def full_config(tmp, base_dir, model_fields, **train_fields):
+  """lora_config with TRAIN_FULL trained in full, on a bfloat16 base (so the float32 of the fully
+  trained parameters is theirs, not the base's)."""
+  config = lora_config(tmp, base_dir, model_fields, **train_fields)
+  config.lora.update(train_full=TRAIN_FULL, base_dtype="bfloat16")
+  return config
+
+
+@pytest.fixture(scope="module")
+def full_run(base):
+  """The LoRA run with TRAIN_FULL (training.run.train on (2, 2, 2), checkpoints at 3 and 6)."""
+  return train(full_config(base.tmp, base.dir, base.model.to_dict()), str(base.tmp / "lora_full"))
+
+
+def split_full(params):
+  """(adapters, fully trained parameters, frozen base) of a train_full run's parameters, host dicts."""
+  adapters, rest = split_lora(params)
+  rest = flat(rest)
+  full = {path: rest.pop(path) for path in FULL_SHAPES}
+  return adapters, full, rest
+
+
+def test_train_full_trains_exactly_the_adapters_and_the_selected_parameters(base, full_run):
+  adapters = 4096  # As test_only_the_adapters_train_and_have_optimizer_state counts them.
+  full = VOCAB * EMBED + EMBED * VOCAB + EMBED
+  assert full == 16672
+  trainable = trainable_filter(full_config(base.tmp, base.dir, base.model.to_dict()).lora)  # Setup.trainable.
+  trained, _ = nnx.split_state(full_run.state.params, trainable, ...)
+  trained = flat(host(nnx.to_pure_dict(trained)))
+  assert sum(leaf.size for leaf in trained.values()) == adapters + full
+  assert {path: leaf.shape for path, leaf in trained.items()} == adapter_shapes() | FULL_SHAPES
+  # AdamW's two moments of each trained parameter, and of nothing else.
+  opt_leaves = jax.tree_util.tree_flatten_with_path(full_run.state.opt_state)[0]
+  moments = [leaf for _, leaf in opt_leaves if np.ndim(leaf) > 0]
+  assert sum(leaf.size for leaf in moments) == 2 * (adapters + full)
+
+
+def test_train_full_moves_the_selected_parameters_and_nothing_else_of_the_base(base, full_run):
+  adapters, full, frozen = split_full(full_run.state.params)
+  original = flat(base.params)
+  assert sorted(frozen) == sorted(set(original) - set(FULL_SHAPES))
+  for path, value in frozen.items():  # The rest of the base: its bfloat16 cast, bit for bit.
+    assert value.dtype == jnp.bfloat16, path
+    np.testing.assert_array_equal(value, original[path].astype(jnp.bfloat16), err_msg=path)
+  for path, value in full.items():  # Trained in float32 (not lora.base_dtype), and moved.
+    assert value.dtype == np.float32, path
+    moved = np.abs(value - original[path]).max()
+    print(f"{path}: max |change| {moved:.1e}")
+    assert moved > 1e-3, path
+  assert min(np.abs(leaf).max() for path, leaf in flat(adapters).items() if path.endswith("/b")) > 1e-3
+
+
+def test_a_train_full_checkpoint_holds_the_adapters_and_the_selected_parameters(base, full_run):
+  checkpointer = Checkpointer(str(base.tmp / "lora_full" / "checkpoints"), async_save=False, read_only=True)
+  assert checkpointer.all_steps() == [3, 6]
+  saved = checkpointer.params_shapes(6)
+  checkpointer.close()
+  assert saved == adapter_shapes() | FULL_SHAPES
+
+
+def test_a_resumed_train_full_run_is_bit_identical(base, full_run):
+  """A workdir holding the run's step-3 checkpoint alone (as an interrupted run leaves it) resumes to
+  the unbroken run's step 6, bit for bit: the full parameters and their moments are restored too."""
+  interrupted = base.tmp / "full_interrupted"
+  shutil.copytree(base.tmp / "lora_full" / "checkpoints" / "3", interrupted / "checkpoints" / "3")
+  resumed = train(full_config(base.tmp, base.dir, base.model.to_dict()), str(interrupted))
+  assert resumed.resumed_from == 3 and int(resumed.state.step) == 6
+  for a, b in zip(jax.tree.leaves(host(full_run.state)), jax.tree.leaves(host(resumed.state)), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_merged_train_full_run_gives_the_adapted_models_logits(base, full_run):
+  merged_dir = base.tmp / "full_merged"
+  lora_tool.merge_checkpoint(str(base.tmp / "lora_full"), str(merged_dir))
+  full, _ = huggingface_io.checkpoint_config(str(merged_dir))
+  merged = huggingface_io.load_params(str(merged_dir), full.model)
+  _, trained, _ = split_full(full_run.state.params)
+  for path, value in trained.items():  # The trained values, not the base's.
+    np.testing.assert_array_equal(flat(merged)[path], value, err_msg=path)
+  batch = tokens()
+  difference = np.abs(plain_logits(full.model, merged, batch) - logits(full_run.graphdef, full_run.state.params, batch))
+  print(f"merged vs adapted: max |difference| {difference.max():.1e}")
+  assert difference.max() <= MERGE_TOLERANCE
+
+
+def test_a_peft_adapter_with_modules_to_save_gives_loom_logits(base, full_run):
+  """train_full's parameters go out as PEFT's modules_to_save; the base written beside the adapter is
+  the one the run started from, not the trained one: its embeddings the imported model's (kept in
+  float32), its kernels their bfloat16 cast."""
+  out = base.tmp / "peft_full"
+  modules = {"model.embed_tokens": 1, "lm_head": 1, "model.norm": 1}
+  check_peft_export(base.tmp / "lora_full", full_run.graphdef, full_run.state.params, out, modules)
+  weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+  _, trained, _ = split_full(full_run.state.params)
+  np.testing.assert_array_equal(weights["base_model.model.model.embed_tokens.weight"], trained["embed"])
+  np.testing.assert_array_equal(weights["base_model.model.lm_head.weight"], trained["head"].T)
+  exported_base = huggingface_io.read_safetensors(str(out / "hf_base"))
+  original = huggingface_io.read_safetensors(str(base.hf_dir))
+  for name in ("model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"):
+    np.testing.assert_array_equal(exported_base[name], original[name], err_msg=name)
+  name = "model.layers.0.self_attn.q_proj.weight"
+  np.testing.assert_array_equal(exported_base[name], original[name].astype(jnp.bfloat16).astype(np.float32))
+
+
+def test_train_full_errors_are_one_clear_line(base):
+  def setup_error(**lora):
+    config = lora_config(base.tmp, base.dir, base.model.to_dict())
+    config.lora.update(**lora)
+    with pytest.raises(ConfigError) as caught:
+      build_setup(synthetic.validated(config, 8))
+    assert "\n" not in str(caught.value)
+    return str(caught.value)
+
+  assert "lora.train_full='embed' needs lora.rank > 0" in setup_error(rank=0, train_full="embed")
+  assert "lora.train_full='embed(' is not a regular expression" in setup_error(train_full="embed(")
+  message = setup_error(train_full="pos_embed")
+  assert message.startswith("lora.train_full='pos_embed' matches no parameter; the paths are: blocks/attn/wk,")
+  message = setup_error(train_full="embed|blocks/attn/wq")
+  assert "selects blocks/attn/wq, which lora.targets=" in message and "adapts" in message
+  message = setup_error(targets="blocks/attn/wq", train_full="blocks/mlp/w_down", base_quantization="int8")
+  assert "selects the block kernels blocks/mlp/w_down, which lora.base_quantization='int8' stores quantized" in message
+  # Unquantized, a kernel no adapter targets may train in full; the QLoRA base's embeddings too.
+  for lora in (
+    dict(targets="blocks/attn/wq", train_full="blocks/mlp/w_down"),
+    dict(train_full="embed", base_quantization="nf4", quantization_block=16),
+  ):
+    config = lora_config(base.tmp, base.dir, base.model.to_dict())
+    config.lora.update(**lora)
+    setup = build_setup(synthetic.validated(config, 8))
+    saved = setup.saved_params(setup.abstract_params)
+    full = {p: leaf.dtype for p, leaf in zip(parameter_paths(saved), jax.tree.leaves(saved)) if "lora_" not in p}
+    assert full == {lora["train_full"]: jnp.float32}  # Neither quantized nor in lora.base_dtype.
+
+  # PEFT export refuses a tied embedding (PEFT would leave the tied head on the old rows), from the record alone.
+  tied = lora_config(base.tmp, base.dir, dict(base.model.to_dict(), tie_embeddings=True))
+  tied.lora.train_full = "embed"
+  checkpointer = Checkpointer(str(base.tmp / "tied" / "checkpoints"), async_save=False)
+  checkpointer.save_params(1, {"unused": np.zeros(1)}, {"step": 1, "config": json.loads(tied.to_json())})
+  checkpointer.close()
+  with pytest.raises(ValueError, match=r"lora.train_full='embed' trains embed, which the model ties to its output"):
+    lora_tool.export_peft(str(base.tmp / "tied"), str(base.tmp / "never"))
+  assert not os.path.exists(base.tmp / "never")

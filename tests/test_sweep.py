@@ -6,7 +6,9 @@ import csv
 import glob
 import json
 import os
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -185,6 +187,10 @@ def test_random_search_with_a_seed_picks_the_same_trials():
   assert {t["model.num_layers"] for t in trials} == {1, 2}  # Both ends of the inclusive range.
 
 
+def halving(**stop):
+  return {"fields": {"seed": [1]}, "stop_trials": {"rule": "halving", "min_steps": 10, **stop}}
+
+
 @pytest.mark.parametrize(
   "spec, message",
   [
@@ -193,13 +199,24 @@ def test_random_search_with_a_seed_picks_the_same_trials():
     ({"fields": {"seed": {"uniform": [0, 1]}}}, "a grid takes a list"),
     ({"method": "random", "fields": {"seed": [1]}}, "sweep.num_trials=None"),
     ({"method": "random", "num_trials": 2, "fields": {"optimizer.learning_rate": {"log_uniform": [0, 1]}}}, "0 < lo"),
-    ({"fields": {"seed": [1]}, "stop_trials": {"rule": "halving"}}, "sweep.stop_trials.rule='halving'"),
+    ({"fields": {"seed": [1]}, "stop_trials": {"rule": "hyperband"}}, "sweep.stop_trials.rule='hyperband'"),
+    (
+      {"fields": {"seed": [1]}, "stop_trials": {"rule": "halving"}},
+      "sweep.stop_trials.min_steps: rule 'halving' needs",
+    ),
+    (halving(reduction_factor=1), "sweep.stop_trials.reduction_factor=1: an integer of at least 2"),
+    (halving(min_trials=0), "sweep.stop_trials.min_trials=0: an integer of at least 1"),
+    (halving(min_finished=2), "sweep.stop_trials.min_finished: not a key of rule 'halving'"),
+    ({"fields": {"seed": [1]}, "stop_trials": {"min_steps": 10}}, "min_steps: not a key of rule 'median'"),
+    # configs/tiny.py evaluates every 20 of 40 steps: rungs at 15 (45 is past the end), then at 40 (none).
+    (halving(min_steps=15), "min_steps=15: rung step(s) 15 are not evaluated (train.eval_every=20)"),
+    (halving(min_steps=40), "min_steps=40: no rung below train.num_steps=40"),
   ],
 )
 def test_bad_specs_are_one_line_naming_the_key(spec, message):
   from configs import tiny
 
-  with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+  with pytest.raises(ConfigError, match=re.escape(message)):
     sweeps.check_spec(spec, tiny.get_config())
 
 
@@ -264,3 +281,180 @@ def test_a_finished_sweep_started_again_trains_nothing(sweep):
   rows = sweeps.run_sweep(sweep["config"], SPEC, sweep["workdir"], lambda i: [StepRecorder(trained[i])])
   assert trained == {0: [], 1: [], 2: [], 3: []}  # Stopped trials stay stopped: none resumes to step 40.
   assert rows == sweep["rows"]
+
+
+def test_halving_rule_keeps_the_best_share_of_a_rung():
+  rule = lambda value, others, factor=2, min_trials=2, maximize=False: sweeps.halving_rule(  # noqa: E731
+    value, others, factor, min_trials, maximize
+  )
+  assert rule(9.0, []) is False  # The first trial at a rung: fewer than min_trials.
+  assert rule(2.1, [2.0]) is True  # Two trials keep one, the better.
+  assert rule(2.0, [2.0]) is False  # A tie continues.
+  assert rule(2.1, [2.0, 3.0, 2.2]) is False  # Four keep two: 2.0 and 2.1.
+  assert rule(2.3, [2.0, 3.0, 2.2]) is True
+  assert rule(2.1, [2.0, 3.0], factor=3, min_trials=4) is False  # Three of four needed.
+  assert rule(2.1, [2.0, 3.0, 2.2], factor=3, min_trials=4) is True  # Four keep one.
+  assert rule(2.1, [2.0, 3.0, 2.2, 2.5, 2.6], factor=3) is False  # Six keep two.
+  assert rule(float("nan"), [9.0]) is True
+  assert rule(5.0, [float("nan")]) is False  # A NaN ranks last.
+  assert rule(0.6, [0.5], maximize=True) is False and rule(0.4, [0.5], maximize=True) is True  # Accuracies.
+
+
+def planted_history(directory, evaluations, losses_every=5, until=None):
+  """A trial's metrics.jsonl as train() writes it: a loss record every few steps, evaluations at theirs."""
+  os.makedirs(directory, exist_ok=True)
+  until = until or max(evaluations)
+  with open(os.path.join(directory, "metrics.jsonl"), "w") as f:
+    for step in range(losses_every, until + 1, losses_every):
+      f.write(json.dumps({"step": step, "loss": 1.0}) + "\n")
+      if step in evaluations:
+        f.write(json.dumps({"step": step, "eval_loss": evaluations[step]}) + "\n")
+  return sweeps.eval_history(directory, "eval_loss")
+
+
+def drive(hook, directory, evaluations, first_step=1, last_step=80):
+  """Runs the hook as train() does, the trial logging `evaluations`; the step it stopped after, or None."""
+  path = os.path.join(directory, "metrics.jsonl")
+  hook.on_start(first_step - 1, None)
+  for step in range(first_step, last_step + 1):
+    if step in evaluations:
+      with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "eval_loss": evaluations[step]}) + "\n")
+    hook.on_step(step, None, {})
+    if hook.stop_requested:
+      return step
+  return None
+
+
+# Earlier trials of a sweep with rungs at steps 10, 20 and 40 (80 steps, reduction factor 2): A finished,
+# B was stopped at rung 0 and C at rung 1; their values at each rung are what a later trial is ranked among.
+EARLIER = {"A": {10: 2.0, 20: 1.5, 40: 1.2}, "B": {10: 3.0}, "C": {10: 2.2, 20: 1.9}}
+
+
+@pytest.mark.parametrize(
+  "evaluations, stopped_at",
+  [
+    ({10: 3.5, 20: 1.0, 40: 0.5}, 10),  # Rung 0: not in the best 2 of 4 (2.0 and 2.2).
+    ({10: 2.1, 20: 1.6, 40: 0.5}, 20),  # Rung 0: 2nd of 4, continues; rung 1: 2nd of 3, keeps 1.
+    ({10: 2.1, 20: 1.4, 40: 1.3}, 40),  # Best at rung 1; rung 2: 1.3 against A's 1.2, keeps 1.
+    ({10: 2.1, 20: 1.4, 40: 1.1}, None),  # Best at every rung: trains to the end.
+  ],
+)
+def test_successive_halving_stops_a_trial_at_the_rung_it_falls_behind(tmp_path, evaluations, stopped_at):
+  earlier = [planted_history(str(tmp_path / name), history) for name, history in EARLIER.items()]
+  directory = str(tmp_path / "trial")
+  os.makedirs(directory)
+  logged = []
+  hook = sweeps.SuccessiveHalvingHook(directory, "eval_loss", earlier, [10, 20, 40], 2, 2, logged.append)
+  assert drive(hook, directory, evaluations) == stopped_at
+  marker = os.path.join(directory, sweeps.STOPPED_MARKER)
+  if stopped_at is None:
+    assert not os.path.exists(marker) and not logged
+    return
+  with open(marker) as f:
+    stopped = json.load(f)
+  rung = [10, 20, 40].index(stopped_at)
+  others = [history[stopped_at] for history in EARLIER.values() if stopped_at in history]
+  assert stopped == {
+    "rule": "halving",
+    "step": stopped_at,
+    "rung": rung,
+    "value": evaluations[stopped_at],
+    "kept": max(1, (len(others) + 1) // 2),
+    "others": len(others),
+    "cutoff": sorted([*others, evaluations[stopped_at]])[max(1, (len(others) + 1) // 2) - 1],
+    "metric": "eval_loss",
+  }
+  assert logged == [
+    f"sweep: stopping this trial at rung {rung} (step {stopped_at}): eval_loss {evaluations[stopped_at]:.5g} is not "
+    f"among the best {stopped['kept']} of the {len(others) + 1} trials there "
+    f"(the {stopped['kept']}. best: {stopped['cutoff']:.5g})"
+  ]
+
+
+def test_successive_halving_judges_a_resumed_trial_as_before(tmp_path):
+  """A restarted sweep's hook starts with the trial's logged evaluations: the rungs it passed pass again,
+  and a rung whose evaluation was logged just before a kill (never judged) is judged now."""
+  earlier = [planted_history(str(tmp_path / name), history) for name, history in EARLIER.items()]
+  directory = str(tmp_path / "trial")
+  new_hook = lambda: sweeps.SuccessiveHalvingHook(directory, "eval_loss", earlier, [10, 20, 40], 2, 2, print)  # noqa: E731
+  planted_history(directory, {10: 2.1}, until=15)  # Passed rung 0, killed at step 15, resumed from 10.
+  assert drive(new_hook(), directory, {20: 1.4}, first_step=11, last_step=30) is None
+  planted_history(directory, {10: 2.1, 20: 1.6}, until=20)  # Killed after rung 1's evaluation, before its stop.
+  assert drive(new_hook(), directory, {}, first_step=21, last_step=30) == 21
+  with open(os.path.join(directory, sweeps.STOPPED_MARKER)) as f:
+    assert json.load(f)["step"] == 20
+
+
+def test_a_rung_a_trial_never_evaluates_is_refused_before_anything_trains(tmp_path):
+  from configs import tiny
+
+  spec = {
+    "fields": {"train.eval_every": [10, 15]},
+    "stop_trials": {"rule": "halving", "min_steps": 10, "reduction_factor": 2},
+  }
+  assert sweeps.check_spec(spec, tiny.get_config())  # The base config's eval_every is swept: checked per trial.
+  with pytest.raises(ConfigError, match=r"trial train.eval_every=15: .*rung step\(s\) 10, 20 are not evaluated"):
+    sweeps.run_sweep(tiny.get_config(), spec, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == [".sweep_lock"]  # No trial started.
+
+
+HALVING = {
+  **SPEC,
+  # Rungs at 10 and 20 of 40 steps; three trials at a rung before it stops any: the good pair (trials 0
+  # and 1, in either order) continue, the planted bad trials (2 and 3) are the worst of three and four.
+  "stop_trials": {"rule": "halving", "min_steps": 10, "reduction_factor": 2, "min_trials": 3},
+}
+
+
+class KilledAtEnd(StepRecorder):
+  """Records the steps, then kills the sweep as the trial ends: after the trial's stop marker, before
+  sweep.json records the stop."""
+
+  def on_end(self, step, state, metrics, reason):
+    raise Killed()
+
+
+@pytest.fixture(scope="module")
+def halving_sweep(sweep, tmp_path_factory):
+  """The grid sweep with successive halving, its good trials 0 and 1 the median sweep's (the same configs,
+  finished: copied rather than trained again), killed as trial 2 is stopped, then started again."""
+  workdir = str(tmp_path_factory.mktemp("halving") / "sweep")
+  record = sweeps.Sweep(workdir, sweeps.check_spec(HALVING))
+  for trial in record.trials[:2]:
+    shutil.copytree(os.path.join(sweep["workdir"], trial["name"]), record.trial_dir(trial))
+    trial["status"] = sweeps.FINISHED
+  record.save()
+  trained = [{i: [] for i in range(4)} for _ in range(2)]
+  with pytest.raises(Killed):
+    sweeps.run_sweep(
+      sweep["config"], HALVING, workdir, lambda i: [(KilledAtEnd if i == 2 else StepRecorder)(trained[0][i])]
+    )
+  with open(os.path.join(workdir, "sweep.json")) as f:
+    after_kill = json.load(f)
+  rows = sweeps.run_sweep(sweep["config"], HALVING, workdir, lambda i: [StepRecorder(trained[1][i])])
+  with open(os.path.join(workdir, "sweep.json")) as f:
+    record = json.load(f)
+  return {"workdir": workdir, "trained": trained, "after_kill": after_kill, "record": record, "rows": rows}
+
+
+def test_successive_halving_stops_the_planted_bad_trials_at_their_first_rung_through_a_kill(halving_sweep, sweep):
+  trained, record = halving_sweep["trained"], halving_sweep["record"]
+  assert [t["status"] for t in halving_sweep["after_kill"]["trials"]] == ["finished", "finished", "running", "pending"]
+  assert trained[0] == {0: [], 1: [], 2: list(range(1, 11)), 3: []}  # Trial 2 stopped at rung 0 (step 10)...
+  assert trained[1] == {0: [], 1: [], 2: [], 3: list(range(1, 11))}  # ...stays stopped after the kill; 3 too.
+  assert [t["status"] for t in record["trials"]] == ["finished", "finished", "stopped_early", "stopped_early"]
+  directories = [os.path.join(halving_sweep["workdir"], t["name"]) for t in record["trials"]]
+  good = [final_eval_loss_at(d, 10) for d in directories[:2]]
+  for index in (2, 3):
+    stopped = record["trials"][index]["stopped"]
+    assert stopped["rule"] == "halving" and stopped["step"] == 10 and stopped["rung"] == 0
+    assert stopped["others"] == index and stopped["kept"] == (index + 1) // 2  # Of 3 keep 1; of 4 keep 2.
+    assert stopped["value"] == final_eval_loss_at(directories[index], 10)
+    assert stopped["value"] > max(good) + 0.5  # The bad learning rate is far behind both good trials.
+  with open(os.path.join(directories[2], sweeps.STOPPED_MARKER)) as f:
+    assert record["trials"][2]["stopped"] == json.load(f)  # The decision made before the kill.
+  assert [row["steps"] for row in halving_sweep["rows"]] == [40, 40, 10, 10]
+  again = {i: [] for i in range(4)}
+  rows = sweeps.run_sweep(sweep["config"], HALVING, halving_sweep["workdir"], lambda i: [StepRecorder(again[i])])
+  assert again == {0: [], 1: [], 2: [], 3: []} and rows == halving_sweep["rows"]

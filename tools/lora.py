@@ -17,6 +17,10 @@ peft.PeftModel.from_pretrained applies to the Hugging Face form of the base; --b
 that base (tools/huggingface_io.export_hf), as the run held it: the base_dtype-rounded or dequantized
 kernels, in float32. Llama-style models only (llama, mistral, qwen2): GPT-2 fuses q, k and v into one
 Conv1D (c_attn), which loom's three adapters do not map onto as one PEFT adapter; merge such a run instead.
+Parameters trained in full beside the adapters (lora.train_full) are written as PEFT's modules_to_save:
+every Hugging Face module they map onto, whole (a module's frozen tensors too), under the adapter's
+prefix; --base_output holds their values from before the run. A tied embedding in lora.train_full is
+refused (PEFT would copy embed_tokens and leave the tied lm_head on the old rows): merge such a run.
 
 OUTPUT (and BASE_OUTPUT) must be new or empty directories; the files are written beside them and moved
 into place at the end, so a failed command leaves nothing behind.
@@ -24,6 +28,7 @@ into place at the end, so a failed command leaves nothing behind.
 
 import json
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,6 +50,7 @@ from evaluation import loading  # noqa: E402
 from model import huggingface  # noqa: E402
 from model.lora import adapters, merge_lora  # noqa: E402
 from tools import huggingface_io  # noqa: E402
+from training import init_from  # noqa: E402
 from training import setup as setup_lib  # noqa: E402
 from training.checkpointing import Checkpointer, locate  # noqa: E402
 from training.cli import parse_flags  # noqa: E402
@@ -70,6 +76,9 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Where PEFT's save_pretrained puts a causal LM's decoder layers (PeftModelForCausalLM -> LoraModel ->
 # LlamaForCausalLM -> LlamaModel), the adapter's name left out.
 PEFT_PREFIX = "base_model.model.model.layers"
+# ...and the causal LM itself: a modules_to_save module's tensors are saved under it by their
+# Hugging Face names ("model.embed_tokens.weight"), without "modules_to_save.<adapter name>".
+PEFT_MODEL_PREFIX = "base_model.model"
 
 
 def lora_checkpoint(checkpoint: str, step: int = -1, field: str = "--checkpoint") -> loading.CheckpointInfo:
@@ -218,8 +227,55 @@ def peft_tensors(adapter_params: dict[str, Any]) -> tuple[dict[str, np.ndarray],
   return tensors, targets
 
 
-def peft_config(lora_cfg: ConfigDict, targets: list[str], base_model_name_or_path: str) -> dict[str, Any]:
-  """adapter_config.json: PEFT's scale is lora_alpha / r, as loom's alpha / rank."""
+def full_parameter_paths(trained: dict[str, Any]) -> list[str]:
+  """The paths of the parameters lora.train_full trained in full, in a LoRA run's saved parameters (a
+  pure dict): every leaf that is not an adapter's."""
+  flat = jax.tree_util.tree_flatten_with_path(trained)[0]
+  names = [[str(k.key) for k in path] for path, _ in flat]
+  return ["/".join(n) for n in names if not any(part.startswith("lora_") for part in n)]
+
+
+def peft_modules_to_save(
+  model_cfg: ConfigDict, current: dict[str, Any], full: list[str], model_type: str
+) -> tuple[dict[str, np.ndarray], list[str]]:
+  """(the modules_to_save tensors of adapter_model.safetensors, PEFT's modules_to_save) for the
+  parameters at `full` paths, from `current` (the plain model's pure dict holding their trained values).
+
+  Which Hugging Face tensors a loom parameter becomes is read from model/huggingface.py's mapping itself:
+  hf_tensors of a tree that is 1 at those parameters and 0 elsewhere (the mapping only reshapes and
+  transposes) is nonzero exactly there. PEFT replaces a module in modules_to_save whole, so every tensor
+  of those modules is written, a frozen one (a weight whose bias alone trained) at its base value.
+  """
+  full_set = set(full)
+
+  def marker(path, leaf):
+    name = "/".join(str(k.key) for k in path)
+    return np.full(np.shape(leaf), 1.0 if name in full_set else 0.0, np.float32)
+
+  marked = huggingface.hf_tensors(jax.tree_util.tree_map_with_path(marker, current), model_cfg, model_type)
+  modules = sorted({name.rsplit(".", 1)[0] for name, value in marked.items() if np.any(value)})
+  tensors = huggingface.hf_tensors(current, model_cfg, model_type)
+  saved = {
+    f"{PEFT_MODEL_PREFIX}.{name}": np.ascontiguousarray(value, np.float32)
+    for name, value in tensors.items()
+    if name.rsplit(".", 1)[0] in modules
+  }
+  return saved, modules
+
+
+def _initial_params(setup: setup_lib.Setup) -> nnx.State:
+  """A LoRA run's parameters as it began (its init.checkpoint adapted, or the seed's initialisation):
+  what a base with parameters trained in full is exported from."""
+  if setup.config.init.checkpoint:
+    return init_from.initial_state(setup.config.init, setup)[0].params
+  return setup.init_state().params
+
+
+def peft_config(
+  lora_cfg: ConfigDict, targets: list[str], base_model_name_or_path: str, modules_to_save: list[str] | None = None
+) -> dict[str, Any]:
+  """adapter_config.json: PEFT's scale is lora_alpha / r, as loom's alpha / rank. `modules_to_save`:
+  whole Hugging Face module names (matched by PEFT as name suffixes, so never ambiguous)."""
   alpha = float(lora_cfg.alpha)
   return {
     "peft_type": "LORA",
@@ -235,7 +291,7 @@ def peft_config(lora_cfg: ConfigDict, targets: list[str], base_model_name_or_pat
     "use_dora": False,
     "init_lora_weights": True,
     "inference_mode": True,
-    "modules_to_save": None,
+    "modules_to_save": modules_to_save or None,
     "rank_pattern": {},
     "alpha_pattern": {},
     "revision": None,
@@ -287,21 +343,37 @@ def export_peft(
       "export the merged checkpoint with tools/hf_export.py"
     )
   huggingface.hf_config(model_cfg, model_type)  # A model that is not of model_type's family: one line naming the field.
+  train_full = info.config.lora.get("train_full", "")
+  if train_full and model_cfg.tie_embeddings and re.fullmatch(f"(?:{train_full})(?:/.*)?", "embed"):
+    raise ValueError(
+      f"lora.train_full={train_full!r} trains embed, which the model ties to its output layer: PEFT's "
+      "modules_to_save would copy embed_tokens and leave the tied lm_head on the old rows. Merge the run "
+      "instead (tools/lora.py merge) and export the merged checkpoint with tools/hf_export.py"
+    )
   within = (("the run's checkpoint directory", info.directory),)
   huggingface_io.check_output_dir(out_dir, "--output", within=within)
   if base_out_dir:
     huggingface_io.check_output_dir(base_out_dir, "--base_output", within=within + (("--output", out_dir),))
     huggingface_io.check_output_dir(out_dir, "--output", within=(("--base_output", base_out_dir),))
 
-  setup, params = lora_params(info, with_base=bool(base_out_dir))
-  trained = jax.device_get(nnx.to_pure_dict(setup.saved_params(params)))
-  tensors, targets = peft_tensors(jax.tree.map(np.asarray, trained))
+  # The parameters trained in full are written through their whole Hugging Face modules: the base is needed.
+  setup, params = lora_params(info, with_base=bool(base_out_dir or train_full))
+  trained = jax.tree.map(np.asarray, jax.device_get(nnx.to_pure_dict(setup.saved_params(params))))
+  tensors, targets = peft_tensors(trained)
+  full = full_parameter_paths(trained)
+  modules_to_save = []
+  if full:
+    saved, modules_to_save = peft_modules_to_save(
+      model_cfg, plain_params(setup, params, with_adapters=False), full, model_type
+    )
+    tensors.update(saved)
   if base_model_name_or_path is None:
     base_model_name_or_path = base_out_dir or _imported_from(info)
 
   written = []
   if base_out_dir:
-    base_params = plain_params(setup, params, with_adapters=False)
+    # The base the adapter applies to: with the fully trained parameters as they were before the run.
+    base_params = plain_params(setup, _initial_params(setup) if full else params, with_adapters=False)
     written += huggingface_io.export_hf(
       os.path.join(info.directory, str(info.step)), None, base_out_dir, model_type, params=base_params
     )
@@ -310,7 +382,7 @@ def export_peft(
     save_file(tensors, weights, metadata={"format": "pt"})
     config_path = os.path.join(directory, ADAPTER_CONFIG)
     with atomic_write(config_path) as f:
-      json.dump(peft_config(info.config.lora, targets, base_model_name_or_path), f, indent=2)
+      json.dump(peft_config(info.config.lora, targets, base_model_name_or_path, modules_to_save), f, indent=2)
       f.write("\n")
   return [os.path.join(out_dir, ADAPTER_WEIGHTS), os.path.join(out_dir, ADAPTER_CONFIG)] + written
 

@@ -9,6 +9,8 @@ WORKDIR/sweep.json records the spec and each trial's overrides and status, and W
 and results.md the results (the best trial marked). Run the same command again after a stop: it skips
 the trials that ended and resumes the unfinished one from its checkpoint. --config.a.b=value overrides
 apply to every trial. --print_commands prints one train.py command per trial and runs nothing.
+The spec's stop_trials stops trials that fall behind on its metric: the median rule, or successive
+halving (configs/tiny_sweep.py:halving); a stopped trial stays stopped when the sweep is run again.
 """
 
 import importlib.util

@@ -215,29 +215,59 @@ def load_teacher(
   seq_len: int | None = None,
   model_overrides: Mapping[str, Any] | None = None,
 ) -> tuple[nnx.GraphDef, nnx.State]:
-  """The teacher of config.distillation on `mesh`: (graphdef, parameters).
+  """The teacher of config.distillation on `mesh`: (graphdef, parameters), by load_fixed_model."""
+  return load_fixed_model(
+    distillation_cfg.teacher,
+    distillation_cfg.step,
+    mesh,
+    compute_dtype,
+    student_vocab_size,
+    seq_len,
+    model_overrides,
+    field=FIELD,
+    role="teacher",
+    why_same_vocabulary="distillation compares their distributions token by token",
+  )
+
+
+def load_fixed_model(
+  path: str,
+  step: int,
+  mesh: Mesh | AbstractMesh,
+  compute_dtype,
+  student_vocab_size: int,
+  seq_len: int | None = None,
+  model_overrides: Mapping[str, Any] | None = None,
+  *,
+  field: str,
+  role: str,
+  why_same_vocabulary: str,
+) -> tuple[nnx.GraphDef, nnx.State]:
+  """A fixed model (a distillation teacher, a selection reference) from checkpoint `path` (`step`;
+  -1: the latest) on `mesh`: (graphdef, parameters).
 
   The model is the one in the checkpoint's record (its config, as a loom run or tools/hf_import.py
   saved it), sharded by the same logical-axis rules as the student; only the parameters are
   restored, floating ones cast to `compute_dtype` (the student's model.dtype: a name or a dtype),
-  in which the teacher runs. Dropout is off and nothing is rematerialised (no gradient flows
-  through it). `seq_len` (data.seq_len), when given, must fit the teacher's max_seq_len.
-  `model_overrides` sets CHECKPOINT_INDEPENDENT_FIELDS of the teacher (runtime_fields of the
-  student's config: its attention kernel). On an AbstractMesh, the parameters are
-  ShapeDtypeStructs with shardings (for compiling a step without devices). Every error is one
-  ConfigError naming config.distillation.teacher.
+  in which it runs. Dropout is off and nothing is rematerialised (no gradient flows through it).
+  `seq_len` (data.seq_len), when given, must fit its max_seq_len. `model_overrides` sets
+  CHECKPOINT_INDEPENDENT_FIELDS of it (runtime_fields of the student's config: its attention
+  kernel). On an AbstractMesh, the parameters are ShapeDtypeStructs with shardings (for compiling a
+  step without devices). Every error is one ConfigError naming `field`; `role` names the model in
+  it and `why_same_vocabulary` says why the vocabularies must match.
   """
-  path, step = distillation_cfg.teacher, distillation_cfg.step
-  where = f"{FIELD}={path!r}"
+  where = f"{field}={path!r}"
   if not path:
-    raise ConfigError(f"{FIELD} is empty: distillation is off, there is no teacher to load")
+    raise ConfigError(f"{field} is empty: there is no {role} to load")
   dtype_name = jnp.dtype(compute_dtype).name
   if dtype_name not in COMPUTE_DTYPES:
     raise ConfigError(f"{where}: compute dtype {dtype_name}; allowed: {', '.join(COMPUTE_DTYPES)}")
   overrides = dict(model_overrides or {})
   unknown = sorted(set(overrides) - CHECKPOINT_INDEPENDENT_FIELDS)
   if unknown:
-    raise ValueError(f"load_teacher: model_overrides {unknown} are not among {sorted(CHECKPOINT_INDEPENDENT_FIELDS)}")
+    raise ValueError(
+      f"load_fixed_model: model_overrides {unknown} are not among {sorted(CHECKPOINT_INDEPENDENT_FIELDS)}"
+    )
   try:
     directory, step = locate(path, step, field=where)
   except ValueError as e:
@@ -256,24 +286,23 @@ def load_teacher(
     if (saved_config.get("lora") or {}).get("rank", 0) > 0:
       raise ConfigError(
         f"{where}: a LoRA run's checkpoints hold its adapters alone; merge them into a plain model first "
-        "(python tools/lora.py merge --checkpoint=THAT_RUN --output=DIR) and name DIR as the teacher"
+        f"(python tools/lora.py merge --checkpoint=THAT_RUN --output=DIR) and name DIR as the {role}"
       )
-    teacher_vocab = saved["embed"][0]
-    if teacher_vocab != student_vocab_size:
+    saved_vocab = saved["embed"][0]
+    if saved_vocab != student_vocab_size:
       raise ConfigError(
-        f"{where}: the teacher's vocabulary has {teacher_vocab} tokens and the student's (model.vocab_size) "
-        f"{student_vocab_size}; distillation compares their distributions token by token, so both need the "
-        "same tokenizer and model.vocab_size"
+        f"{where}: the {role}'s vocabulary has {saved_vocab} tokens and this run's (model.vocab_size) "
+        f"{student_vocab_size}; {why_same_vocabulary}, so both need the same tokenizer and model.vocab_size"
       )
-    model_values.update(vocab_size=teacher_vocab, dtype=dtype_name, dropout_rate=0.0, remat="none", **overrides)
+    model_values.update(vocab_size=saved_vocab, dtype=dtype_name, dropout_rate=0.0, remat="none", **overrides)
     try:
       model_cfg = ModelConfig.from_config(model_values)
     except ValueError as e:
       raise ConfigError(f"{where}: its record's model config does not fit this loom ({e})") from None
     if seq_len is not None and seq_len > model_cfg.max_seq_len:
       raise ConfigError(
-        f"{where}: data.seq_len={seq_len} exceeds the teacher's model.max_seq_len={model_cfg.max_seq_len}; "
-        "the teacher has no positions beyond it"
+        f"{where}: data.seq_len={seq_len} exceeds the {role}'s model.max_seq_len={model_cfg.max_seq_len}; "
+        f"the {role} has no positions beyond it"
       )
     graphdef, abstract = abstract_model(model_cfg)
     paths, leaves = parameter_paths(abstract), jax.tree.leaves(abstract)

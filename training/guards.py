@@ -108,6 +108,41 @@ def with_spike_guard(tx: optax.GradientTransformation, train_cfg) -> optax.Gradi
   return spike_guard(tx, train_cfg.spike_factor, train_cfg.spike_window)
 
 
+def check_resume(saved_config: dict[str, Any], train_cfg, checkpoint: str) -> None:
+  """Refuses, with one ConfigError, resuming a checkpoint whose optimizer state has another layout
+  than this run's spike guard: train.spike_factor switched on or off (spike_guard wraps the optimizer
+  only when it is on), or train.spike_window changed while it is on (the window is a [W] array).
+  `saved_config`: the checkpoint's record's config ({} for none: nothing to compare); a record from
+  before the guard existed ran without it. Called before anything is restored or compiled."""
+  from training.validation import ConfigError  # validation imports this module.
+
+  if not saved_config:
+    return
+  saved = saved_config.get("train", {})
+  old_factor, new_factor = float(saved.get("spike_factor", 0.0) or 0.0), float(train_cfg.spike_factor or 0.0)
+  old_window, new_window = saved.get("spike_window"), train_cfg.spike_window
+  state = lambda factor: "on" if factor else "off"  # noqa: E731
+  if bool(old_factor) != bool(new_factor):
+    what = (
+      f"train.spike_factor={new_factor:g} turns the loss-spike guard {state(new_factor)}, but {checkpoint} "
+      f"was written with train.spike_factor={old_factor:g} (guard {state(old_factor)})"
+    )
+  elif new_factor and old_window is not None and int(old_window) != new_window:
+    what = (
+      f"train.spike_window={new_window}, but {checkpoint} was written with train.spike_window={old_window} "
+      f"(train.spike_factor={old_factor:g})"
+    )
+  else:
+    return
+  raise ConfigError(
+    f"{what}: the guard's window of recent losses is part of the optimizer state, so the checkpoint's "
+    f"optimizer state does not fit this run's. To resume, keep train.spike_factor={old_factor:g}"
+    f"{f' and train.spike_window={old_window}' if old_factor else ''} (--config.train.spike_factor=...); to "
+    "change it, start a new run in a new --workdir from this checkpoint's parameters "
+    f"(--config.init.checkpoint={checkpoint}; the optimizer state starts afresh)"
+  )
+
+
 def spike_of(opt_state) -> jax.Array | None:
   """The spike flag of a spike_guard state, None for any other optimizer state."""
   return opt_state.spike if isinstance(opt_state, SpikeGuardState) else None

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 import model as model_lib
 import sharding
-from training import accelerators
+from training import accelerators, selection
 from training.accelerators import Chip, GiB
 from training.setup import build_setup
 from training.validation import ConfigError, validate
@@ -349,7 +349,7 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
   params_bytes = _per_device_bytes(abstract_state.params, setup.shardings.params)
   opt_bytes = _per_device_bytes(abstract_state.opt_state, setup.shardings.opt_state)
   global_batch, length = cfg.train.global_batch_size, cfg.data.seq_len
-  batch = abstract_batch(global_batch, length, mesh)
+  batch = abstract_batch(selection.loaded_batch_size(cfg), length, mesh)  # Online selection's candidates.
   batch_bytes = sum(_per_device_bytes(leaf, leaf.sharding) for leaf in batch.values())
   rows = global_batch // (mesh_sizes["data"] * mesh_sizes["fsdp"]) // cfg.train.microbatches
   platform = _platform(target)
@@ -396,7 +396,7 @@ def plan(config: ConfigDict, target: Target, compile_step: bool = True) -> Plan:
   else:
     start = time.perf_counter()
     try:
-      compiled = setup.train_step(setup.load_teacher()).lower(abstract_state, batch).compile()
+      compiled = setup.train_step(setup.load_teacher(), setup.load_reference()).lower(abstract_state, batch).compile()
     except Exception as e:  # noqa: BLE001 -- the compiler's out-of-memory error is the answer.
       summary = out_of_memory_summary(e)
       if summary is None:

@@ -28,7 +28,7 @@ from data.files import atomic_copy, atomic_write, writable_directory
 from evaluation.metrics import byte_lengths
 from model.decode import generate_past_context
 from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS, COMPUTE_DTYPES
-from training import early_stopping, guards, init_from, planner
+from training import early_stopping, guards, init_from, planner, selection
 from training import hooks as hooks_lib
 from training import setup as setup_lib
 from training.checkpointing import Checkpointer
@@ -114,7 +114,15 @@ def train(config: ConfigDict, workdir: str, extra_hooks: Sequence[hooks_lib.Hook
         f"distilling from {distill.teacher} (temperature {distill.temperature}, alpha {distill.alpha}): the "
         "logged loss is the distillation objective, evaluation the plain cross-entropy"
       )
-    compiled_step = _compile(setup.train_step(teacher), state, first_batch, mesh, writer)
+    reference = setup.load_reference()  # config.selection's (RHO-loss), or None.
+    if selection.is_on(config):
+      chosen = config.selection
+      writer.text(
+        f"online batch selection: each step scores {selection.loaded_batch_size(config)} candidate rows and "
+        f"trains on the {config.train.global_batch_size} with the highest "
+        + (f"loss minus the reference's ({chosen.reference})" if reference is not None else "loss")
+      )
+    compiled_step = _compile(setup.train_step(teacher, reference), state, first_batch, mesh, writer)
     # The guard hook first: the logging and checkpoint hooks then read its counts up to their step.
     run_hooks = [guard_hook, logging_hook, eval_hook, early_stopping_hook, checkpoint_hook, *extra_hooks]
     run_hooks.append(_profile_hook(config, workdir, writer))  # Last: it starts after a step's other hooks.
@@ -204,6 +212,7 @@ def _build_datasets(config: ConfigDict, workdir: str) -> tuple[data.Datasets, Co
       workdir=workdir,
       process_index=jax.process_index(),
       process_count=jax.process_count(),
+      train_batch_size=selection.loaded_batch_size(config),  # Online selection's candidate batch.
     )
   except ValueError as e:  # data/ names the data.* field at fault; report it like any config error.
     raise ConfigError(str(e)) from e
@@ -280,6 +289,10 @@ def _resume_or_init(setup: setup_lib.Setup, checkpointer: Checkpointer, datasets
     state = setup.init_state()
   else:
     resume_record = checkpointer.record(resumed_from)
+    # train.spike_factor toggled changes the optimizer state's layout: one clear error, before the restore.
+    guards.check_resume(
+      resume_record.get("config", {}), config.train, os.path.join(checkpointer.directory, str(resumed_from))
+    )
     resume_changes = _resume_changes(resume_record, config, workdir)
     saved_rows = resume_record.get("data", {}).get("rows", {})
     resume_changes += [
@@ -392,7 +405,7 @@ def _make_hooks(
     writer,
     start.step,
     train_cfg.global_batch_size * config.data.seq_len,
-    model_lib.flops_per_token(config.model, config.data.seq_len),
+    selection.flops_per_trained_token(config, model_lib.flops_per_token(config.model, config.data.seq_len)),
     peak,
     extra_metrics=lambda: {**mixture_stats.metrics(), **guard_hook.metrics()},
   )

@@ -163,11 +163,33 @@ class Setup:
       model_overrides=distillation.runtime_fields(cfg.model),
     )
 
-  def train_step(self, teacher=None):
+  def load_reference(self):
+    """config.selection's reference model (RHO-loss), (graphdef, params) on this mesh in the compute
+    dtype; None without one. On an AbstractMesh, its parameters are shapes with shardings."""
+    cfg = self.config
+    if not selection.reference_of(cfg):
+      return None
+    return distillation.load_fixed_model(
+      cfg.selection.reference,
+      cfg.selection.reference_step,
+      self.mesh,
+      cfg.model.dtype,
+      cfg.model.vocab_size,
+      seq_len=cfg.data.seq_len,
+      model_overrides=distillation.runtime_fields(cfg.model),
+      field=selection.FIELD,
+      role="reference model",
+      why_same_vocabulary="RHO-loss subtracts its loss on the same tokens",
+    )
+
+  def train_step(self, teacher=None, reference=None):
     """The jitted `step(state, batch) -> (state, metrics)` of training/step.py, the state donated;
-    `teacher` (load_teacher's) when config.distillation.teacher is set."""
+    `teacher` (load_teacher's) when config.distillation.teacher is set, `reference` (load_reference's)
+    when config.selection.reference is."""
     if (teacher is None) != (not self.config.distillation.teacher):
       raise ValueError("Setup.train_step: pass load_teacher()'s teacher exactly when distillation.teacher is set")
+    if (reference is None) != (not selection.reference_of(self.config)):
+      raise ValueError("Setup.train_step: pass load_reference()'s model exactly when selection.reference is set")
     distill = self.config.distillation
     return make_train_step(
       self.graphdef,
@@ -184,6 +206,7 @@ class Setup:
       z_loss=self.config.train.z_loss,
       label_smoothing=self.config.train.label_smoothing,
       select_rows=selection.step_selection(self.config),  # config.selection (0: off).
+      reference=reference,
     )
 
   def eval_step(self, per_row: bool = False, byte_lengths=None):

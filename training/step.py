@@ -74,6 +74,7 @@ def make_train_step(
   z_loss: float = 0.0,
   label_smoothing: float = 0.0,
   select_rows: int = 0,
+  reference=None,
 ):
   """A jitted `step(state, batch) -> (state, metrics)` with the state donated.
 
@@ -89,8 +90,11 @@ def make_train_step(
   `z_loss`, `label_smoothing`: train.z_loss and train.label_smoothing, in the trained (and logged)
   loss alone; evaluation reports the plain cross-entropy.
   `select_rows`: online batch selection (training/selection.py; 0: off). The batch is the candidate
-  batch: a forward pass without gradient scores each row by the current model's mean cross-entropy,
-  and the step trains (microbatches, loss, gradients) on the `select_rows` highest-scoring rows alone.
+  batch: a forward pass without gradient scores each row by the current model's mean cross-entropy
+  (minus `reference`'s, (graphdef, params) of a fixed model: RHO-loss), and the step trains
+  (microbatches, loss, gradients) on the `select_rows` highest-scoring rows alone.
+  Fixed models' parameters (a teacher's, a reference's) are arguments of every call (a BoundStep),
+  never constants compiled into the step.
 
   Divergence guards (training/guards.py): an update after which the loss, the gradient norm or a
   trained parameter is not finite is skipped (parameters and optimizer state as they were; the step
@@ -114,24 +118,27 @@ def make_train_step(
     )(trained)
     return grads, loss_sum, weight
 
-  def row_scores(params, batch):
+  def row_scores(model_graphdef, params, batch):
     """Per row of the candidate batch: the plain cross-entropy sum and target weight, without dropout
     or regularisers; a microbatch at a time with train.microbatches, as the training pass runs."""
     if microbatches == 1:
-      return row_losses(graphdef, params, batch)
+      return row_losses(model_graphdef, params, batch)
     loss_kB, weight_kB = jax.lax.map(
-      lambda micro: row_losses(graphdef, params, micro), _split_microbatches(batch, microbatches)
+      lambda micro: row_losses(model_graphdef, params, micro), _split_microbatches(batch, microbatches)
     )
     return loss_kB.swapaxes(0, 1).reshape(-1), weight_kB.swapaxes(0, 1).reshape(-1)  # Back to the batch's order.
 
-  def step(state: TrainState, batch: Batch, teacher_params=None) -> tuple[TrainState, dict[str, Any]]:
+  def step(state: TrainState, batch: Batch, fixed=None) -> tuple[TrainState, dict[str, Any]]:
+    fixed = fixed or {}
+    teacher_params = fixed.get("teacher")
     with sharding.activation_rules(mesh, rules):
       dropout_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step) if dropout else None
       trained, frozen = split_trainable(state.params, trainable)
       selection_metrics = {}
       if select_rows:
-        loss_sum_B, weight_B = row_scores(transform(state.params), batch)
-        batch, selection_metrics = selection.select(batch, loss_sum_B, weight_B, select_rows)
+        loss_sum_B, weight_B = row_scores(graphdef, transform(state.params), batch)
+        reference_loss_sum_B = None if reference is None else row_scores(reference[0], fixed["reference"], batch)[0]
+        batch, selection_metrics = selection.select(batch, loss_sum_B, weight_B, select_rows, reference_loss_sum_B)
       if microbatches == 1:
         grads, loss_sum, weight = grads_and_loss(trained, frozen, batch, dropout_key, teacher_params)
       else:
@@ -169,26 +176,32 @@ def make_train_step(
     params = join_trainable(trained, frozen)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  if teacher is None:
+  fixed = {}
+  if teacher is not None:
+    fixed["teacher"] = teacher[1]
+  if reference is not None:
+    if not select_rows:
+      raise ValueError("make_train_step: a selection reference model scores rows only with select_rows > 0")
+    fixed["reference"] = reference[1]
+  if not fixed:
     return jax.jit(
       step, in_shardings=(state_shardings, None), out_shardings=(state_shardings, None), donate_argnums=(0,)
     )
-  teacher_params = teacher[1]
-  teacher_shardings = jax.tree.map(lambda leaf: leaf.sharding, teacher_params)
+  fixed_shardings = jax.tree.map(lambda leaf: leaf.sharding, fixed)
   jitted = jax.jit(
     step,
-    in_shardings=(state_shardings, None, teacher_shardings),
+    in_shardings=(state_shardings, None, fixed_shardings),
     out_shardings=(state_shardings, None),
     donate_argnums=(0,),
   )
-  return BoundStep(jitted, (teacher_params,))
+  return BoundStep(jitted, (fixed,))
 
 
 @dataclasses.dataclass(frozen=True)
 class BoundStep:
-  """A jitted `f(state, batch, *bound)` used as `step(state, batch)`: the bound arrays (a teacher's
-  parameters) are arguments of every call, so they are neither compiled in as constants nor copied.
-  `lower(...).compile()` gives a compiled step bound the same way."""
+  """A jitted `f(state, batch, *bound)` used as `step(state, batch)`: the bound arrays (fixed models'
+  parameters: a teacher's, a selection reference's) are arguments of every call, so they are neither
+  compiled in as constants nor copied. `lower(...).compile()` gives a compiled step bound the same way."""
 
   function: Any
   bound: tuple

@@ -25,11 +25,23 @@ Keys:
     {"log_uniform": [lo, hi]}, {"int": [lo, hi]} or {"choice": [values]}. The helpers below build them.
   num_trials, seed: random and optuna only.
   metric: the evaluation metric trials are judged by (default "eval_loss"; an accuracy is maximised).
-  stop_trials: {"rule": "median", "warmup_evaluations": 1, "min_finished": 2}, or absent: no trial is
-    stopped. The median rule stops a trial at an evaluation that is worse than the median of the finished
-    trials' values at the same step, once the trial has made more than `warmup_evaluations` evaluations
-    and at least `min_finished` finished trials evaluated that step (as Optuna's MedianPruner and
-    Vizier's median stopping do). Successive halving is not implemented.
+  stop_trials: absent (no trial is stopped), the median rule or successive halving, on `metric`:
+    {"rule": "median", "warmup_evaluations": 1, "min_finished": 2} stops a trial at an evaluation that is
+      worse than the median of the finished trials' values at the same step, once the trial has made more
+      than `warmup_evaluations` evaluations and at least `min_finished` finished trials evaluated that step
+      (as Optuna's MedianPruner and Vizier's median stopping do).
+    {"rule": "halving", "min_steps": 10, "reduction_factor": 3, "min_trials": 3}: successive halving as
+      Optuna's SuccessiveHalvingPruner applies it to trials that run one after another (ASHA's rule,
+      without ASHA's later promotion of a trial it paused: a stopped trial stays stopped). Its rungs are
+      the steps min_steps * reduction_factor**k below train.num_steps, each one an evaluated step (a
+      multiple of train.eval_every, else a ConfigError). At a rung, a trial continues while its value
+      is among the best max(1, n // reduction_factor) of the n values there: its own and those of every
+      earlier trial that reached the rung, stopped ones included (ties continue). No rung stops a trial
+      before `min_trials` trials, this one included, have reached it (default: reduction_factor, the
+      fewest of which a 1/reduction_factor share is one trial). min_steps has no default.
+    A stop is final: the trial's workdir keeps a marker of it, so a sweep killed and started again never
+    resumes a stopped trial, and a resumed trial is judged again at every rung it had reached, against
+    the same earlier trials, so it gets the same decisions (and one a kill cut short).
 
 The specs are plain data so that config files, which import nothing of loom, can hold them, and so
 that DIR/sweep.json records the spec verbatim: a sweep started again with another spec is refused.
@@ -64,9 +76,15 @@ from training.validation import ConfigError
 
 METHODS = ("grid", "random", "optuna")
 DISTRIBUTIONS = ("uniform", "log_uniform", "int", "choice")
-STOP_RULES = ("median",)
+STOP_RULES = ("median", "halving")
 SPEC_KEYS = ("method", "fields", "num_trials", "seed", "metric", "stop_trials")
-STOP_KEYS = ("rule", "warmup_evaluations", "min_finished")
+# Each rule's keys beside "rule", with their defaults (halving's min_steps has none; its min_trials
+# defaults to its reduction_factor, set in _check_stop).
+STOP_RULE_KEYS = {
+  "median": {"warmup_evaluations": 1, "min_finished": 2},
+  "halving": {"min_steps": None, "reduction_factor": 3, "min_trials": None},
+}
+STOP_KEYS = ("rule", *dict.fromkeys(key for keys in STOP_RULE_KEYS.values() for key in keys))
 
 PENDING = "pending"  # Not started.
 RUNNING = "running"  # Started and not ended: killed, preempted or stopped at train.stop_at_step; resumed next time.
@@ -128,20 +146,65 @@ def check_spec(spec: Any, config: ConfigDict | None = None) -> dict[str, Any]:
       raise ConfigError(f"sweep.seed={seed!r}: an integer is expected")
   if not isinstance(spec["metric"], str) or not spec["metric"].startswith("eval_"):
     raise ConfigError(f"sweep.metric={spec['metric']!r}: an evaluation metric (eval_loss, eval_accuracy, ...)")
-  stop = spec["stop_trials"]
-  if stop is not None:
-    if not isinstance(stop, dict) or set(stop) - set(STOP_KEYS):
-      raise ConfigError(f"sweep.stop_trials={stop!r}: a dict with keys {', '.join(STOP_KEYS)} is expected")
-    stop = spec["stop_trials"] = {"rule": "median", "warmup_evaluations": 1, "min_finished": 2, **stop}
-    if stop["rule"] not in STOP_RULES:
-      raise ConfigError(f"sweep.stop_trials.rule={stop['rule']!r}: allowed: {', '.join(STOP_RULES)}")
-    for key in ("warmup_evaluations", "min_finished"):
-      if not isinstance(stop[key], int) or stop[key] < (0 if key == "warmup_evaluations" else 1):
-        raise ConfigError(
-          f"sweep.stop_trials.{key}={stop[key]!r}: a {'non-negative' if key[0] == 'w' else 'positive'} "
-          "integer is expected"
-        )
+  if spec["stop_trials"] is not None:
+    spec["stop_trials"] = _check_stop(spec["stop_trials"])
+    if config is not None and not {"train.num_steps", "train.eval_every"} & set(fields):
+      check_rungs(spec["stop_trials"], config)  # Else each trial's config is checked (run_sweep).
   return spec
+
+
+def _check_stop(stop: Any) -> dict[str, Any]:
+  """stop_trials with its rule's defaults, or a ConfigError naming the key at fault."""
+  if not isinstance(stop, dict) or set(stop) - set(STOP_KEYS):
+    raise ConfigError(f"sweep.stop_trials={stop!r}: a dict with keys {', '.join(STOP_KEYS)} is expected")
+  rule = stop.get("rule", "median")
+  if rule not in STOP_RULES:
+    raise ConfigError(f"sweep.stop_trials.rule={rule!r}: allowed: {', '.join(STOP_RULES)}")
+  keys = STOP_RULE_KEYS[rule]
+  foreign = sorted(set(stop) - {"rule", *keys})
+  if foreign:
+    raise ConfigError(f"sweep.stop_trials.{foreign[0]}: not a key of rule {rule!r}, which takes {', '.join(keys)}")
+  if rule == "halving" and "min_steps" not in stop:
+    raise ConfigError("sweep.stop_trials.min_steps: rule 'halving' needs it, the step of its first rung")
+  stop = {"rule": rule, **{key: default for key, default in keys.items() if default is not None}, **stop}
+  if rule == "halving":
+    stop.setdefault("min_trials", stop["reduction_factor"])
+  minimum = {"warmup_evaluations": 0, "reduction_factor": 2}
+  for key in keys:
+    value, least = stop[key], minimum.get(key, 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+      raise ConfigError(f"sweep.stop_trials.{key}={value!r}: an integer of at least {least} is expected")
+  return stop
+
+
+def rung_steps(stop: dict[str, Any], num_steps: int) -> list[int]:
+  """Successive halving's rungs: min_steps * reduction_factor**k below num_steps (a trial that reaches
+  num_steps has finished; there is nothing left to save by stopping it)."""
+  steps, step = [], stop["min_steps"]
+  while step < num_steps:
+    steps.append(step)
+    step *= stop["reduction_factor"]
+  return steps
+
+
+def check_rungs(stop: dict[str, Any], config: ConfigDict) -> None:
+  """A ConfigError unless every successive-halving rung of this (trial's) config is an evaluated step:
+  a rung the run never evaluates would judge nothing and stop nothing."""
+  if stop["rule"] != "halving":
+    return
+  num_steps, eval_every = config.train.num_steps, config.train.eval_every
+  rungs = rung_steps(stop, num_steps)
+  prefix = f"sweep.stop_trials.min_steps={stop['min_steps']}"
+  if not rungs:
+    raise ConfigError(f"{prefix}: no rung below train.num_steps={num_steps}, so no trial would ever be stopped")
+  if eval_every <= 0:
+    raise ConfigError(f"{prefix}: successive halving judges evaluations, and train.eval_every={eval_every}")
+  unevaluated = [step for step in rungs if step % eval_every]
+  if unevaluated:
+    raise ConfigError(
+      f"{prefix}: rung step(s) {', '.join(map(str, unevaluated))} are not evaluated "
+      f"(train.eval_every={eval_every}); make min_steps a multiple of train.eval_every"
+    )
 
 
 def _check_values(method: str, field: str, values: Any) -> None:
@@ -309,32 +372,42 @@ def median_rule(
   return value < median if maximize else value > median
 
 
-class MedianStoppingHook(hooks_lib.Hook):
-  """Stops a trial that falls behind (the median rule) at one of its evaluations.
+def halving_rule(value: float, others: Sequence[float], reduction_factor: int, min_trials: int, maximize: bool) -> bool:
+  """Whether a trial's `value` at a rung is to be stopped by successive halving: not among the best
+  max(1, n // reduction_factor) of the n values there (`others`, the earlier trials' values at the rung,
+  and its own; ties continue), once n >= min_trials. A NaN ranks last."""
+  n = len(others) + 1
+  if n < min_trials:
+    return False
+  if math.isnan(value):
+    return True
+  keep = max(1, n // reduction_factor)
+  return _rank_key(value, maximize) > sorted(_rank_key(v, maximize) for v in [*others, value])[keep - 1]
+
+
+def _rank_key(value: float, maximize: bool) -> float:
+  """Smaller is better; a NaN is worse than anything."""
+  if math.isnan(value):
+    return math.inf
+  return -value if maximize else value
+
+
+class _TrialStopper(hooks_lib.Hook):
+  """Stops a trial at one of its evaluations that a rule judges to be behind the other trials.
 
   It reads the trial's evaluations from its own metrics.jsonl, which the evaluation hook writes (and
   flushes) before this hook runs after a step: what the run logged is what is judged, and a resumed
-  trial counts the evaluations it made before it was stopped. `finished`: the finished trials'
-  {step: value} histories of the metric.
+  trial counts the evaluations it made before it was stopped. A stop is written to the trial's
+  STOPPED_MARKER before the run is asked to end, so a kill after it cannot undo it.
   """
 
-  def __init__(
-    self,
-    workdir: str,
-    metric: str,
-    finished: Sequence[dict[int, float]],
-    warmup_evaluations: int,
-    min_finished: int,
-    log: Callable[[str], None] = print,
-  ):
+  def __init__(self, workdir: str, metric: str, log: Callable[[str], None] = print):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    self.workdir, self.metric, self.finished = workdir, metric, list(finished)
-    self.warmup_evaluations, self.min_finished = warmup_evaluations, min_finished
+    self.workdir, self.metric = workdir, metric
     self.maximize = reports.higher_is_better(metric)
     self.log = log
     self.history: dict[int, float] = {}
     self.offset = 0
-    self.judged_step: int | None = None
     self.stopped: dict[str, Any] | None = None
 
   def _read_new_records(self) -> None:
@@ -357,35 +430,120 @@ class MedianStoppingHook(hooks_lib.Hook):
   def on_start(self, step, state):
     self.offset, self.history = 0, {}
     self._read_new_records()
-    self.judged_step = max(self.history, default=None)
 
   def on_step(self, step, state, metrics):
-    self._read_new_records()
-    latest = max(self.history, default=None)
-    if latest is None or latest == self.judged_step or self.stopped:
+    if self.stopped:
       return
-    self.judged_step = latest
-    value = self.history[latest]
-    others = [history[latest] for history in self.finished if latest in history]
-    evaluations = sum(1 for s in self.history if s <= latest)
-    if median_rule(value, others, evaluations, self.warmup_evaluations, self.min_finished, self.maximize):
-      self.stopped = {
-        "step": latest,
-        "value": value,
-        "median": statistics.median(others),
-        "others": len(others),
-        "metric": self.metric,
-      }
+    self._read_new_records()
+    stopped = self._judge()
+    if stopped:
+      self.stopped = {**stopped, "metric": self.metric}
       with atomic_write(os.path.join(self.workdir, STOPPED_MARKER)) as f:
         json.dump(self.stopped, f)
-      self.log(
-        f"sweep: stopping this trial at step {latest}: {self.metric} {value:.5g} is worse than the median "
-        f"{self.stopped['median']:.5g} of {len(others)} finished trials there"
-      )
+
+  def _judge(self) -> dict[str, Any] | None:
+    """The stop's record ({"step", "value", ...}) when the evaluations read so far call for one."""
+    raise NotImplementedError
 
   @property
   def stop_requested(self) -> bool:
     return self.stopped is not None
+
+
+class MedianStoppingHook(_TrialStopper):
+  """Stops a trial that falls behind (the median rule) at one of its evaluations. `finished`: the
+  finished trials' {step: value} histories of the metric. Evaluations logged before this process
+  started (a resumed trial's) count towards the warm-up and are not judged again."""
+
+  def __init__(
+    self,
+    workdir: str,
+    metric: str,
+    finished: Sequence[dict[int, float]],
+    warmup_evaluations: int,
+    min_finished: int,
+    log: Callable[[str], None] = print,
+  ):
+    super().__init__(workdir, metric, log)
+    self.finished = list(finished)
+    self.warmup_evaluations, self.min_finished = warmup_evaluations, min_finished
+    self.judged_step: int | None = None
+
+  def on_start(self, step, state):
+    super().on_start(step, state)
+    self.judged_step = max(self.history, default=None)
+
+  def _judge(self) -> dict[str, Any] | None:
+    latest = max(self.history, default=None)
+    if latest is None or latest == self.judged_step:
+      return None
+    self.judged_step = latest
+    value = self.history[latest]
+    others = [history[latest] for history in self.finished if latest in history]
+    evaluations = sum(1 for s in self.history if s <= latest)
+    if not median_rule(value, others, evaluations, self.warmup_evaluations, self.min_finished, self.maximize):
+      return None
+    median = statistics.median(others)
+    self.log(
+      f"sweep: stopping this trial at step {latest}: {self.metric} {value:.5g} is worse than the median "
+      f"{median:.5g} of {len(others)} finished trials there"
+    )
+    return {"rule": "median", "step": latest, "value": value, "median": median, "others": len(others)}
+
+
+class SuccessiveHalvingHook(_TrialStopper):
+  """Stops a trial at the first rung (an evaluated step) where successive halving ranks it out.
+
+  `earlier`: the {step: value} histories of the metric of every trial that ran before this one, stopped
+  and failed ones included (what each reached a rung with counts there). Every rung in the trial's
+  history is judged, those of a resumed trial's earlier run too: against the same earlier trials the
+  decision is the one made before, and a rung whose judgement a kill cut short is judged now."""
+
+  def __init__(
+    self,
+    workdir: str,
+    metric: str,
+    earlier: Sequence[dict[int, float]],
+    rungs: Sequence[int],
+    reduction_factor: int,
+    min_trials: int,
+    log: Callable[[str], None] = print,
+  ):
+    super().__init__(workdir, metric, log)
+    self.earlier, self.rungs = list(earlier), list(rungs)
+    self.reduction_factor, self.min_trials = reduction_factor, min_trials
+    self.passed: set[int] = set()  # Rungs judged in this process, and continued.
+
+  def on_start(self, step, state):
+    super().on_start(step, state)
+    self.passed = set()
+
+  def _judge(self) -> dict[str, Any] | None:
+    for rung, step in enumerate(self.rungs):
+      if step not in self.history or step in self.passed:
+        continue
+      value = self.history[step]
+      others = [history[step] for history in self.earlier if step in history]
+      if not halving_rule(value, others, self.reduction_factor, self.min_trials, self.maximize):
+        self.passed.add(step)
+        continue
+      n = len(others) + 1
+      keep = max(1, n // self.reduction_factor)
+      cutoff = sorted([*others, value], key=lambda v: _rank_key(v, self.maximize))[keep - 1]
+      self.log(
+        f"sweep: stopping this trial at rung {rung} (step {step}): {self.metric} {value:.5g} is not among "
+        f"the best {keep} of the {n} trials there (the {keep}. best: {cutoff:.5g})"
+      )
+      return {
+        "rule": "halving",
+        "step": step,
+        "rung": rung,
+        "value": value,
+        "kept": keep,
+        "others": n - 1,
+        "cutoff": cutoff,
+      }
+    return None
 
 
 def _lock(workdir: str):
@@ -455,7 +613,7 @@ def run_sweep(
     sweep = Sweep(workdir, spec)
     if spec["method"] != "optuna":
       for trial in sweep.trials:  # Every trial's config is checked before the first trains.
-        _check_trial_config(config, trial["overrides"])
+        _check_trial_config(config, trial["overrides"], spec["stop_trials"])
     sweep.save()
     index = 0
     while True:
@@ -464,7 +622,7 @@ def run_sweep(
           break
         if index == len(sweep.trials):
           overrides = _ask_optuna(spec, sweep.trials, index)
-          _check_trial_config(config, overrides)
+          _check_trial_config(config, overrides, spec["stop_trials"])
           sweep.trials.append(
             {"index": index, "name": trial_name(index, overrides), "overrides": overrides, "status": PENDING}
           )
@@ -485,7 +643,7 @@ def run_sweep(
       sweep.save()
       trial_config = apply_overrides(config, trial["overrides"])
       hooks = list(extra_hooks(trial["index"]))
-      stopper = _stopper(spec, sweep, directory, log)
+      stopper = _stopper(spec, sweep, trial, trial_config.train.num_steps, log)
       if stopper is not None:
         hooks.append(stopper)
       try:
@@ -529,23 +687,30 @@ def _describe(overrides: dict[str, Any]) -> str:
   return ", ".join(f"{field}={value!r}" for field, value in overrides.items())
 
 
-def _check_trial_config(config: ConfigDict, overrides: dict[str, Any]) -> None:
+def _check_trial_config(config: ConfigDict, overrides: dict[str, Any], stop: dict[str, Any] | None) -> None:
   import jax
 
   from training.validation import validate
 
   try:
-    validate(apply_overrides(config, overrides), jax.device_count())
+    trial_config = apply_overrides(config, overrides)
+    validate(trial_config, jax.device_count())
+    if stop is not None:
+      check_rungs(stop, trial_config)
   except ConfigError as e:
     raise ConfigError(f"sweep trial {_describe(overrides)}: {e}") from None
 
 
-def _stopper(spec: dict[str, Any], sweep: Sweep, directory: str, log) -> MedianStoppingHook | None:
-  stop = spec["stop_trials"]
+def _stopper(spec: dict[str, Any], sweep: Sweep, trial: dict[str, Any], num_steps: int, log) -> _TrialStopper | None:
+  stop, metric, directory = spec["stop_trials"], spec["metric"], sweep.trial_dir(trial)
   if stop is None:
     return None
-  finished = [eval_history(sweep.trial_dir(t), spec["metric"]) for t in sweep.trials if t["status"] == FINISHED]
-  return MedianStoppingHook(directory, spec["metric"], finished, stop["warmup_evaluations"], stop["min_finished"], log)
+  if stop["rule"] == "halving":
+    earlier = [eval_history(sweep.trial_dir(t), metric) for t in sweep.trials if t["index"] < trial["index"]]
+    rungs = rung_steps(stop, num_steps)
+    return SuccessiveHalvingHook(directory, metric, earlier, rungs, stop["reduction_factor"], stop["min_trials"], log)
+  finished = [eval_history(sweep.trial_dir(t), metric) for t in sweep.trials if t["status"] == FINISHED]
+  return MedianStoppingHook(directory, metric, finished, stop["warmup_evaluations"], stop["min_finished"], log)
 
 
 def _optuna_distribution(values: Any):

@@ -4,6 +4,7 @@ Each problem is one ValueError naming the config field, what it was and what is 
 """
 
 import copy
+import re
 
 from ml_collections import ConfigDict
 
@@ -213,6 +214,13 @@ def _check_selection(config: ConfigDict, batch_shards: int) -> None:
     selection.check_config(s.fraction, config.train.global_batch_size, config.train.microbatches, batch_shards)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  reference = s.get("reference", "")
+  _require(isinstance(reference, str), f"selection.reference={reference!r} must be a checkpoint path or ''")
+  _require(
+    not reference or s.fraction < 1.0,
+    f"selection.reference={reference!r} is set but selection.fraction=1.0 selects nothing: set a fraction "
+    "below 1 for the reference to score rows, or selection.reference=''",
+  )
 
 
 def _check_quantization(config: ConfigDict) -> None:
@@ -245,6 +253,17 @@ LORA_BASE_QUANTIZATIONS = ("none", "int8", "nf4")
 
 def _check_lora(config: ConfigDict) -> None:
   lora = config.lora
+  train_full = lora.get("train_full", "")  # A record's config from before the field reads as "".
+  # lora.train_full: the regex here; what it selects when the model is built (training/state.py full_paths).
+  _require(
+    not train_full or lora.rank > 0,
+    f"lora.train_full={train_full!r} needs lora.rank > 0: without LoRA every parameter trains already",
+  )
+  if train_full:
+    try:
+      re.compile(train_full)
+    except re.error as e:
+      raise ConfigError(f"lora.train_full={train_full!r} is not a regular expression ({e})") from None
   if lora.rank == 0:
     return
   _require(lora.rank > 0, f"lora.rank={lora.rank} must be positive (or 0: no LoRA)")
