@@ -314,9 +314,7 @@ def test_errors_are_one_clear_line(base, run):
   # A GPT-2-style run: PEFT's c_attn fuses q, k and v, so export_peft refuses it (read from the record alone).
   gpt2 = synthetic.tiny_config()
   gpt2.lora.rank = RANK
-  checkpointer = Checkpointer(str(base.tmp / "gpt2" / "checkpoints"), async_save=False)
-  checkpointer.save_params(1, {"unused": np.zeros(1)}, {"step": 1, "config": json.loads(gpt2.to_json())})
-  checkpointer.close()
+  _record_only_checkpoint(base.tmp / "gpt2", gpt2)
   with pytest.raises(ValueError, match=r"model.position='learned': the run's model is GPT-2-style"):
     lora_tool.export_peft(str(base.tmp / "gpt2"), str(base.tmp / "never"))
   assert not os.path.exists(base.tmp / "never")
@@ -528,9 +526,15 @@ def test_train_full_errors_are_one_clear_line(base):
   # PEFT export refuses a tied embedding (PEFT would leave the tied head on the old rows), from the record alone.
   tied = lora_config(base.tmp, base.dir, dict(base.model.to_dict(), tie_embeddings=True))
   tied.lora.train_full = "embed"
-  checkpointer = Checkpointer(str(base.tmp / "tied" / "checkpoints"), async_save=False)
-  checkpointer.save_params(1, {"unused": np.zeros(1)}, {"step": 1, "config": json.loads(tied.to_json())})
-  checkpointer.close()
+  _record_only_checkpoint(base.tmp / "tied", tied)
   with pytest.raises(ValueError, match=r"lora.train_full='embed' trains embed, which the model ties to its output"):
     lora_tool.export_peft(str(base.tmp / "tied"), str(base.tmp / "never"))
   assert not os.path.exists(base.tmp / "never")
+
+
+def _record_only_checkpoint(workdir, config):
+  """A checkpoint whose record holds `config` and whose parameters are a placeholder: what the tools
+  read from the record alone, before any parameter, is all it serves."""
+  checkpointer = Checkpointer(str(workdir / "checkpoints"), async_save=False)
+  checkpointer.save_params(1, {"unused": np.zeros(1)}, {"step": 1, "config": json.loads(config.to_json())})
+  checkpointer.close()

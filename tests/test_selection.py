@@ -253,3 +253,11 @@ def test_a_selecting_run_loads_candidates_and_logs_what_it_selected(tmp_path, ca
     assert record["selection/fraction"] == 0.5
     assert record["selection/loss_selected"] >= record["selection/loss_all"]
   assert int(result.state.step) == 6
+
+
+def test_a_missing_reference_stops_a_run_before_anything_is_built(tmp_path):
+  config = corpus_config(tmp_path, num_steps=2)
+  config.selection.update(fraction=0.5, reference=str(tmp_path / "nowhere"))
+  with pytest.raises(ConfigError, match=r"^config.selection.reference='.*nowhere': .* is not a directory"):
+    train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()  # Refused before the workdir, the data or the model.

@@ -28,10 +28,10 @@ from data.files import atomic_copy, atomic_write, writable_directory
 from evaluation.metrics import byte_lengths
 from model.decode import generate_past_context
 from model.transformer import CHECKPOINT_INDEPENDENT_FIELDS, COMPUTE_DTYPES
-from training import early_stopping, guards, init_from, planner, selection
+from training import distillation, early_stopping, guards, init_from, planner, selection
 from training import hooks as hooks_lib
 from training import setup as setup_lib
-from training.checkpointing import Checkpointer
+from training.checkpointing import Checkpointer, locate
 from training.cpu_memory import keep_step_buffers_mapped
 from training.metric_writers import MetricWriter
 from training.peak_flops import peak_flops
@@ -177,6 +177,17 @@ def _check_config_and_workdir(config: ConfigDict, workdir: str) -> ConfigDict:
   """Everything that can be checked without data, before anything is built; takes the workdir."""
   setup_lib.use_cpu_devices(config)
   config = validate(config, jax.device_count())
+  # A teacher's or selection reference's checkpoint is read after the data are built: a wrong path
+  # fails now, naming its field, instead of minutes later.
+  fixed_models = [(distillation.FIELD, config.distillation.teacher, config.distillation.step)]
+  if selection.reference_of(config):
+    fixed_models.append((selection.FIELD, config.selection.reference, config.selection.reference_step))
+  for field, path, step in fixed_models:
+    if path:
+      try:
+        locate(path, step, field=f"{field}={path!r}")
+      except ValueError as e:
+        raise ConfigError(str(e)) from None
   if config.compilation_cache_dir:  # Before anything compiles.
     jax.config.update("jax_compilation_cache_dir", _compilation_cache_dir(config.compilation_cache_dir))
   try:
